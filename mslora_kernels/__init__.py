@@ -1,0 +1,9 @@
+"""mslora-kernels: fused GPU kernels for MSLoRA, Serial LoRA and MSPLoRA adapters."""
+
+from .backends import available_backends
+from .config import MSLoRAOptions, mslora_param_count
+from .modules import MSLoRA
+
+__version__ = "0.1.0"
+
+__all__ = ["MSLoRA", "MSLoRAOptions", "available_backends", "mslora_param_count"]

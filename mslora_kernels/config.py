@@ -1,0 +1,88 @@
+"""The static description of one MSLoRA module: sizes, options and layout, validated once.
+
+Every backend receives the same frozen :class:`MSLoRAOptions`, so a configuration is checked in
+exactly one place (here) and never inside a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DATA_FORMATS = ("channels_first", "channels_last")
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class MSLoRAOptions:
+    """Hyper-parameters of one MSLoRA module (SPEC section 1)."""
+
+    channels: int
+    rank: int = 128
+    groups: int = 4
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)
+    prenorm: bool = False
+    enhance: bool = False
+    pool: bool = False
+    gate: bool = False
+    shuffle: bool = False
+    data_format: str = "channels_first"
+
+    def __post_init__(self) -> None:
+        # Normalise the kernel sizes to a tuple of ints so that the options are hashable.
+        object.__setattr__(self, "kernel_sizes", tuple(int(k) for k in self.kernel_sizes))
+        validate_options(self)
+
+    @property
+    def max_kernel_size(self) -> int:
+        return max(self.kernel_sizes)
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"MSLoRA: {name} must be a positive integer, got {value!r}")
+
+
+def validate_options(o: MSLoRAOptions) -> None:
+    """Raise ``ValueError`` naming the problem for any configuration SPEC does not allow."""
+    _positive_int("channels", o.channels)
+    _positive_int("rank", o.rank)
+    _positive_int("groups", o.groups)
+    if o.channels % o.groups != 0:
+        raise ValueError(
+            f"MSLoRA: channels ({o.channels}) must be divisible by groups ({o.groups}): "
+            f"C % G = {o.channels % o.groups}"
+        )
+    if o.rank % o.groups != 0:
+        raise ValueError(
+            f"MSLoRA: rank ({o.rank}) must be divisible by groups ({o.groups}): "
+            f"D % G = {o.rank % o.groups}"
+        )
+    if len(o.kernel_sizes) == 0:
+        raise ValueError("MSLoRA: kernel_sizes must name at least one kernel size")
+    for k in o.kernel_sizes:
+        if k <= 0:
+            raise ValueError(f"MSLoRA: kernel size {k} must be positive")
+        if k % 2 == 0:
+            raise ValueError(
+                f"MSLoRA: kernel size {k} is even; kernel sizes must be odd ('same' padding k//2)"
+            )
+    if o.data_format not in DATA_FORMATS:
+        raise ValueError(
+            f"MSLoRA: unknown data_format {o.data_format!r}; expected one of {DATA_FORMATS}"
+        )
+
+
+def validate_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"MSLoRA: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def mslora_param_count(channels: int, rank: int = 128, groups: int = 4,
+                       kernel_sizes=(3, 5, 7)) -> int:
+    """Trainable parameters of one MSLoRA module without options (the paper's Eq. 3).
+
+    ``3*C*D/G + D*D + sum(k*k)*D``: proj, down and up (grouped), pw (dense) and the depthwise taps.
+    """
+    o = MSLoRAOptions(channels, rank, groups, tuple(kernel_sizes))
+    c, d, g = o.channels, o.rank, o.groups
+    return 3 * c * d // g + d * d + sum(k * k for k in o.kernel_sizes) * d
