@@ -1,0 +1,161 @@
+"""The MSLoRA module: parameter names, shapes and init (the checkpoint format), counts, refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mslora_kernels import MSLoRA, available_backends, mslora_param_count
+
+ALL_OPTS = dict(prenorm=True, enhance=True, pool=True, gate=True, shuffle=True)
+
+
+def test_parameter_names_and_shapes_follow_spec():
+    c, d, g = 40, 24, 4
+    m = MSLoRA(c, d, g, (3, 5, 7), **ALL_OPTS)
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes == {
+        "proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1),
+        "dw.0.weight": (d, 1, 3, 3), "dw.1.weight": (d, 1, 5, 5), "dw.2.weight": (d, 1, 7, 7),
+        "pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1),
+        "norm.weight": (c,), "norm.bias": (c,), "enorm.weight": (d,), "enorm.bias": (d,),
+        "gate.weight": (3, d, 1, 1), "gate.bias": (3,),
+    }
+    assert list(m.state_dict()) == list(shapes)  # no buffers: the state dict is the checkpoint
+
+
+def test_options_off_have_no_extra_parameters():
+    names = {n for n, _ in MSLoRA(8, 8, 2).named_parameters()}
+    assert names == {"proj.weight", "down.weight", "dw.0.weight", "dw.1.weight", "dw.2.weight",
+                     "pw.weight", "up.weight"}
+
+
+def test_initialisation_follows_spec():
+    c, d, g = 64, 128, 4
+    m = MSLoRA(c, d, g, **ALL_OPTS)
+    assert torch.count_nonzero(m.up.weight) == 0  # a new adapter is the identity
+    # Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for name, fan_in in [("proj", c // g), ("down", c // g), ("pw", d)]:
+        w = getattr(m, name).weight
+        bound = 1 / math.sqrt(fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and w.std() > 0.4 * bound
+    for i, k in enumerate((3, 5, 7)):
+        w = m.dw[i].weight
+        assert w.abs().max() <= 1 / k and w.abs().max() > 0.9 / k
+    for name in ("weight", "bias"):
+        p = getattr(m.gate, name)
+        assert p.abs().max() <= 1 / math.sqrt(d) and p.abs().max() > 0.5 / math.sqrt(d)
+    assert torch.equal(m.norm.weight, torch.ones(c)) and torch.equal(m.norm.bias, torch.zeros(c))
+    assert torch.equal(m.enorm.weight, torch.ones(d))
+    assert torch.equal(m.enorm.bias, torch.zeros(d))
+    x = torch.randn(2, c, 5, 6)
+    assert torch.equal(m(x), x)
+
+
+def test_state_dict_round_trip_across_layouts():
+    a = MSLoRA(16, 8, 2, gate=True)
+    torch.nn.init.normal_(a.up.weight)
+    b = MSLoRA(16, 8, 2, gate=True, data_format="channels_last")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(b(x.permute(0, 2, 3, 1)), a(x).permute(0, 2, 3, 1))
+
+
+def test_param_count_is_eq3():
+    assert mslora_param_count(64) == 3 * 64 * 128 // 4 + 128 * 128 + 83 * 128
+    m = MSLoRA(40, 24, 4, (3, 5))
+    assert mslora_param_count(40, 24, 4, (3, 5)) == sum(p.numel() for p in m.parameters())
+
+
+RESNET50 = {64: 3, 128: 4, 256: 6, 512: 3}   # inner width: bottleneck blocks
+SWIN_B = {128: 2, 256: 2, 512: 18, 1024: 2}   # C: blocks
+SWIN_L = {192: 2, 384: 2, 768: 18, 1536: 2}
+
+
+def total(widths, **kw):
+    return sum(n * mslora_param_count(c, **kw) for c, n in widths.items())
+
+
+def test_paper_totals():
+    # SPEC section 1 "Placement": the paper's figures, in millions, rounded to two decimals.
+    assert round(total(RESNET50) / 1e6, 2) == 0.79
+    assert round(total(SWIN_B) / 1e6, 2) == 1.80
+    assert round(total(SWIN_B, groups=1) / 1e6, 2) == 5.27
+    assert round(total(SWIN_B, groups=2) / 1e6, 2) == 2.96
+    assert round(total(SWIN_B, groups=8) / 1e6, 2) == 1.23
+    assert round(total(SWIN_L) / 1e6, 2) == 2.38
+    # Table 1 (G=1): projections (proj, down, up) and the nonlinear branches separately.
+    proj = lambda widths: sum(n * 3 * c * 128 for c, n in widths.items())
+    assert round(proj(RESNET50) / 1e6, 2) == 1.45
+    assert round(sum(RESNET50.values()) * (128 * 128 + 83 * 128) / 1e6, 2) == 0.43
+    assert round(proj(SWIN_L) / 1e6, 2) == 6.93
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(channels=10, groups=4), r"C % G"),
+    (dict(channels=8, rank=6, groups=4), r"D % G"),
+    (dict(channels=8, kernel_sizes=(3, 4)), r"kernel size 4 is even"),
+    (dict(channels=8, kernel_sizes=(0,)), r"kernel size 0 must be positive"),
+    (dict(channels=8, kernel_sizes=(-3,)), r"kernel size -3 must be positive"),
+    (dict(channels=8, kernel_sizes=()), r"at least one kernel size"),
+    (dict(channels=8, data_format="NHWC"), r"unknown data_format 'NHWC'"),
+    (dict(channels=8, backend="tpu"), r"unknown backend 'tpu'"),
+    (dict(channels=0), r"channels must be a positive integer"),
+])
+def test_bad_configuration_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MSLoRA(**{"rank": 8, **kwargs})
+
+
+@pytest.mark.parametrize("fmt, x, exc, message", [
+    ("channels_first", torch.randn(8, 5, 5), ValueError, r"must be 4-D \(N, C, H, W\).*3-D"),
+    ("channels_first", torch.randn(1, 1, 8, 5, 5), ValueError, r"5-D"),
+    ("channels_first", torch.randn(1, 6, 5, 5), ValueError, r"6 channels.*built for 8"),
+    ("channels_last", torch.randn(1, 8, 5, 5), ValueError, r"5 channels.*\(N, H, W, C\)"),
+    ("channels_first", torch.ones(1, 8, 5, 5, dtype=torch.int64), TypeError, r"floating-point"),
+    ("channels_first", torch.randn(0, 8, 5, 5), ValueError, r"empty"),
+])
+def test_bad_input_is_refused(fmt, x, exc, message):
+    m = MSLoRA(8, 8, 2, data_format=fmt)
+    with pytest.raises(exc, match=message):
+        m(x)
+
+
+def test_device_mismatch_is_refused():
+    m = MSLoRA(8, 8, 2).to("meta")
+    with pytest.raises(ValueError, match=r"input is on cpu but the module's parameters are on meta"):
+        m(torch.randn(1, 8, 4, 4))
+
+
+def test_backends_on_cpu_never_fall_back_silently(monkeypatch):
+    x = torch.randn(1, 8, 4, 4)
+    assert available_backends("cpu")[0] == "reference"
+    with pytest.raises(RuntimeError, match=r"backend='cuda'.*(extension|CUDA tensor)"):
+        MSLoRA(8, 8, 2, backend="cuda")(x)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton'.*TRITON_INTERPRET=1"):
+        MSLoRA(8, 8, 2, backend="triton")(x)
+
+
+def test_auto_is_the_reference_on_cpu():
+    m = MSLoRA(8, 8, 2)
+    torch.nn.init.normal_(m.up.weight)
+    ref = MSLoRA(8, 8, 2, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 8, 3, 3)
+    assert torch.equal(m(x), ref(x))
+
+
+def test_compute_dtype_follows_input_and_autocast():
+    m = MSLoRA(8, 8, 2)
+    torch.nn.init.normal_(m.up.weight)
+    x = torch.randn(2, 8, 5, 5)
+    assert m(x.double()).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), m(x), atol=0.1, rtol=0.05)
+    y.float().sum().backward()
+    assert m.pw.weight.grad is not None and m.pw.weight.grad.dtype == torch.float32

@@ -1,0 +1,37 @@
+"""The SPEC section 4 tolerance helper itself: it passes good results and fails bad ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mslora_kernels.testing import check_close, rel_error, tolerance
+
+
+def test_rel_error_and_nan():
+    e = torch.randn(100, dtype=torch.float64)
+    assert rel_error(e, e) == 0
+    assert rel_error(2 * e, e) == pytest.approx(1.0)
+    bad = e.clone()
+    bad[3] = float("nan")
+    assert rel_error(bad, e) == float("inf")
+
+
+def test_fp32_rule():
+    assert tolerance(torch.float32) == 1e-4
+    assert tolerance(torch.float32, tf32=True) == 1e-3
+    ref = torch.randn(1000, dtype=torch.float64)
+    check_close("ok", ref.float(), ref, torch.float32)
+    with pytest.raises(AssertionError, match="exceeds the torch.float32 tolerance"):
+        check_close("off", ref.float() * (1 + 1e-3), ref, torch.float32)
+
+
+def test_low_precision_rule_is_relative_to_the_reference_in_that_dtype():
+    ref = torch.randn(4096, dtype=torch.float64)
+    base = ref.bfloat16()  # what the reference achieves in bf16
+    check_close("same as reference", ref.bfloat16(), ref, torch.bfloat16, baseline=base)
+    worse = (ref * (1 + 0.05)).bfloat16()
+    with pytest.raises(AssertionError, match="reference's own torch.bfloat16 error"):
+        check_close("worse", worse, ref, torch.bfloat16, baseline=base)
+    with pytest.raises(ValueError, match="needs the reference's own error"):
+        tolerance(torch.float16)

@@ -1,0 +1,80 @@
+"""The Triton harness: the first kernel (GELU) under the interpreter and on the GPU, and the
+compile check for sm_90/sm_80, which must also fail on a broken kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from mslora_kernels.testing import check_close  # noqa: E402
+
+
+def _gelu_check(device, dtype):
+    from mslora_kernels.triton.gelu import gelu_fwd
+
+    x = torch.randn(3, 1000 + 37, device=device, dtype=dtype) * 3  # not a multiple of BLOCK
+    y = gelu_fwd(x)
+    ref64 = F.gelu(x.double())
+    check_close("gelu", y, ref64, dtype, baseline=F.gelu(x))
+    assert y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_interpreter(dtype):
+    _gelu_check("cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gelu_gpu(dtype):
+    _gelu_check("cuda", dtype)
+
+
+def _run_check(*args, extra_path=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "mslora_kernels.checks.triton_compile", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_compile_check_builds_gelu_for_both_archs():
+    r = _run_check("--filter", "gelu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for dt in ("fp32", "fp16", "bf16"):
+        for arch in ("sm90", "sm80"):
+            assert any(f"gelu[{dt}" in line and arch in line for line in r.stdout.splitlines())
+    assert "0 failed" in r.stdout
+
+
+BROKEN = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+    from mslora_kernels.triton._compile import CompileCase
+
+    @triton.jit
+    def _broken_kernel(x_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs) + tl.zeros((BLOCK, 2), tl.float32))
+
+    def compile_cases():
+        return [CompileCase("broken", _broken_kernel, {"x_ptr": "*fp32", "BLOCK": "constexpr"},
+                            {"BLOCK": 128})]
+''')
+
+
+def test_compile_check_fails_on_a_broken_kernel(tmp_path):
+    (tmp_path / "broken_kernel_mod.py").write_text(BROKEN)
+    r = _run_check("--only-module", "--module", "broken_kernel_mod", "--arch", "90",
+                   extra_path=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "broken" in r.stdout and "ERROR" in r.stdout and "1 failed" in r.stdout
