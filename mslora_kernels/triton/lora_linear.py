@@ -64,11 +64,15 @@ GROUP_M = 8
 
 # Tile shapes per (dtype, dot precision); the launcher picks exactly these and the compile check
 # builds them. fp32 without TF32 runs its dots on CUDA cores, so it takes smaller tiles.
+def _tile(bm, bn, bk, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
 TILES = {
-    ("fp32", "ieee"): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
-    ("fp32", "tf32"): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    ("fp16", "tf32"): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    ("bf16", "tf32"): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    ("fp32", "ieee"): _tile(64, 64, 16, 8, 2),
+    ("fp32", "tf32"): _tile(128, 128, 32, 8, 3),
+    ("fp16", "tf32"): _tile(128, 128, 64, 8, 3),
+    ("bf16", "tf32"): _tile(128, 128, 64, 8, 3),
 }
 # The unit strides of the two calls (all operands contiguous, as the op layer makes them): Triton
 # specialises an integer argument equal to 1, so these are the variants that run.
