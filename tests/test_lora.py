@@ -122,7 +122,8 @@ class TinySwin(nn.Module):
         super().__init__()
         widths = widths or (D,) * len(depths)
         self.layers = nn.ModuleList(Stage(w, n) for w, n in zip(widths, depths, strict=True))
-        self.downs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.downs = nn.ModuleList(nn.Linear(a, b)
+                                   for a, b in zip(widths, widths[1:], strict=False))
 
     def forward(self, x):
         for i, st in enumerate(self.layers):
@@ -177,9 +178,10 @@ def msp_hooked(orig, adapted):
         if isinstance(m, MSPLoRALinear):
             pairs = [(p.A, p.B) for p in m.pairs()]
 
-            def hook(mod, args, out, pairs=pairs, scales=list(m.scales)):
+            def hook(mod, args, out, pairs=pairs, scales=tuple(m.scales)):
                 x = args[0]
-                return out + sum(s * (x @ a.T) @ b.T for (a, b), s in zip(pairs, scales))
+                return out + sum(s * (x @ a.T) @ b.T
+                                 for (a, b), s in zip(pairs, scales, strict=True))
             mods[name].register_forward_hook(hook)
     return ref
 
@@ -392,7 +394,7 @@ def test_msplora_merge_unmerge_and_torchvision_style():
     ref = copy.deepcopy(orig)  # the effective weights, by SPEC 3's merged form
     for i in range(4):
         m = model.blocks[i].attn.qkv
-        delta = sum(s * p.B @ p.A for p, s in zip(m.pairs(), m.scales))
+        delta = sum(s * p.B @ p.A for p, s in zip(m.pairs(), m.scales, strict=True))
         with torch.no_grad():
             ref.blocks[i].attn.qkv.weight += delta
     assert rel_error(y, ref(x)) < 1e-5
@@ -491,7 +493,8 @@ def test_msplora_equals_peft_lora_with_concatenated_rank():
             theirs = pm.base_model.model.blocks[i].attn.qkv
             theirs.lora_A["default"].weight.copy_(torch.cat([p.A for p in ours.pairs()]))
             theirs.lora_B["default"].weight.copy_(
-                torch.cat([s * p.B for p, s in zip(ours.pairs(), ours.scales)], dim=1))
+                torch.cat([s * p.B for p, s in zip(ours.pairs(), ours.scales, strict=True)],
+                          dim=1))
     x = _x()
     assert rel_error(model(x), pm(x)) < 1e-5
 
@@ -531,10 +534,13 @@ def test_torchvision_swin_serial_merge_round_trip():
 
 
 # ------------------------------------------------------------------ the benchmark's smoke mode
+@pytest.mark.slow
 def test_bench_lora_tiny_cpu(tmp_path):
+    """The runner's CPU smoke mode (fused rows run under the interpreter set by conftest)."""
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_lora.py"), "--device",
-                        "cpu", "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
+                        "cpu", "--tiny", "--reps", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True,
                        cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     files = sorted(p.name for p in tmp_path.iterdir())
