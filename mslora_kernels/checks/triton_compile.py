@@ -91,7 +91,7 @@ def compile_one(job) -> Result:
     case = next(c for c in mod.compile_cases() if c.name == case_name)
     t0 = time.perf_counter()
     try:
-        src = ASTSource(case.fn, case.signature, case.constexprs)
+        src = ASTSource(case.fn, case.signature, case.constexprs, case.attrs())
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         rep = ptxas_report(k.asm["ptx"], arch)

@@ -14,7 +14,9 @@ class CompileCase:
     """One (kernel, signature, constexprs, launch options) combination a launcher can pick.
 
     ``signature`` maps every argument name to a Triton type string (``"*bf16"``, ``"i32"``,
-    ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the constexpr values.
+    ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the constexpr values. ``divisible_by_16``
+    names the arguments (pointers, sizes, strides) that the runtime would see as multiples of 16,
+    as Triton's launcher specialises them: without it, loads cannot vectorise or pipeline.
     """
 
     name: str
@@ -23,3 +25,9 @@ class CompileCase:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    divisible_by_16: tuple = ()
+
+    def attrs(self) -> dict:
+        """The ``tt.divisibility`` attributes ``ASTSource`` takes, keyed by argument index."""
+        return {(self.fn.arg_names.index(n),): [["tt.divisibility", 16]]
+                for n in self.divisible_by_16}
