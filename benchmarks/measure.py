@@ -84,6 +84,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
 # ---- FMA rate ----------------------------------------------------------------------------------
 _FMA_KERNEL = None
 FMA_CHAINS = 8  # independent FMA chains per element (instruction-level parallelism)
+FMA_ITERS, FMA_BLOCK, FMA_WARPS = 128, 256, 8
 
 
 def _fma_kernel():
@@ -126,6 +127,18 @@ def _fma_kernel():
     return _FMA_KERNEL
 
 
+def compile_cases():
+    """The one configuration ``run_fma_kernel`` launches, for the Triton compile check:
+    ``python -m mslora_kernels.checks.triton_compile --module benchmarks.measure --only-module``.
+    """
+    from mslora_kernels.triton._compile import CompileCase
+
+    return [CompileCase("bench_fma_bound", _fma_kernel(),
+                        {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "b": "fp32",
+                         "c": "fp32", "ITERS": "constexpr", "BLOCK": "constexpr"},
+                        {"ITERS": FMA_ITERS, "BLOCK": FMA_BLOCK}, num_warps=FMA_WARPS)]
+
+
 def fma_reference(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tensor:
     """What the FMA kernel computes, in PyTorch (for its test)."""
     chains = [x + 0.1 * i if i else x.clone() for i in range(FMA_CHAINS)]
@@ -137,9 +150,9 @@ def fma_reference(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tens
 
 def run_fma_kernel(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tensor:
     out = torch.empty_like(x)
-    block = 256
-    grid = (triton_cdiv(x.numel(), block),)
-    _fma_kernel()[grid](x, out, x.numel(), b, c, ITERS=iters, BLOCK=block, num_warps=8)
+    grid = (triton_cdiv(x.numel(), FMA_BLOCK),)
+    _fma_kernel()[grid](x, out, x.numel(), b, c, ITERS=iters, BLOCK=FMA_BLOCK,
+                        num_warps=FMA_WARPS)
     return out
 
 
@@ -157,7 +170,7 @@ def fma_rate(device: torch.device) -> dict:
     """
     if device.type == "cuda":
         try:
-            n, iters = 1 << 24, 128
+            n, iters = 1 << 24, FMA_ITERS
             x = torch.rand(n, device=device, dtype=torch.float32)
             med, _, _ = bench(lambda: run_fma_kernel(x, 0.999, 0.001, iters), device,
                               warmup_ms=50, rep_ms=300)

@@ -38,6 +38,8 @@ import torch
 from . import e2e, floors, measure, presets, providers, report
 
 DEFAULT_E2E_BATCH = 64
+QUICK_BUDGET_S = 225.0  # --quick: work not started by then is recorded as skipped
+KERNEL_SHARE = 0.7  # of the budget, for kernel shapes when end-to-end rows follow
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "run on CUDA; none with --tiny)")
     p.add_argument("--e2e-batch", type=int, default=DEFAULT_E2E_BATCH)
     p.add_argument("--e2e-variants", default=",".join(e2e.VARIANTS))
+    p.add_argument("--e2e-steps", type=int, default=None,
+                   help="timed training steps per variant (default 10; 5 with --quick)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--cpu-reps", type=int, default=5, help="timed calls per row on a CPU")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; work not started within it is recorded as skipped "
-                        "(default 210 with --quick, none otherwise)")
+                        f"(default {QUICK_BUDGET_S:.0f} with --quick, none otherwise)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/"
                                                "<date>_<device>)")
     return p.parse_args(argv)
@@ -146,7 +150,8 @@ def plan(args) -> dict:
         e2e_models = []
     else:
         e2e_models = _pick(args.e2e, e2e.MODELS, (), "end-to-end models")
-    budget = args.time_budget if args.time_budget is not None else (210.0 if args.quick else None)
+    budget = args.time_budget if args.time_budget is not None else (
+        QUICK_BUDGET_S if args.quick else None)
     return {"device": device, "rank": rank, "groups_g": args.groups, "kernel_sizes": kernel_sizes,
             "modes": modes, "providers": provs, "groups": groups, "e2e_models": e2e_models,
             "e2e_variants": _pick(args.e2e_variants, e2e.VARIANTS, (), "end-to-end variants"),
@@ -325,7 +330,9 @@ def measure_e2e(model_key: str, variant: str, p, args) -> dict:
     try:
         model, detail = e2e.build_model(model_key, variant, device)
         row["provider_detail"] = detail
-        row.update(e2e.time_train_step(model, args.e2e_batch, device))
+        steps = args.e2e_steps or (5 if args.quick else 10)
+        row.update(e2e.time_train_step(model, args.e2e_batch, device, warmup=2 if args.quick
+                                       else 3, steps=steps))
         row["images_per_s"] = args.e2e_batch / (row["median_ms"] * 1e-3)
     except e2e.Unavailable as e:
         row.update(status="unavailable", error=str(e))
@@ -352,8 +359,15 @@ def _compare_e2e(rows: list[dict]) -> None:
 
 # ---- main --------------------------------------------------------------------------------------
 def default_out_dir(meta: dict) -> Path:
+    """benchmarks/results/<date>_<device>, with _2, _3, ... when that run already exists (every
+    run is kept)."""
     dev = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-")
-    return measure.REPO_ROOT / "benchmarks" / "results" / f"{meta['date'][:10]}_{dev}"
+    base = measure.REPO_ROOT / "benchmarks" / "results" / f"{meta['date'][:10]}_{dev}"
+    out, k = base, 1
+    while (out / report.JSON_NAME).exists():
+        k += 1
+        out = base.with_name(f"{base.name}_{k}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -377,22 +391,28 @@ def main(argv=None) -> int:
     meta.update(rates)
     meta.update(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv),
-                l2_bytes=measure.l2_bytes(device), compile_backend=args.compile_backend)
+                l2_bytes=measure.l2_bytes(device), compile_backend=args.compile_backend,
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     stamp_cols = {k: meta[k] for k in ("device", "torch", "triton", "cuda", "commit", "date")}
     stamp_cols["copy_gb_per_s"] = rates["copy_bytes_per_s"] / 1e9
     stamp_cols["fma_tera_per_s"] = fma / 1e12 if fma else None
 
     rows: list[dict] = []
 
-    def over_budget() -> bool:
-        return p["budget"] is not None and time.monotonic() - t_start > p["budget"]
+    def over_budget(share: float = 1.0) -> bool:
+        """Past ``share`` of the time budget? Kernel shapes may use the first KERNEL_SHARE of it,
+        so that the end-to-end rows keep some."""
+        return p["budget"] is not None and time.monotonic() - t_start > share * p["budget"]
 
     for shape, layout, dtype_name, goal_preset in p["groups"]:
-        if over_budget():
+        if over_budget(KERNEL_SHARE if p["e2e_models"] else 1.0):
             for prov in p["providers"]:
                 for mode in p["modes"]:
                     r = _new_row(shape, layout, dtype_name, mode, prov, p, goal_preset)
-                    r.update(status="skipped", error=f"time budget of {p['budget']:.0f} s spent")
+                    r.update(status="skipped",
+                             error=f"time budget for kernel rows ({p['budget']:.0f} s run) spent")
                     _compare([r])
                     rows.append({**r, **stamp_cols})
             continue

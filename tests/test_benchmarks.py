@@ -62,12 +62,13 @@ def test_floors_match_design_table():
     Swin-B s1 102.8 MB (bf16, N=64, D=128, G=4)."""
     k = presets.DEFAULT_KERNEL_SIZES
     assert sum(x * x for x in k) == 83
-    assert floors.min_bytes("fwd", 64, 64, 56, 56, 128, 4, k, 2) / 1e6 == pytest.approx(51.4, abs=0.1)
+    def mb(n, c, h, w):
+        return floors.min_bytes("fwd", n, c, h, w, 128, 4, k, 2) / 1e6
+
+    assert mb(64, 64, 56, 56) == pytest.approx(51.4, abs=0.1)
+    assert mb(64, 128, 56, 56) == pytest.approx(102.8, abs=0.1)
+    assert mb(2, 64, 200, 336) == pytest.approx(34.4, abs=0.1)
     assert floors.depthwise_fmas("fwd", 64, 56, 56, 128, k) / 1e9 == pytest.approx(2.13, abs=0.01)
-    assert floors.min_bytes("fwd", 64, 128, 56, 56, 128, 4, k, 2) / 1e6 == pytest.approx(102.8,
-                                                                                         abs=0.1)
-    assert floors.min_bytes("fwd", 2, 64, 200, 336, 128, 4, k, 2) / 1e6 == pytest.approx(34.4,
-                                                                                         abs=0.1)
 
 
 def _goal_row(**kw):
@@ -86,8 +87,8 @@ def test_goals_met_missed_and_unmeasured():
     failed = floors.evaluate_goals(_goal_row(mode="fwd+bwd", status="failed"), 100.0)
     assert len(failed) == 3 and not any(g["met"] for g in failed)
     assert all("not measured" in g["text"] for g in failed)
-    mem = floors.evaluate_goals(_goal_row(mode="fwd+bwd", speedup_vs_eager=5, speedup_vs_compile=2.5,
-                                          peak_mem_mb=30.0), 100.0)
+    mem = floors.evaluate_goals(_goal_row(mode="fwd+bwd", speedup_vs_eager=5,
+                                          speedup_vs_compile=2.5, peak_mem_mb=30.0), 100.0)
     assert [g["met"] for g in mem] == [True, True, False]  # 0.30 of eager's peak > 0.25
     assert floors.evaluate_goals(_goal_row(dtype="fp16", speedup_vs_eager=9), None) == []
     assert floors.evaluate_goals(_goal_row(provider="compile", speedup_vs_eager=9), None) == []
@@ -217,7 +218,7 @@ def test_quick_plan():
                    ("detection", 1, 2, "channels_first", "bf16")]
     assert p["modes"] == ["fwd", "fwd+bwd"]
     assert p["providers"] == ["eager", "compile", "triton", "cuda"]
-    assert p["e2e_models"] == ["resnet50", "swin_b"] and p["budget"] == 210.0
+    assert p["e2e_models"] == ["resnet50", "swin_b"] and p["budget"] == bench_run.QUICK_BUDGET_S
     full = bench_run.plan(bench_run.parse_args(["--device", "cpu", "--max-autotune"]))
     assert len(full["groups"]) == 9 * 3 * 3 and "compile-max" in full["providers"]
 
