@@ -373,6 +373,18 @@ def default_out_dir(meta: dict) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     p = plan(args)
+    threads = torch.get_num_threads()
+    if p["device"].type == "cpu":
+        # CPU smoke runs: one thread. On a shared machine, OpenMP threads that wait on each other
+        # turn a tiny call from 0.5 ms into hundreds.
+        torch.set_num_threads(1)
+    try:
+        return _main(args, p, sys.argv[1:] if argv is None else list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args, p, argv: list[str]) -> int:
     device = p["device"]
     t_start = time.monotonic()
     meta = measure.stamp(device)
@@ -389,9 +401,9 @@ def main(argv=None) -> int:
     print(f"[bench] copy bandwidth {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s; FMA rate "
           f"{fma / 1e12 if fma else float('nan'):.3g} T/s ({rates['fma_method']})", flush=True)
     meta.update(rates)
-    meta.update(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None
-                                                                 else argv),
+    meta.update(command="python -m benchmarks.run " + " ".join(argv),
                 l2_bytes=measure.l2_bytes(device), compile_backend=args.compile_backend,
+                cpu_threads=torch.get_num_threads(),
                 cudnn_benchmark=torch.backends.cudnn.benchmark,
                 cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                 matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)

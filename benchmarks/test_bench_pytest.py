@@ -46,6 +46,8 @@ def test_mslora(benchmark, case, provider, mode):
     reason = providers.unavailable(provider, DEVICE)
     if reason:
         pytest.skip(reason)
+    if not HAS_CUDA:
+        torch.set_num_threads(1)  # see run.main: shared CPUs make OpenMP threads spin
     dtype = providers.DTYPES[dtype_name]
     base = providers.make_base(shape.c, RANK, presets.DEFAULT_GROUPS,
                                presets.DEFAULT_KERNEL_SIZES, layout, dtype, DEVICE)

@@ -261,3 +261,54 @@ def test_gpu_rates_and_a_small_run(tmp_path):
     _, rows = report.load(tmp_path)
     eager = [r for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd"]
     assert eager[0]["peak_mem_mb"] > 0 and math.isfinite(eager[0]["median_ms"])
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_e2e_train_step_and_unavailable_variants(monkeypatch):
+    """The end-to-end code on a stand-in for timm (timm is on the GPU machine only)."""
+    import types
+
+    from benchmarks import e2e
+
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained, num_classes: _TinyNet(num_classes)
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    monkeypatch.setitem(e2e.PEFT_TARGETS, "swin_b", r"conv")  # the stand-in's one conv
+    cpu = torch.device("cpu")
+    model, detail = e2e.build_model("resnet50", "full-ft", cpu)
+    res = e2e.time_train_step(model, 2, cpu, image_size=8, num_classes=5, warmup=1, steps=2)
+    assert 0 < res["p20_ms"] <= res["median_ms"] <= res["p80_ms"]
+    assert res["trainable_params"] == sum(p.numel() for p in model.parameters())
+    assert res["peak_mem_mb"] is None
+    for variant in ("mslora-eager", "lora-peft", "mslora-cuda"):
+        try:
+            model, _ = e2e.build_model("swin_b", variant, cpu)
+        except e2e.Unavailable as e:
+            assert str(e)  # says why
+        else:  # inject (issue 5) or PEFT is importable here: the head trains, the rest not all
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            assert trainable and len(trainable) < len(list(model.parameters()))
+
+
+def test_e2e_rows_skip_without_cuda(tmp_path):
+    assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager", "--modes", "fwd",
+                           "--layouts", "channels_first", "--cpu-reps", "1", "--e2e",
+                           "resnet50", "--e2e-variants", "full-ft,lora-peft",
+                           "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    e2e_rows = [r for r in rows if r["kind"] == "e2e"]
+    assert [r["provider"] for r in e2e_rows] == ["full-ft", "lora-peft"]
+    assert all(r["status"] == "skipped" and "CUDA" in r["error"] for r in e2e_rows)
+    assert "End-to-end" in (tmp_path / report.MD_NAME).read_text()
