@@ -312,3 +312,24 @@ def test_e2e_rows_skip_without_cuda(tmp_path):
     assert [r["provider"] for r in e2e_rows] == ["full-ft", "lora-peft"]
     assert all(r["status"] == "skipped" and "CUDA" in r["error"] for r in e2e_rows)
     assert "End-to-end" in (tmp_path / report.MD_NAME).read_text()
+
+
+def test_plots_of_a_full_sized_run(tmp_path):
+    """A full run's worth of groups (9 shapes x 3 layouts x 2 dtypes) plots without trouble."""
+    rows = []
+    for i in range(27):
+        for dt in ("bf16", "fp32"):
+            for prov, med in (("eager", 2.0), ("compile", 1.0), ("triton", 0.25), ("cuda", None)):
+                row = {k: None for k in report.COLUMNS}
+                row.update(kind="kernel", preset="p", shape=f"{i}@7x7", N=64, layout="cl",
+                           dtype=dt, mode="fwd", provider=prov, median_ms=med,
+                           speedup_vs_eager=2.0 / med if med else None,
+                           frac_of_floor=0.1 / med if med else None,
+                           status="ok" if med else "failed", error="" if med else "boom")
+                rows.append(row)
+    report.plot_speedup(rows, tmp_path / "s.png")
+    report.plot_roofline(rows, tmp_path / "r.png")
+    for name in ("s.png", "r.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    kept, note = report._plot_rows(rows)
+    assert {r["dtype"] for r in kept} == {"bf16"} and "bf16" in note
