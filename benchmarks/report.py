@@ -238,9 +238,9 @@ def _bars(ax, rows: list[dict], providers: list[str], key: str) -> None:
         handles.append(Patch(color=color,
                              label=prov if not missing else f"{prov} (n/a in {missing})"))
     ax.set_xlim(-0.5, len(labels) - 0.5)
-    return handles
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=7)
+    return handles
 
 
 def _providers_in(rows, exclude=()) -> list[str]:

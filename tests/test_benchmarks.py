@@ -333,3 +333,9 @@ def test_plots_of_a_full_sized_run(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     kept, note = report._plot_rows(rows)
     assert {r["dtype"] for r in kept} == {"bf16"} and "bf16" in note
+    plt = report._plt()
+    fig, ax = plt.subplots()
+    handles = report._bars(ax, kept, ["compile", "triton", "cuda"], "speedup_vs_eager")
+    assert [h.get_label() for h in handles] == ["compile", "triton", "cuda (n/a in 27)"]
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "p 64x0@7x7\ncl bf16"
+    plt.close(fig)
