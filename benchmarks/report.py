@@ -61,6 +61,11 @@ def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
     write_rows(out, meta, rows)
     meta, rows = load(out)  # render from what was written, exactly as readme.py will
     (Path(out) / MD_NAME).write_text(render_markdown(meta, rows, image_prefix=""))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("[bench] matplotlib is not installed: no plots (pip install matplotlib)")
+        return
     plot_speedup(rows, Path(out) / SPEEDUP_PNG)
     plot_roofline(rows, Path(out) / ROOFLINE_PNG)
 

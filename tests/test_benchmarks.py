@@ -29,6 +29,7 @@ STAMPS = ("device", "torch", "triton", "cuda", "commit", "date")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One tiny CPU run of the runner; Triton unavailable (no interpreter), no CUDA extension."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the 'test' extra)")
     out = tmp_path_factory.mktemp("bench")
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -316,6 +317,7 @@ def test_e2e_rows_skip_without_cuda(tmp_path):
 
 def test_plots_of_a_full_sized_run(tmp_path):
     """A full run's worth of groups (9 shapes x 3 layouts x 2 dtypes) plots without trouble."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the 'test' extra)")
     rows = []
     for i in range(27):
         for dt in ("bf16", "fp32"):
