@@ -1,0 +1,84 @@
+"""What is timed: one MSLoRA module with random weights, run by each provider.
+
+Providers (all share the same weights, copied from one module):
+- ``eager``: ``MSLoRA(backend="reference")``, the package's one reference;
+- ``compile``: ``torch.compile`` of that module (default mode, static shapes);
+- ``compile-max``: the same with ``mode="max-autotune"`` (only with ``--max-autotune``);
+- ``triton``: ``MSLoRA(backend="triton")``;
+- ``cuda``: ``MSLoRA(backend="cuda")``.
+
+A provider that cannot run here says why (``unavailable(...)``); the runner records that text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mslora_kernels import MSLoRA
+
+PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
+DEFAULT_PROVIDERS = ("eager", "compile", "triton", "cuda")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_base(c: int, d: int, g: int, kernel_sizes, layout: str, dtype: torch.dtype,
+              device: torch.device, seed: int = 0) -> MSLoRA:
+    """The module every provider runs: random weights, ``up`` non-zero (a fresh adapter's zero
+    ``up`` would make the whole branch dead weight), in the benchmark dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = "channels_last" if layout == "channels_last" else "channels_first"
+    m = MSLoRA(c, d, g, kernel_sizes, data_format=fmt, backend="reference")
+    with torch.no_grad():
+        for p in m.parameters():
+            fan_in = max(1, p[0].numel())
+            bound = 1.0 / math.sqrt(fan_in)
+            p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+    return m.to(device=device, dtype=dtype)
+
+
+def make_input(n: int, c: int, h: int, w: int, layout: str, dtype, device, seed: int,
+               requires_grad: bool = True) -> torch.Tensor:
+    """A random input in ``layout`` (see presets.LAYOUTS)."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "channels_last":
+        x = torch.randn(n, h, w, c, generator=gen)
+    else:
+        x = torch.randn(n, c, h, w, generator=gen)
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_first_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run on ``device``, or None."""
+    if provider in ("triton", "cuda"):
+        from mslora_kernels.backends import fused_unavailable_reason
+
+        return fused_unavailable_reason(provider, device)
+    return None
+
+
+def build(provider: str, base: MSLoRA, compile_backend: str = "inductor"):
+    """A callable module running ``base``'s weights with ``provider``; (callable, detail)."""
+    if provider == "eager":
+        return base, 'MSLoRA(backend="reference")'
+    if provider in ("compile", "compile-max"):
+        # One cache per module instance: forget earlier shapes, so that no run ever hits the
+        # recompile limit (which would fall back to eager silently) or turns dynamic.
+        torch._dynamo.reset()
+        mode = "max-autotune" if provider == "compile-max" else None
+        fn = torch.compile(base, backend=compile_backend, mode=mode, dynamic=False)
+        return fn, (f"torch.compile(reference, backend={compile_backend!r}, mode={mode!r}, "
+                    "dynamic=False)")
+    if provider in ("triton", "cuda"):
+        m = MSLoRA(base.options.channels, base.options.rank, base.options.groups,
+                   base.options.kernel_sizes, data_format=base.options.data_format,
+                   backend=provider)
+        p0 = next(base.parameters())
+        m = m.to(device=p0.device, dtype=p0.dtype)
+        m.load_state_dict(base.state_dict())
+        return m, f'MSLoRA(backend="{provider}")'
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")

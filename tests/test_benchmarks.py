@@ -1,0 +1,343 @@
+"""The benchmark runner (benchmarks/), tested on the CPU at tiny sizes: its outputs, stamps,
+failure rows and floor arithmetic. Its numbers on a CPU mean nothing; its shape is what is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed; it runs from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import floors, measure, presets, providers, readme, report  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+
+TINY_ARGS = ["--device", "cpu", "--tiny", "--providers", "eager,compile,triton,cuda",
+             "--compile-backend", "aot_eager", "--layouts", "channels_first,channels_last",
+             "--cpu-reps", "2"]
+STAMPS = ("device", "torch", "triton", "cuda", "commit", "date")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny CPU run of the runner; Triton unavailable (no interpreter), no CUDA extension."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the 'test' extra)")
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        assert bench_run.main(TINY_ARGS + ["--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+# ---- floors, by hand ---------------------------------------------------------------------------
+def test_floors_by_hand():
+    # N=1, C=4, H=W=2, D=4, G=2, K=(3,): P = 3*4*4/2 + 4*4 + 9*4 = 76 parameters, fp32.
+    assert floors.param_count(4, 4, 2, (3,)) == 76
+    args = (1, 4, 2, 2, 4, 2, (3,), 4)
+    assert floors.min_bytes("fwd", *args) == (2 * 16 + 76) * 4  # read x, write out, weights
+    assert floors.min_bytes("bwd", *args) == (3 * 16 + 2 * 76) * 4  # x, d, dx; weights + grads
+    assert floors.min_bytes("fwd+bwd", *args) == (5 * 16 + 3 * 76) * 4
+    assert floors.depthwise_fmas("fwd", 1, 2, 2, 4, (3,)) == 9 * 4 * 4
+    assert floors.depthwise_fmas("fwd+bwd", 1, 2, 2, 4, (3,)) == 3 * 9 * 4 * 4
+    f = floors.floors("fwd", *args, copy_bytes_per_s=1e9, fma_per_s=1e6)
+    assert f["mem_floor_ms"] == pytest.approx(432 / 1e9 * 1e3)
+    assert f["fma_floor_ms"] == pytest.approx(144 / 1e6 * 1e3)
+    assert f["floor_ms"] == f["fma_floor_ms"] and f["floor_bound"] == "fma"
+    g = floors.floors("fwd", *args, copy_bytes_per_s=1e3, fma_per_s=None)
+    assert g["fma_floor_ms"] is None and g["floor_bound"] == "memory"
+
+
+def test_floors_match_design_table():
+    """DESIGN.md's table: 83 FMAs per element for K=(3,5,7); ResNet-50 s1 51.4 MB, 2.13 G FMAs;
+    Swin-B s1 102.8 MB (bf16, N=64, D=128, G=4)."""
+    k = presets.DEFAULT_KERNEL_SIZES
+    assert sum(x * x for x in k) == 83
+    def mb(n, c, h, w):
+        return floors.min_bytes("fwd", n, c, h, w, 128, 4, k, 2) / 1e6
+
+    assert mb(64, 64, 56, 56) == pytest.approx(51.4, abs=0.1)
+    assert mb(64, 128, 56, 56) == pytest.approx(102.8, abs=0.1)
+    assert mb(2, 64, 200, 336) == pytest.approx(34.4, abs=0.1)
+    assert floors.depthwise_fmas("fwd", 64, 56, 56, 128, k) / 1e9 == pytest.approx(2.13, abs=0.01)
+
+
+def _goal_row(**kw):
+    row = {"kind": "kernel", "provider": "triton", "dtype": "bf16", "goal_preset": True,
+           "D": 128, "G": 4, "K": "3,5,7", "N": 64, "mode": "fwd"}
+    row.update(kw)
+    return row
+
+
+def test_goals_met_missed_and_unmeasured():
+    ok = floors.evaluate_goals(_goal_row(speedup_vs_eager=6.0, frac_of_floor=0.8), None)
+    assert [g["met"] for g in ok] == [True, True]
+    slow = floors.evaluate_goals(_goal_row(speedup_vs_eager=4.9, frac_of_floor=0.5), None)
+    assert [g["met"] for g in slow] == [False, False]
+    assert all("MISSED" in g["text"] for g in slow)
+    failed = floors.evaluate_goals(_goal_row(mode="fwd+bwd", status="failed"), 100.0)
+    assert len(failed) == 3 and not any(g["met"] for g in failed)
+    assert all("not measured" in g["text"] for g in failed)
+    mem = floors.evaluate_goals(_goal_row(mode="fwd+bwd", speedup_vs_eager=5,
+                                          speedup_vs_compile=2.5, peak_mem_mb=30.0), 100.0)
+    assert [g["met"] for g in mem] == [True, True, False]  # 0.30 of eager's peak > 0.25
+    assert floors.evaluate_goals(_goal_row(dtype="fp16", speedup_vs_eager=9), None) == []
+    assert floors.evaluate_goals(_goal_row(provider="compile", speedup_vs_eager=9), None) == []
+    assert floors.evaluate_goals(_goal_row(mode="bwd", speedup_vs_eager=9), None) == []
+
+
+# ---- a tiny run's outputs ----------------------------------------------------------------------
+def test_tiny_run_writes_the_five_files(tiny_run):
+    assert sorted(p.name for p in tiny_run.iterdir()) == sorted(report.OUTPUT_FILES)
+    for png in (report.SPEEDUP_PNG, report.ROOFLINE_PNG):
+        data = (tiny_run / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_tiny_run_rows_columns_and_stamps(tiny_run):
+    data = json.loads((tiny_run / report.JSON_NAME).read_text())
+    meta, rows = data["run"], data["rows"]
+    # 2 layouts x 3 modes x 4 providers, no end-to-end rows with --tiny
+    assert len(rows) == 2 * 3 * 4
+    for r in rows:
+        assert list(r) == report.COLUMNS
+        for k in STAMPS:
+            assert r[k] and r[k] == meta[k], k
+        assert r["device"].startswith("CPU")
+        assert r["torch"] == torch.__version__
+        assert r["copy_gb_per_s"] > 0
+    with open(tiny_run / report.CSV_NAME, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == report.COLUMNS
+        assert len(list(reader)) == len(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} == {"eager", "compile"}
+    for r in ok:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["images_per_s"] == pytest.approx(r["N"] / (r["median_ms"] * 1e-3))
+        assert r["gb_per_s"] == pytest.approx(r["min_bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["min_bytes"] == floors.min_bytes(r["mode"], r["N"], r["C"], r["H"], r["W"],
+                                                  r["D"], r["G"], (3, 5, 7), 4)
+        assert r["frac_of_floor"] == pytest.approx(r["floor_ms"] / r["median_ms"])
+        assert r["floor_ms"] == max(r["mem_floor_ms"], r["fma_floor_ms"])
+        assert r["rel_err_vs_eager"] < 1e-4
+    eager = [r for r in ok if r["provider"] == "eager"]
+    assert all(r["speedup_vs_eager"] == 1.0 for r in eager)
+    fb = [r for r in ok if r["mode"] == "fwd+bwd"]
+    assert fb and all(r["peak_mem_mb"] is None and "CUDA" in r["peak_mem_note"] for r in fb)
+
+
+def test_unavailable_providers_carry_text_and_no_number(tiny_run):
+    _, rows = report.load(tiny_run)
+    bad = [r for r in rows if r["provider"] in ("triton", "cuda")]
+    assert len(bad) == 12
+    for r in bad:
+        assert r["status"] == "unavailable"
+        assert "Triton" in r["error"] or "CUDA" in r["error"]
+        for k in report.NUMBER_COLUMNS:
+            assert r[k] is None, k
+
+
+def test_markdown_names_the_run_and_flags_cpu(tiny_run):
+    md = (tiny_run / report.MD_NAME).read_text()
+    meta, rows = report.load(tiny_run)
+    assert report.run_name(meta) in md and meta["commit"] in md
+    assert "mean nothing for the GPU" in md
+    assert "| preset | shape | layout |" in md
+    assert f"]({report.SPEEDUP_PNG})" in md and f"]({report.ROOFLINE_PNG})" in md
+    assert md.count("**unavailable**") == 12
+
+
+def test_readme_renders_from_results(tiny_run, capsys):
+    assert readme.main([str(tiny_run)]) == 0
+    text = capsys.readouterr().out
+    assert "do not edit by hand" in text
+    assert f"/{report.SPEEDUP_PNG})" in text and "### Kernel rows" in text
+
+
+def test_failing_provider_records_failure_text(tmp_path, monkeypatch):
+    real_build = providers.build
+
+    def build(provider, base, compile_backend="inductor"):
+        if provider == "compile":
+            raise RuntimeError("boom: compiler exploded")
+        return real_build(provider, base, compile_backend)
+
+    monkeypatch.setattr(providers, "build", build)
+    assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager,compile",
+                           "--layouts", "channels_first", "--modes", "fwd,fwd+bwd",
+                           "--cpu-reps", "1", "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    comp = [r for r in rows if r["provider"] == "compile"]
+    assert len(comp) == 2
+    for r in comp:
+        assert r["status"] == "failed" and "boom: compiler exploded" in r["error"]
+        assert all(r[k] is None for k in report.NUMBER_COLUMNS)
+    assert all(r["speedup_vs_compile"] is None for r in rows)
+    assert all(r["median_ms"] > 0 for r in rows if r["provider"] == "eager")
+
+
+def test_time_budget_skips_with_a_reason(tmp_path):
+    assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager", "--time-budget",
+                           "0", "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    assert rows and all(r["status"] == "skipped" and "time budget" in r["error"] for r in rows)
+    assert all(r["median_ms"] is None for r in rows)
+
+
+def test_markdown_shows_missed_goals():
+    meta = {"date": "2026-01-01T00:00:00Z", "device": "NVIDIA H100", "commit": "abc",
+            "torch": "t", "triton": "tr", "cuda": "c", "copy_bytes_per_s": 3e12,
+            "copy_method": "m", "fma_per_s": 3e13, "fma_method": "f"}
+    row = {k: None for k in report.COLUMNS}
+    row.update(_goal_row(speedup_vs_eager=2.0, frac_of_floor=0.2, shape="64@56x56",
+                         preset="resnet50", layout="channels_first", status="ok", median_ms=1.0,
+                         p20_ms=0.9, p80_ms=1.1))
+    goals = floors.evaluate_goals(row, None)
+    row["goals"] = "; ".join(g["text"] for g in goals)
+    md = report.render_markdown(meta, [row])
+    assert "**0 met, 2 missed**" in md and "MISSED" in md
+    assert "mean nothing" not in md
+
+
+def test_quick_plan():
+    p = bench_run.plan(bench_run.parse_args(["--quick", "--device", "cpu"]))
+    got = [(s.preset, s.stage, s.n, lay, dt) for s, lay, dt, _ in p["groups"]]
+    assert got == [("resnet50", 1, 64, "channels_first", "bf16"),
+                   ("resnet50", 1, 64, "channels_first_cl", "bf16"),
+                   ("swin_b", 3, 64, "channels_last", "bf16"),
+                   ("detection", 1, 2, "channels_first", "bf16")]
+    assert p["modes"] == ["fwd", "fwd+bwd"]
+    assert p["providers"] == ["eager", "compile", "triton", "cuda"]
+    assert p["e2e_models"] == ["resnet50", "swin_b"] and p["budget"] == bench_run.QUICK_BUDGET_S
+    full = bench_run.plan(bench_run.parse_args(["--device", "cpu", "--max-autotune"]))
+    assert len(full["groups"]) == 9 * 3 * 3 and "compile-max" in full["providers"]
+
+
+def test_bad_selection_is_refused():
+    with pytest.raises(SystemExit, match="unknown dtypes"):
+        bench_run.plan(bench_run.parse_args(["--device", "cpu", "--dtypes", "fp8"]))
+
+
+def test_git_commit_env_override(monkeypatch):
+    monkeypatch.setenv("MSLORA_COMMIT", "deadbeef")
+    assert measure.git_commit() == "deadbeef"
+
+
+def test_input_layouts():
+    x = providers.make_input(2, 8, 5, 3, "channels_first_cl", torch.float32, "cpu", seed=0)
+    assert x.shape == (2, 8, 5, 3) and x.is_contiguous(memory_format=torch.channels_last)
+    y = providers.make_input(2, 8, 5, 3, "channels_last", torch.float32, "cpu", seed=0)
+    assert y.shape == (2, 5, 3, 8) and y.is_contiguous()
+    base = providers.make_base(8, 4, 2, (3,), "channels_first", torch.float32, "cpu")
+    assert base.up.weight.abs().min() > 0  # a live branch, not a fresh adapter's zeros
+
+
+@pytest.mark.interpreter
+def test_fma_kernel_computes_its_chains():
+    x = torch.rand(300)
+    out = measure.run_fma_kernel(x, 0.999, 0.001, 4)
+    torch.testing.assert_close(out, measure.fma_reference(x, 0.999, 0.001, 4))
+
+
+@pytest.mark.gpu
+def test_gpu_rates_and_a_small_run(tmp_path):
+    dev = torch.device("cuda")
+    rates = measure.copy_bandwidth(dev, 64 << 20)
+    rates.update(measure.fma_rate(dev))
+    assert rates["copy_bytes_per_s"] > 1e11 and rates["fma_per_s"] and rates["fma_per_s"] > 1e12
+    assert bench_run.main(["--device", "cuda", "--presets", "resnet50", "--stages", "4",
+                           "--batch", "4", "--dtypes", "bf16", "--layouts", "channels_first",
+                           "--e2e", "none", "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    eager = [r for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd"]
+    assert eager[0]["peak_mem_mb"] > 0 and math.isfinite(eager[0]["median_ms"])
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_e2e_train_step_and_unavailable_variants(monkeypatch):
+    """The end-to-end code on a stand-in for timm (timm is on the GPU machine only)."""
+    import types
+
+    from benchmarks import e2e
+
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained, num_classes: _TinyNet(num_classes)
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    monkeypatch.setitem(e2e.PEFT_TARGETS, "swin_b", r"conv")  # the stand-in's one conv
+    cpu = torch.device("cpu")
+    model, detail = e2e.build_model("resnet50", "full-ft", cpu)
+    res = e2e.time_train_step(model, 2, cpu, image_size=8, num_classes=5, warmup=1, steps=2)
+    assert 0 < res["p20_ms"] <= res["median_ms"] <= res["p80_ms"]
+    assert res["trainable_params"] == sum(p.numel() for p in model.parameters())
+    assert res["peak_mem_mb"] is None
+    for variant in ("mslora-eager", "lora-peft", "mslora-cuda"):
+        try:
+            model, _ = e2e.build_model("swin_b", variant, cpu)
+        except e2e.Unavailable as e:
+            assert str(e)  # says why
+        else:  # inject (issue 5) or PEFT is importable here: the head trains, the rest not all
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            assert trainable and len(trainable) < len(list(model.parameters()))
+
+
+def test_e2e_rows_skip_without_cuda(tmp_path):
+    assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager", "--modes", "fwd",
+                           "--layouts", "channels_first", "--cpu-reps", "1", "--e2e",
+                           "resnet50", "--e2e-variants", "full-ft,lora-peft",
+                           "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    e2e_rows = [r for r in rows if r["kind"] == "e2e"]
+    assert [r["provider"] for r in e2e_rows] == ["full-ft", "lora-peft"]
+    assert all(r["status"] == "skipped" and "CUDA" in r["error"] for r in e2e_rows)
+    assert "End-to-end" in (tmp_path / report.MD_NAME).read_text()
+
+
+def test_plots_of_a_full_sized_run(tmp_path):
+    """A full run's worth of groups (9 shapes x 3 layouts x 2 dtypes) plots without trouble."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the 'test' extra)")
+    rows = []
+    for i in range(27):
+        for dt in ("bf16", "fp32"):
+            for prov, med in (("eager", 2.0), ("compile", 1.0), ("triton", 0.25), ("cuda", None)):
+                row = {k: None for k in report.COLUMNS}
+                row.update(kind="kernel", preset="p", shape=f"{i}@7x7", N=64, layout="cl",
+                           dtype=dt, mode="fwd", provider=prov, median_ms=med,
+                           speedup_vs_eager=2.0 / med if med else None,
+                           frac_of_floor=0.1 / med if med else None,
+                           status="ok" if med else "failed", error="" if med else "boom")
+                rows.append(row)
+    report.plot_speedup(rows, tmp_path / "s.png")
+    report.plot_roofline(rows, tmp_path / "r.png")
+    for name in ("s.png", "r.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    kept, note = report._plot_rows(rows)
+    assert {r["dtype"] for r in kept} == {"bf16"} and "bf16" in note
+    plt = report._plt()
+    fig, ax = plt.subplots()
+    handles = report._bars(ax, kept, ["compile", "triton", "cuda"], "speedup_vs_eager")
+    assert [h.get_label() for h in handles] == ["compile", "triton", "cuda (n/a in 27)"]
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "p 64x0@7x7\ncl bf16"
+    plt.close(fig)
