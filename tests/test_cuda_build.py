@@ -67,3 +67,36 @@ def test_package_works_without_extension():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def _compile_check(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mslora_kernels.checks.cuda_compile", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_passes_on_csrc():
+    r = _compile_check()
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "mslora::gelu_kernel<float>" in r.stdout and "sm90" in r.stdout and "sm80" in r.stdout
+    assert "0 failed" in r.stdout
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_fails_on_broken_source(tmp_path):
+    (tmp_path / "ok.cu").write_text(
+        "__global__ void fine(float* y) { __shared__ float s[32]; s[threadIdx.x] = 1.f;"
+        " __syncthreads(); y[threadIdx.x] = s[31 - threadIdx.x]; }\n")
+    (tmp_path / "broken.cu").write_text(
+        "__global__ void broken(float* y) { y[threadIdx.x] = undeclared_name; }\n")
+    r = _compile_check("--source", str(tmp_path), "--arch", "80")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR: broken.cu for sm80" in r.stdout and "undeclared_name" in r.stdout
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("fine("))
+    assert " 128 " in row  # the static shared memory of the good kernel is reported
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_fails_on_empty_source(tmp_path):
+    r = _compile_check("--source", str(tmp_path))
+    assert r.returncode == 1 and "no .cu or .cpp files" in r.stderr
