@@ -40,7 +40,7 @@ def test_extension_builds_and_imports_without_gpu(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "gelu" in r.stdout
+    assert "gelu" in r.stdout and "mslora_launch" in r.stdout and "mslora_smem_bytes" in r.stdout
 
 
 def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
@@ -61,7 +61,7 @@ def test_package_works_without_extension():
         "m = mslora_kernels.MSLoRA(8, rank=4, groups=2)\n"
         "x = torch.randn(1, 8, 3, 3)\n"
         "assert torch.equal(m(x), x)  # up is zero-initialised: identity\n"
-        "import mslora_kernels.cuda.gelu\n"
+        "import mslora_kernels.cuda.gelu, mslora_kernels.cuda.mslora\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
