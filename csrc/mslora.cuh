@@ -1,0 +1,684 @@
+// MSLoRA forward and backward kernel bodies (SPEC section 1, DESIGN.md's pass plan).
+//
+// Every kernel body here is a sequence of block-wide STAGES: `ex.stage([&](int tid) {...})`.
+// On the GPU (mslora.cu) a stage runs once per thread (tid = threadIdx.x) and is followed by
+// __syncthreads(); on the host (tests/host/mslora_host.cpp) the same stage runs for tid = 0..nt-1
+// in turn. Inside a stage a thread only touches the elements its strided loop gives it, so the
+// two executions compute the same thing, and the whole algorithm (index math, tiling, halo,
+// shuffle, every gradient) is checked on a CPU against PyTorch's autograd.
+//
+// Data: x / out / dout / dx are of type T (float, __half, __nv_bfloat16) in the physical layout
+// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights and workspaces are fp32; workspaces are
+// pixel-major [pixel = n*H*W + h*W + w][channel]. Accumulation is fp32 throughout.
+//
+// Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
+//   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
+//   fwd      (grid (tiles, N), TH x TW pixel tiles): multi-scale depthwise from a z halo tile
+//            in shared memory (channel chunks of CH), GELU, gate, pool, enhance, t = pw(s),
+//            a = proj(u), m = a * t, shuffle by indexing, y = up(m'), out = x + y.  [F2]
+//   bwd_tile (same tiling): recomputes s0, s, t, a; from dout: dm, da, dt, ds, ds0 (enhance
+//            backward); writes ws s, m', dt, da, ds0 and per-tile partial sums for enorm and
+//            the pool path.                                                          [B1]
+//   bwd_dz   (same tiling): z with a double halo and ds0 with a halo per channel chunk;
+//            recomputes c_i on tile + halo, dc_i, then dz = sum_i flip(K_i) * dc_i + gate
+//            and pool terms -> ws dz; per-tile partial dK_i and gate weight/bias grads. [B2]
+//   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
+//            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
+// The dense weight gradients (proj, down, pw, up) are fp32 GEMMs over the workspaces, done by
+// the launcher with torch; the per-tile partials are summed there in a fixed order, so every
+// weight gradient is deterministic.
+#pragma once
+
+#include "common.cuh"
+
+namespace mslora {
+
+constexpr int kMaxPaths = 8;
+constexpr float kLnEps = 1e-6f;
+
+// Everything a kernel needs; filled by the binding from the launcher's dicts (missing = 0).
+struct Params {
+  // sizes
+  int N, C, H, W, D, G;
+  int nk;                  // number of depthwise paths
+  int ks[kMaxPaths];       // their kernel sizes (odd)
+  int R;                   // max radius = max(ks) / 2
+  // options
+  int prenorm, enhance, pool, gate, shuffle;
+  // tiling
+  int TH, TW, CH;          // tile rows, cols, channel chunk (tile kernels)
+  int PB;                  // pixels per block (prep / bwd_dx)
+  // activations (type T, layout per kNHWC)
+  const void* x;
+  void* out;
+  const void* dout;
+  void* dx;
+  // fp32 weights, contiguous in their checkpoint shapes
+  const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
+  const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
+  const float* zmean;     // (N, D) mean over H, W of z (pool)
+  const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
+  // fp32 workspaces, pixel-major (N*H*W, D)
+  float *z, *s, *mp, *dt, *da, *ds0, *dz;
+  // fp32 per-tile / per-block partial sums, (blocks, ...)
+  float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
+  float *part_dw;                                       // (tiles, D * sum k^2)
+  float *part_gate_w, *part_gate_b;                     // (tiles, nk * D), (tiles, nk)
+  float *part_norm_w, *part_norm_b;                     // (blocks, C)
+};
+
+// ---------------------------------------------------------------- small per-element helpers
+
+MSLORA_HD int64_t hw(const Params& p) { return int64_t(p.H) * p.W; }
+
+// Element offset of (n, c, pixel q = h*W + w) in an activation of the physical layout.
+template <bool kNHWC>
+MSLORA_HD int64_t act_index(const Params& p, int n, int c, int64_t q) {
+  return kNHWC ? (int64_t(n) * hw(p) + q) * p.C + c : (int64_t(n) * p.C + c) * hw(p) + q;
+}
+
+template <typename T, bool kNHWC>
+MSLORA_HD float load_act(const Params& p, const void* a, int n, int c, int64_t q) {
+  return to_f32(static_cast<const T*>(a)[act_index<kNHWC>(p, n, c, q)]);
+}
+
+template <typename T, bool kNHWC>
+MSLORA_HD void store_act(const Params& p, void* a, int n, int c, int64_t q, float v) {
+  static_cast<T*>(a)[act_index<kNHWC>(p, n, c, q)] = from_f32<T>(v);
+}
+
+// Mean and 1/sqrt(var + eps) of x over C at one pixel (two passes, fp32).
+template <typename T, bool kNHWC>
+MSLORA_HD void x_stats(const Params& p, int n, int64_t q, float* mu, float* rstd) {
+  float sum = 0.f;
+  for (int c = 0; c < p.C; ++c) sum += load_act<T, kNHWC>(p, p.x, n, c, q);
+  const float m = sum / p.C;
+  float var = 0.f;
+  for (int c = 0; c < p.C; ++c) {
+    const float d = load_act<T, kNHWC>(p, p.x, n, c, q) - m;
+    var += d * d;
+  }
+  *mu = m;
+  *rstd = 1.0f / sqrtf(var / p.C + kLnEps);
+}
+
+// u = x, or LayerNorm_C(x) under prenorm (stats of this pixel given).
+template <typename T, bool kNHWC>
+MSLORA_HD float load_u(const Params& p, int n, int c, int64_t q, float mu, float rstd) {
+  const float v = load_act<T, kNHWC>(p, p.x, n, c, q);
+  return p.prenorm ? (v - mu) * rstd * p.norm_w[c] + p.norm_b[c] : v;
+}
+
+// Grouped 1x1 conv C -> D at one pixel, output channel e: sum_j w[e][j] * u[g(e)*C/G + j].
+template <typename T, bool kNHWC>
+MSLORA_HD float grouped_in(const Params& p, const float* w, int e, int n, int64_t q, float mu,
+                           float rstd) {
+  const int cg = p.C / p.G, c0 = (e / (p.D / p.G)) * cg;
+  float acc = 0.f;
+  for (int j = 0; j < cg; ++j) acc += w[int64_t(e) * cg + j] * load_u<T, kNHWC>(p, n, c0 + j, q, mu, rstd);
+  return acc;
+}
+
+// Channel shuffle (SPEC): m' = view(G, D/G) -> transpose -> flatten.  m'[dst(e)] = m[e].
+MSLORA_HD int shuffle_dst(int e, int D, int G) { return (e % (D / G)) * G + e / (D / G); }
+
+// Offset of path i's (D, k, k) block in the packed dw weights / part_dw rows.
+MSLORA_HD int64_t dw_offset(const Params& p, int i) {
+  int64_t off = 0;
+  for (int j = 0; j < i; ++j) off += int64_t(p.D) * p.ks[j] * p.ks[j];
+  return off;
+}
+MSLORA_HD int dw_total(const Params& p) { return int(dw_offset(p, p.nk) / p.D); }  // sum k^2
+
+// Depthwise conv of path i, channel d, at a point of a shared tile `t` (one channel, row
+// stride `ld`) whose centre is (cy, cx): sum_{dy,dx} K_i[d][dy][dx] t[cy - r + dy][cx - r + dx].
+MSLORA_HD float dwconv(const Params& p, int i, int d, const float* t, int ld, int cy, int cx) {
+  const int k = p.ks[i], r = k / 2;
+  const float* K = p.dw + dw_offset(p, i) + int64_t(d) * k * k;
+  float acc = 0.f;
+  for (int dy = 0; dy < k; ++dy)
+    for (int dx = 0; dx < k; ++dx) acc += K[dy * k + dx] * t[(cy - r + dy) * ld + (cx - r + dx)];
+  return acc;
+}
+
+// ------------------------------------------------------------------------- tile geometry
+
+struct Tile {
+  int n, h0, w0;  // image, first row, first column
+};
+MSLORA_HD Tile tile_of(const Params& p, int bx, int by) {
+  const int tiles_w = int(cdiv(p.W, p.TW));
+  return Tile{by, (bx / tiles_w) * p.TH, (bx % tiles_w) * p.TW};
+}
+MSLORA_HD int tiles_per_image(const Params& p) { return int(cdiv(p.H, p.TH) * cdiv(p.W, p.TW)); }
+
+// Local pixel pl of a tile -> pixel index q = h*W + w, or -1 outside the image.
+MSLORA_HD int64_t tile_pixel(const Params& p, const Tile& t, int pl) {
+  const int h = t.h0 + pl / p.TW, w = t.w0 + pl % p.TW;
+  return (h < p.H && w < p.W) ? int64_t(h) * p.W + w : -1;
+}
+
+// Shared-memory plan of the tile kernels, in floats. One place, used by the kernels (offsets)
+// and by the launcher (size, via smem_floats()).
+struct TileSmem {
+  int P;              // pixels per tile
+  int hh, hw_;        // halo tile rows / cols (radius R)
+  int64_t zt, sig, stats, buf0, buf1, buf2, buf3, total;  // offsets and total
+};
+MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
+  TileSmem s;
+  s.P = p.TH * p.TW;
+  s.hh = p.TH + 2 * p.R;
+  s.hw_ = p.TW + 2 * p.R;
+  s.zt = 0;
+  s.sig = s.zt + int64_t(p.CH) * s.hh * s.hw_;
+  s.stats = s.sig + int64_t(p.nk) * s.P;
+  s.buf0 = s.stats + 4 * int64_t(s.P);
+  s.buf1 = s.buf0 + (bufs > 0 ? int64_t(s.P) * p.D : 0);
+  s.buf2 = s.buf1 + (bufs > 1 ? int64_t(s.P) * p.D : 0);
+  s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
+  s.total = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
+  return s;
+}
+
+// bwd_dz: z with a double halo (2R), dc_i on tile + halo (R), sigmoid of the gates on tile + halo,
+// and the per-pixel gate sums dsig_i.
+struct DzSmem {
+  int P, hh, hw_, zh, zw;
+  int64_t z2, dc, sig, dsig, total;
+};
+MSLORA_HD DzSmem dz_smem(const Params& p) {
+  DzSmem s;
+  s.P = p.TH * p.TW;
+  s.hh = p.TH + 2 * p.R;
+  s.hw_ = p.TW + 2 * p.R;
+  s.zh = p.TH + 4 * p.R;
+  s.zw = p.TW + 4 * p.R;
+  s.z2 = 0;
+  s.dc = s.z2 + int64_t(p.CH) * s.zh * s.zw;
+  s.sig = s.dc + int64_t(p.nk) * p.CH * s.hh * s.hw_;
+  s.dsig = s.sig + int64_t(p.nk) * s.hh * s.hw_;
+  s.total = s.dsig + int64_t(p.nk) * s.P;
+  return s;
+}
+
+// prep / bwd_dx: per-pixel-block buffers.
+MSLORA_HD int64_t pixel_smem_floats(const Params& p, bool dx) {
+  return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0);
+}
+
+// ------------------------------------------------------------------------------- kernels
+
+// prep: z[pix][e] = down(u)[e] for the PB pixels of block bx (pixels flattened over N*H*W).
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
+  const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
+  float* stats = sm;  // [PB][2]
+  if (p.prenorm) {
+    ex.stage([&](int tid) {
+      for (int pl = tid; pl < p.PB; pl += ex.nt) {
+        const int64_t pix = pix0 + pl;
+        if (pix < npix) x_stats<T, kNHWC>(p, int(pix / hw(p)), pix % hw(p), &stats[2 * pl], &stats[2 * pl + 1]);
+      }
+    });
+  }
+  ex.stage([&](int tid) {
+    for (int64_t i = tid; i < int64_t(p.PB) * p.D; i += ex.nt) {
+      const int pl = int(i / p.D), e = int(i % p.D);
+      const int64_t pix = pix0 + pl;
+      if (pix >= npix) continue;
+      const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
+      p.z[pix * p.D + e] = grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
+    }
+  });
+}
+
+// Stages shared by fwd and bwd_tile: LN_C stats of x, gate sigmoids, s0 (multi-scale sum),
+// enhance (s = GELU(LN_D(s0)), written to `s_out`, which may alias s0). stats: [P][4] =
+// (x mean, x rstd, s0 mean, s0 rstd).
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const TileSmem& L,
+                             float* s0, float* s_out, Ex& ex) {
+  float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
+  const int P = L.P;
+  const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
+  ex.stage([&](int tid) {
+    for (int pl = tid; pl < P; pl += ex.nt) {
+      const int64_t q = tile_pixel(p, t, pl);
+      stats[4 * pl] = 0.f;
+      stats[4 * pl + 1] = 1.f;
+      if (q >= 0 && p.prenorm) x_stats<T, kNHWC>(p, t.n, q, &stats[4 * pl], &stats[4 * pl + 1]);
+    }
+    if (p.gate) {
+      for (int i = tid; i < P * p.nk; i += ex.nt) {
+        const int pl = i % P, path = i / P;
+        const int64_t q = tile_pixel(p, t, pl);
+        float g = p.gate_b[path];
+        if (q >= 0)
+          for (int d = 0; d < p.D; ++d) g += p.gate_w[path * p.D + d] * zimg[q * p.D + d];
+        sig[path * P + pl] = sigmoid(g);
+      }
+    }
+  });
+  for (int c0 = 0; c0 < p.D; c0 += p.CH) {
+    ex.stage([&](int tid) {  // z halo tile of channels [c0, c0 + CH), zero outside the image
+      const int64_t n = int64_t(p.CH) * L.hh * L.hw_;
+      for (int64_t i = tid; i < n; i += ex.nt) {
+        const int ch = int(i % p.CH), hx = int((i / p.CH) % L.hw_), hy = int(i / p.CH / L.hw_);
+        const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx, d = c0 + ch;
+        const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
+        zt[(int64_t(ch) * L.hh + hy) * L.hw_ + hx] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
+      }
+    });
+    ex.stage([&](int tid) {
+      for (int i = tid; i < P * p.CH; i += ex.nt) {
+        const int ch = i % p.CH, pl = i / p.CH, d = c0 + ch;
+        if (d >= p.D) continue;
+        const float* zc = zt + int64_t(ch) * L.hh * L.hw_;
+        float acc = 0.f;
+        for (int path = 0; path < p.nk; ++path) {
+          const float e = gelu(dwconv(p, path, d, zc, L.hw_, pl / p.TW + p.R, pl % p.TW + p.R));
+          acc += p.gate ? e * sig[path * P + pl] : e;
+        }
+        if (p.pool) acc += gelu(p.zmean[int64_t(t.n) * p.D + d]);
+        s0[int64_t(pl) * p.D + d] = acc;
+      }
+    });
+  }
+  if (p.enhance) {
+    ex.stage([&](int tid) {
+      for (int pl = tid; pl < P; pl += ex.nt) {
+        const float* v = s0 + int64_t(pl) * p.D;
+        float sum = 0.f, var = 0.f;
+        for (int d = 0; d < p.D; ++d) sum += v[d];
+        const float mu = sum / p.D;
+        for (int d = 0; d < p.D; ++d) var += (v[d] - mu) * (v[d] - mu);
+        stats[4 * pl + 2] = mu;
+        stats[4 * pl + 3] = 1.0f / sqrtf(var / p.D + kLnEps);
+      }
+    });
+    ex.stage([&](int tid) {
+      for (int i = tid; i < P * p.D; i += ex.nt) {
+        const int pl = i / p.D, d = i % p.D;
+        const float xh = (s0[i] - stats[4 * pl + 2]) * stats[4 * pl + 3];
+        s_out[i] = gelu(xh * p.enorm_w[d] + p.enorm_b[d]);
+      }
+    });
+  }
+}
+
+// t[e] = sum_d pw[e][d] s[d] at local pixel pl.
+MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
+  const float* w = p.pw + int64_t(e) * p.D;
+  const float* v = s + int64_t(pl) * p.D;
+  float acc = 0.f;
+  for (int d = 0; d < p.D; ++d) acc += w[d] * v[d];
+  return acc;
+}
+
+// fwd: out = x + up(shuffle(proj(u) * pw(s))) on one TH x TW tile of image by.
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
+  const Tile t = tile_of(p, bx, by);
+  const TileSmem L = tile_smem(p, 2);
+  float *s = sm + L.buf0, *m = sm + L.buf1, *stats = sm + L.stats;
+  const int P = L.P;
+  branch_stages<T, kNHWC>(p, t, sm, L, s, s, ex);
+  ex.stage([&](int tid) {  // m'[shuffle(e)] = a[e] * t[e]
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, e = i % p.D;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q < 0) continue;
+      const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
+      m[int64_t(pl) * p.D + k] = a * pw_row(p, s, pl, e);
+    }
+  });
+  ex.stage([&](int tid) {  // out[c] = x[c] + sum_j up[c][j] m'[g(c)*D/G + j]
+    const int dg = p.D / p.G, cg = p.C / p.G;
+    for (int i = tid; i < P * p.C; i += ex.nt) {
+      // NHWC: channel fastest; NCHW: pixel fastest (coalesced stores either way).
+      const int pl = kNHWC ? i / p.C : i % P, c = kNHWC ? i % p.C : i / P;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q < 0) continue;
+      const float* w = p.up + int64_t(c) * dg;
+      const float* mv = m + int64_t(pl) * p.D + (c / cg) * dg;
+      float y = 0.f;
+      for (int j = 0; j < dg; ++j) y += w[j] * mv[j];
+      store_act<T, kNHWC>(p, p.out, t.n, c, q, load_act<T, kNHWC>(p, p.x, t.n, c, q) + y);
+    }
+  });
+}
+
+// bwd_tile (B1): see the file comment. Buffers: b0 = s0, b1 = s, b2 = t then ds, b3 = a then dt.
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
+  const Tile t = tile_of(p, bx, by);
+  const TileSmem L = tile_smem(p, 4);
+  float *s0 = sm + L.buf0, *s = p.enhance ? sm + L.buf1 : s0, *tb = sm + L.buf2, *ab = sm + L.buf3;
+  float* stats = sm + L.stats;
+  const int P = L.P, dg = p.D / p.G, cg = p.C / p.G;
+  const int64_t tile_id = int64_t(by) * tiles_per_image(p) + bx;
+  const int64_t pix0 = int64_t(t.n) * hw(p);
+  branch_stages<T, kNHWC>(p, t, sm, L, s0, s, ex);
+  ex.stage([&](int tid) {  // t, a; ws s and m'
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, e = i % p.D;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q < 0) continue;
+      const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const float tv = pw_row(p, s, pl, e);
+      tb[i] = tv;
+      ab[i] = a;
+      const int64_t row = (pix0 + q) * p.D;
+      p.s[row + e] = s[i];
+      p.mp[row + (p.shuffle ? shuffle_dst(e, p.D, p.G) : e)] = a * tv;
+    }
+  });
+  ex.stage([&](int tid) {  // dm = unshuffle(up^T dout); da = dm * t; dt = dm * a (into ab)
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, e = i % p.D;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q < 0) continue;
+      const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;  // dm[e] = dm'[k]
+      const int g = k / dg, j = k % dg;
+      float dm = 0.f;
+      for (int cc = 0; cc < cg; ++cc) {
+        const int c = g * cg + cc;
+        dm += p.up[int64_t(c) * dg + j] * load_act<T, kNHWC>(p, p.dout, t.n, c, q);
+      }
+      const int64_t row = (pix0 + q) * p.D;
+      p.da[row + e] = dm * tb[i];
+      const float dtv = dm * ab[i];
+      p.dt[row + e] = dtv;
+      ab[i] = dtv;
+    }
+  });
+  ex.stage([&](int tid) {  // ds[d] = sum_e pw[e][d] dt[e]  (into tb)
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, d = i % p.D;
+      if (tile_pixel(p, t, pl) < 0) continue;
+      const float* dtv = ab + int64_t(pl) * p.D;
+      float acc = 0.f;
+      for (int e = 0; e < p.D; ++e) acc += p.pw[int64_t(e) * p.D + d] * dtv[e];
+      tb[i] = acc;
+    }
+  });
+  if (p.enhance) {
+    // v = xhat * gamma + beta, s = GELU(v): dv = ds * GELU'(v); dxhat = dv * gamma;
+    // ds0 = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). stats[4pl+0/1] are free
+    // now (a is done) and hold the two means.
+    ex.stage([&](int tid) {
+      for (int pl = tid; pl < P; pl += ex.nt) {
+        float m1 = 0.f, m2 = 0.f;
+        for (int d = 0; d < p.D; ++d) {
+          const int64_t i = int64_t(pl) * p.D + d;
+          const float xh = (s0[i] - stats[4 * pl + 2]) * stats[4 * pl + 3];
+          const float dxh = tb[i] * gelu_grad(xh * p.enorm_w[d] + p.enorm_b[d]) * p.enorm_w[d];
+          m1 += dxh;
+          m2 += dxh * xh;
+        }
+        stats[4 * pl] = m1 / p.D;
+        stats[4 * pl + 1] = m2 / p.D;
+      }
+    });
+    ex.stage([&](int tid) {  // ds0 into ab; dv * xhat into s (buf1), dv into tb
+      for (int i = tid; i < P * p.D; i += ex.nt) {
+        const int pl = i / p.D, d = i % p.D;
+        const float xh = (s0[i] - stats[4 * pl + 2]) * stats[4 * pl + 3];
+        const float dv = tb[i] * gelu_grad(xh * p.enorm_w[d] + p.enorm_b[d]);
+        ab[i] = stats[4 * pl + 3] * (dv * p.enorm_w[d] - stats[4 * pl] - xh * stats[4 * pl + 1]);
+        s[i] = dv * xh;
+        tb[i] = dv;
+      }
+    });
+  }
+  const float* ds0 = p.enhance ? ab : tb;
+  ex.stage([&](int tid) {  // ws ds0; per-tile partials over the tile's pixels, fixed order
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, e = i % p.D;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q >= 0) p.ds0[(pix0 + q) * p.D + e] = ds0[i];
+    }
+    for (int d = tid; d < p.D; d += ex.nt) {
+      float pool = 0.f, gw = 0.f, gb = 0.f;
+      for (int pl = 0; pl < P; ++pl) {
+        if (tile_pixel(p, t, pl) < 0) continue;
+        const int64_t i = int64_t(pl) * p.D + d;
+        pool += ds0[i];
+        if (p.enhance) {
+          gw += s[i];
+          gb += tb[i];
+        }
+      }
+      if (p.pool) p.part_pool[tile_id * p.D + d] = pool;
+      if (p.enhance) {
+        p.part_enorm_w[tile_id * p.D + d] = gw;
+        p.part_enorm_b[tile_id * p.D + d] = gb;
+      }
+    }
+  });
+}
+
+// bwd_dz (B2): see the file comment.
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
+  const Tile t = tile_of(p, bx, by);
+  const DzSmem L = dz_smem(p);
+  float *z2 = sm + L.z2, *dc = sm + L.dc, *sig = sm + L.sig, *dsig = sm + L.dsig;
+  const int P = L.P, nh = L.hh * L.hw_, ktot = dw_total(p);
+  const int64_t tile_id = int64_t(by) * tiles_per_image(p) + bx;
+  const int64_t pix0 = int64_t(t.n) * hw(p);
+  const float* zimg = p.z + pix0 * p.D;
+  const float* dsimg = p.ds0 + pix0 * p.D;
+  ex.stage([&](int tid) {  // gate sigmoids on tile + halo; dsig = 0
+    for (int i = tid; i < p.nk * nh; i += ex.nt) {
+      const int path = i / nh, hy = (i % nh) / L.hw_, hx = i % L.hw_;
+      const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx;
+      float g = 0.f;
+      if (p.gate && h >= 0 && h < p.H && w >= 0 && w < p.W) {
+        g = p.gate_b[path];
+        for (int d = 0; d < p.D; ++d)
+          g += p.gate_w[path * p.D + d] * zimg[(int64_t(h) * p.W + w) * p.D + d];
+      }
+      sig[i] = p.gate ? sigmoid(g) : 1.f;
+    }
+    for (int i = tid; i < p.nk * P; i += ex.nt) dsig[i] = 0.f;
+  });
+  for (int c0 = 0; c0 < p.D; c0 += p.CH) {
+    ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
+      const int64_t n = int64_t(p.CH) * L.zh * L.zw;
+      for (int64_t i = tid; i < n; i += ex.nt) {
+        const int ch = int(i % p.CH), zx = int((i / p.CH) % L.zw), zy = int(i / p.CH / L.zw);
+        const int h = t.h0 - 2 * p.R + zy, w = t.w0 - 2 * p.R + zx, d = c0 + ch;
+        const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
+        z2[(int64_t(ch) * L.zh + zy) * L.zw + zx] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
+      }
+    });
+    ex.stage([&](int tid) {  // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside)
+      const int64_t n = int64_t(p.nk) * p.CH * nh;
+      for (int64_t i = tid; i < n; i += ex.nt) {
+        const int hx = int(i % L.hw_), hy = int((i / L.hw_) % L.hh);
+        const int ch = int((i / nh) % p.CH), path = int(i / nh / p.CH), d = c0 + ch;
+        const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx;
+        float v = 0.f;
+        if (d < p.D && h >= 0 && h < p.H && w >= 0 && w < p.W) {
+          const float c = dwconv(p, path, d, z2 + int64_t(ch) * L.zh * L.zw, L.zw, hy + p.R, hx + p.R);
+          v = dsimg[(int64_t(h) * p.W + w) * p.D + d] * sig[path * nh + hy * L.hw_ + hx] * gelu_grad(c);
+        }
+        dc[i] = v;
+      }
+    });
+    ex.stage([&](int tid) {
+      // dz on the tile (correlation with the flipped kernels) -> ws dz
+      for (int i = tid; i < P * p.CH; i += ex.nt) {
+        const int ch = i % p.CH, pl = i / p.CH, d = c0 + ch;
+        const int64_t q = tile_pixel(p, t, pl);
+        if (d >= p.D || q < 0) continue;
+        const int ly = pl / p.TW + p.R, lx = pl % p.TW + p.R;  // halo coordinates
+        float acc = 0.f;
+        for (int path = 0; path < p.nk; ++path) {
+          const int k = p.ks[path], r = k / 2;
+          const float* K = p.dw + dw_offset(p, path) + int64_t(d) * k * k;
+          const float* dcc = dc + (int64_t(path) * p.CH + ch) * nh;
+          for (int dy = 0; dy < k; ++dy)
+            for (int dx = 0; dx < k; ++dx)
+              acc += K[dy * k + dx] * dcc[(ly + r - dy) * L.hw_ + (lx + r - dx)];
+        }
+        p.dz[(pix0 + q) * p.D + d] = acc;
+      }
+      // per-tile dK_i[d][tap] = sum over tile pixels of dc_i(q) z(q + offset)
+      for (int64_t i = tid; i < int64_t(p.CH) * ktot; i += ex.nt) {
+        const int ch = int(i % p.CH), d = c0 + ch;
+        int tap = int(i / p.CH), path = 0;
+        while (tap >= p.ks[path] * p.ks[path]) tap -= p.ks[path] * p.ks[path], ++path;
+        if (d >= p.D) continue;
+        const int k = p.ks[path], r = k / 2, dy = tap / k, dx = tap % k;
+        const float* dcc = dc + (int64_t(path) * p.CH + ch) * nh;
+        const float* zc = z2 + int64_t(ch) * L.zh * L.zw;
+        float acc = 0.f;
+        for (int pl = 0; pl < P; ++pl) {
+          if (tile_pixel(p, t, pl) < 0) continue;
+          const int ly = pl / p.TW, lx = pl % p.TW;
+          acc += dcc[(ly + p.R) * L.hw_ + lx + p.R] * zc[(ly + 2 * p.R - r + dy) * L.zw + (lx + 2 * p.R - r + dx)];
+        }
+        p.part_dw[tile_id * p.D * ktot + dw_offset(p, path) + int64_t(d) * k * k + tap] = acc;
+      }
+      // gate: dsig_i(pl) += sum_d ds0 * GELU(c_i) over this chunk
+      if (p.gate) {
+        for (int i = tid; i < p.nk * P; i += ex.nt) {
+          const int path = i / P, pl = i % P;
+          const int64_t q = tile_pixel(p, t, pl);
+          if (q < 0) continue;
+          const int ly = pl / p.TW + 2 * p.R, lx = pl % p.TW + 2 * p.R;
+          float acc = 0.f;
+          for (int ch = 0; ch < p.CH && c0 + ch < p.D; ++ch)
+            acc += dsimg[q * p.D + c0 + ch] *
+                   gelu(dwconv(p, path, c0 + ch, z2 + int64_t(ch) * L.zh * L.zw, L.zw, ly, lx));
+          dsig[i] += acc;
+        }
+      }
+    });
+  }
+  ex.stage([&](int tid) {  // dz += sum_i gate_w[i][d] dg_i + pool term
+    for (int i = tid; i < P * p.D; i += ex.nt) {
+      const int pl = i / p.D, d = i % p.D;
+      const int64_t q = tile_pixel(p, t, pl);
+      if (q < 0) continue;
+      float acc = 0.f;
+      if (p.gate) {
+        for (int path = 0; path < p.nk; ++path) {
+          const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
+          acc += p.gate_w[path * p.D + d] * dsig[path * P + pl] * sg * (1.f - sg);
+        }
+      }
+      if (p.pool) acc += p.pool_dz[int64_t(t.n) * p.D + d];
+      p.dz[(pix0 + q) * p.D + d] += acc;
+    }
+    if (p.gate) {  // per-tile gate grads: dw_i[d] = sum dg_i z[d], db_i = sum dg_i
+      for (int i = tid; i < p.nk * (p.D + 1); i += ex.nt) {
+        const int path = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the bias
+        float acc = 0.f;
+        for (int pl = 0; pl < P; ++pl) {
+          const int64_t q = tile_pixel(p, t, pl);
+          if (q < 0) continue;
+          const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
+          const float dg = dsig[path * P + pl] * sg * (1.f - sg);
+          acc += d < p.D ? dg * zimg[q * p.D + d] : dg;
+        }
+        if (d < p.D) p.part_gate_w[tile_id * p.nk * p.D + path * p.D + d] = acc;
+        else p.part_gate_b[tile_id * p.nk + path] = acc;
+      }
+    }
+  });
+}
+
+// bwd_dx (B3): du = proj^T da + down^T dz (grouped); dx = dout + du, or LN_C backward.
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
+  const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
+  float *stats = sm, *du = sm + 4 * p.PB;  // stats [PB][4]: x mean, rstd, m1, m2
+  const int cg = p.C / p.G, dg = p.D / p.G;
+  ex.stage([&](int tid) {
+    for (int pl = tid; pl < p.PB; pl += ex.nt) {
+      const int64_t pix = pix0 + pl;
+      if (pix < npix && p.prenorm) x_stats<T, kNHWC>(p, int(pix / hw(p)), pix % hw(p), &stats[4 * pl], &stats[4 * pl + 1]);
+    }
+    for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
+      const int pl = int(i / p.C), c = int(i % p.C);
+      const int64_t pix = pix0 + pl;
+      if (pix >= npix) continue;
+      const int g = c / cg, j = c % cg;
+      float acc = 0.f;
+      for (int ee = 0; ee < dg; ++ee) {
+        const int e = g * dg + ee;
+        acc += p.proj[int64_t(e) * cg + j] * p.da[pix * p.D + e] +
+               p.down[int64_t(e) * cg + j] * p.dz[pix * p.D + e];
+      }
+      du[i] = acc;
+    }
+  });
+  if (p.prenorm) {
+    ex.stage([&](int tid) {
+      for (int pl = tid; pl < p.PB; pl += ex.nt) {
+        const int64_t pix = pix0 + pl;
+        if (pix >= npix) continue;
+        const int n = int(pix / hw(p));
+        float m1 = 0.f, m2 = 0.f;
+        for (int c = 0; c < p.C; ++c) {
+          const float xh = (load_act<T, kNHWC>(p, p.x, n, c, pix % hw(p)) - stats[4 * pl]) * stats[4 * pl + 1];
+          const float g = du[int64_t(pl) * p.C + c] * p.norm_w[c];
+          m1 += g;
+          m2 += g * xh;
+        }
+        stats[4 * pl + 2] = m1 / p.C;
+        stats[4 * pl + 3] = m2 / p.C;
+      }
+    });
+  }
+  ex.stage([&](int tid) {
+    for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
+      const int pl = kNHWC ? int(i / p.C) : int(i % p.PB), c = kNHWC ? int(i % p.C) : int(i / p.PB);
+      const int64_t pix = pix0 + pl;
+      if (pix >= npix) continue;
+      const int n = int(pix / hw(p));
+      const int64_t q = pix % hw(p);
+      float g = du[int64_t(pl) * p.C + c];
+      if (p.prenorm) {
+        const float xh = (load_act<T, kNHWC>(p, p.x, n, c, q) - stats[4 * pl]) * stats[4 * pl + 1];
+        g = stats[4 * pl + 1] * (g * p.norm_w[c] - stats[4 * pl + 2] - xh * stats[4 * pl + 3]);
+      }
+      store_act<T, kNHWC>(p, p.dx, n, c, q, load_act<T, kNHWC>(p, p.dout, n, c, q) + g);
+    }
+    if (p.prenorm) {  // per-block partial norm grads: sum du * xhat, sum du
+      for (int c = tid; c < p.C; c += ex.nt) {
+        float gw = 0.f, gb = 0.f;
+        for (int pl = 0; pl < p.PB; ++pl) {
+          const int64_t pix = pix0 + pl;
+          if (pix >= npix) continue;
+          const float xh = (load_act<T, kNHWC>(p, p.x, int(pix / hw(p)), c, pix % hw(p)) - stats[4 * pl]) * stats[4 * pl + 1];
+          gw += du[int64_t(pl) * p.C + c] * xh;
+          gb += du[int64_t(pl) * p.C + c];
+        }
+        p.part_norm_w[int64_t(bx) * p.C + c] = gw;
+        p.part_norm_b[int64_t(bx) * p.C + c] = gb;
+      }
+    }
+  });
+}
+
+enum Kernel : int { kPrep = 0, kFwd = 1, kBwdTile = 2, kBwdDz = 3, kBwdDx = 4 };
+
+// Dynamic shared memory of a kernel, in floats (0: unknown kernel).
+inline int64_t smem_floats(int kernel, const Params& p) {
+  switch (kernel) {
+    case kPrep: return pixel_smem_floats(p, false);
+    case kFwd: return tile_smem(p, 2).total;
+    case kBwdTile: return tile_smem(p, 4).total;
+    case kBwdDz: return dz_smem(p).total;
+    case kBwdDx: return pixel_smem_floats(p, true);
+    default: return 0;
+  }
+}
+
+}  // namespace mslora

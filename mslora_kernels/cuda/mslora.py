@@ -1,0 +1,286 @@
+"""MSLoRA forward and backward on the CUDA C++ kernels of csrc/mslora.cuh (see its header).
+
+Same contract as ``mslora_kernels.triton.mslora_fwd`` / ``mslora_bwd`` (TRITON_CONTRACT.md):
+
+- ``mslora_fwd(x, weights, o) -> (out, zmean)``
+- ``mslora_bwd(grad_out, x, weights, o, zmean, deterministic=False) -> (grad_x, grads)``
+
+Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into an fp32 workspace) then ``fwd`` (one
+TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +enhance) sum
+from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
+grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
+(recompute s0, s, t, a; dm, da, dt, ds, ds0), ``bwd_dz`` (dz from ds0 with a halo and z with a
+double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). Saved for
+backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
+fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
+per-tile partial sum reduced here in a fixed order. So the weight gradients are deterministic
+whatever ``deterministic`` says (the flag is accepted for the common contract).
+
+The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
+argument so that tests can run it on the CPU through the host build of the same kernel bodies
+(tests/host/mslora_host.cpp): fp32 only there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MSLoRAOptions
+from ..reference import LN_EPS
+from . import _ext
+
+MAX_PATHS = 8     # kMaxPaths in csrc/mslora.cuh
+TILE_W = 8        # tile columns of the tile kernels
+TILE_ROWS = (8, 4, 2, 1)   # candidate tile rows, largest that fits in shared memory wins
+CHUNK = 32        # channel chunk of the z halo tile (fwd, bwd_tile)
+CHUNK_DZ = 16     # channel chunk of bwd_dz (two halo tiles per path)
+PIXEL_BLOCKS = (32, 16, 8, 4, 2, 1)  # pixels per block of prep / bwd_dx
+
+# launch(kernel, dtype_code, nhwc, ints, ptrs) runs one kernel or raises.
+Launch = Callable[[str, int, bool, dict, dict], None]
+SmemBytes = Callable[[str, dict], int]
+
+
+def _physical(t: torch.Tensor, o: MSLoRAOptions, nhwc: bool | None = None):
+    """(tensor in a kernel layout, nhwc, (N, C, H, W)). ``nhwc`` forces the layout."""
+    if o.data_format == "channels_last":
+        n, h, w, c = t.shape
+        return t.contiguous(), True, (n, c, h, w)
+    n, c, h, w = t.shape
+    if nhwc is None:
+        nhwc = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return t.contiguous(memory_format=fmt), nhwc, (n, c, h, w)
+
+
+def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
+    """(N*H*W, C) fp32 view/copy of an activation in the user's layout."""
+    if o.data_format == "channels_first":
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[str, torch.Tensor]:
+    w = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    d, g = o.rank, o.groups
+    out = {
+        "proj": w["proj.weight"].reshape(d, -1), "down": w["down.weight"].reshape(d, -1),
+        "dw": torch.cat([w[f"dw.{i}.weight"].reshape(-1) for i in range(len(o.kernel_sizes))]),
+        "pw": w["pw.weight"].reshape(d, d), "up": w["up.weight"].reshape(o.channels, d // g),
+    }
+    if o.prenorm:
+        out["norm_w"], out["norm_b"] = w["norm.weight"], w["norm.bias"]
+    if o.enhance:
+        out["enorm_w"], out["enorm_b"] = w["enorm.weight"], w["enorm.bias"]
+    if o.gate:
+        out["gate_w"] = w["gate.weight"].reshape(len(o.kernel_sizes), d)
+        out["gate_b"] = w["gate.bias"]
+    return out
+
+
+def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int) -> dict:
+    """The ints every kernel gets: sizes, options, and tiles chosen to fit shared memory."""
+    n, c, h, w = sizes
+    ints = {"N": n, "C": c, "H": h, "W": w, "D": o.rank, "G": o.groups,
+            "ks": list(o.kernel_sizes), "prenorm": int(o.prenorm), "enhance": int(o.enhance),
+            "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W}
+    need = {}
+    for kernel, chunk in (("fwd", CHUNK), ("bwd_tile", CHUNK), ("bwd_dz", CHUNK_DZ)):
+        for th in TILE_ROWS:
+            b = smem_bytes(kernel, {**ints, "TH": th, "CH": chunk})
+            if b <= smem_limit:
+                need[kernel] = th
+                break
+        else:
+            raise ValueError(
+                f"MSLoRA CUDA backend: rank {o.rank} with kernel sizes {o.kernel_sizes} needs "
+                f"{b} bytes of shared memory per block in its {kernel} kernel even with one-row "
+                f"tiles; this GPU allows {smem_limit}. Use the Triton or reference backend.")
+    # One tile shape for all tile kernels: the partial-sum buffers are indexed by tile.
+    ints["TH"] = min(need.values())
+    for pb in PIXEL_BLOCKS:
+        if smem_bytes("bwd_dx", {**ints, "PB": pb}) <= smem_limit:
+            ints["PB"] = pb
+            break
+    else:
+        raise ValueError(f"MSLoRA CUDA backend: C={c} is too large for the bwd_dx kernel's "
+                         f"shared memory ({smem_limit} bytes)")
+    ints["tiles"] = math.ceil(h / ints["TH"]) * math.ceil(w / TILE_W)
+    return ints
+
+
+def _ptrs(**tensors) -> dict[str, int]:
+    return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
+
+
+def _ws(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(rows, cols, device=like.device, dtype=torch.float32)
+
+
+def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+                 smem_limit: int):
+    """(out, zmean) with the given kernel launcher; x already validated."""
+    xc, nhwc, sizes = _physical(x, o)
+    n, c, h, w = sizes
+    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    dt = _ext.DTYPE_CODE[x.dtype]
+    w32 = _weights32(weights, o)
+    z = _ws(n * h * w, o.rank, x)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
+    zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
+    out = torch.empty_like(xc)
+    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
+    return out, zmean
+
+
+def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(v * 0.7071067811865476)) + v * torch.exp(-0.5 * v * v) / math.sqrt(
+        2 * math.pi)
+
+
+def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                  smem_bytes: SmemBytes, smem_limit: int):
+    """(grad_x, grads) with the given kernel launcher; inputs already validated."""
+    xc, nhwc, sizes = _physical(x, o)
+    dc, _, _ = _physical(grad_out, o, nhwc)
+    n, c, h, w = sizes
+    npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
+    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    tiles = n * ints["tiles"]
+    ktot = sum(k * k for k in o.kernel_sizes)
+    dt = _ext.DTYPE_CODE[x.dtype]
+    w32 = _weights32(weights, o)
+    zm = zmean.float().contiguous() if o.pool else None
+    ws = {k: _ws(npix, d, x) for k in ("z", "s", "mp", "dt", "da", "ds0", "dz")}
+    part = {"part_dw": _ws(tiles, d * ktot, x)}
+    if o.pool:
+        part["part_pool"] = _ws(tiles, d, x)
+    if o.enhance:
+        part["part_enorm_w"], part["part_enorm_b"] = _ws(tiles, d, x), _ws(tiles, d, x)
+    if o.gate:
+        part["part_gate_w"], part["part_gate_b"] = _ws(tiles, nk * d, x), _ws(tiles, nk, x)
+    blocks = math.ceil(npix / ints["PB"])
+    if o.prenorm:
+        part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
+    ptrs = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **ws, **part)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
+    pool_dz = None
+    if o.pool:
+        psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
+        pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
+    launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ}, {**ptrs, **_ptrs(pool_dz=pool_dz)})
+    dx = torch.empty_like(xc)
+    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**ptrs, **_ptrs(dx=dx)})
+
+    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
+    u = _pixel_major(x, o)
+    if o.prenorm:
+        u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
+    dpix = _pixel_major(grad_out, o)
+    cg, dg = c // g, d // g
+    grads32 = {
+        "proj.weight": torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), u.view(npix, g, cg)),
+        "down.weight": torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), u.view(npix, g, cg)),
+        "pw.weight": ws["dt"].t() @ ws["s"],
+        "up.weight": torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg), ws["mp"].view(npix, g, dg)),
+    }
+    dwsum = part["part_dw"].sum(0)
+    off = 0
+    for i, k in enumerate(o.kernel_sizes):
+        grads32[f"dw.{i}.weight"] = dwsum[off: off + d * k * k]
+        off += d * k * k
+    if o.prenorm:
+        grads32["norm.weight"] = part["part_norm_w"].sum(0)
+        grads32["norm.bias"] = part["part_norm_b"].sum(0)
+    if o.enhance:
+        grads32["enorm.weight"] = part["part_enorm_w"].sum(0)
+        grads32["enorm.bias"] = part["part_enorm_b"].sum(0)
+    if o.gate:
+        grads32["gate.weight"] = part["part_gate_w"].sum(0)
+        grads32["gate.bias"] = part["part_gate_b"].sum(0)
+    grads = {k: grads32[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
+    return dx, grads
+
+
+# ------------------------------------------------------------------ the public launchers
+
+
+def expected_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of SPEC's table for these options."""
+    c, d, g, nk = o.channels, o.rank, o.groups, len(o.kernel_sizes)
+    s = {"proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1),
+         "pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1)}
+    s.update({f"dw.{i}.weight": (d, 1, k, k) for i, k in enumerate(o.kernel_sizes)})
+    if o.prenorm:
+        s.update({"norm.weight": (c,), "norm.bias": (c,)})
+    if o.enhance:
+        s.update({"enorm.weight": (d,), "enorm.bias": (d,)})
+    if o.gate:
+        s.update({"gate.weight": (nk, d, 1, 1), "gate.bias": (nk,)})
+    return s
+
+
+def check_inputs(op: str, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
+                 o: MSLoRAOptions, grad_out: torch.Tensor | None = None) -> None:
+    """Everything the kernels assume, refused with a message naming the problem."""
+    _ext.check_tensor(op, "x", x, contiguous=False)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D, got shape {tuple(x.shape)}")
+    c = x.shape[1] if o.data_format == "channels_first" else x.shape[3]
+    if c != o.channels:
+        raise ValueError(f"{op}: x has {c} channels for data_format={o.data_format!r}, "
+                         f"expected {o.channels}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: x is empty, shape {tuple(x.shape)}")
+    if x.shape[0] > 65535:
+        raise ValueError(f"{op}: batch {x.shape[0]} exceeds the CUDA grid limit 65535")
+    if len(o.kernel_sizes) > MAX_PATHS:
+        raise ValueError(f"{op}: at most {MAX_PATHS} kernel sizes, got {len(o.kernel_sizes)}")
+    if grad_out is not None:
+        _ext.check_tensor(op, "grad_out", grad_out, dtype=x.dtype, device=x.device,
+                          contiguous=False)
+        if grad_out.shape != x.shape:
+            raise ValueError(f"{op}: grad_out shape {tuple(grad_out.shape)} != x shape "
+                             f"{tuple(x.shape)}")
+    want = expected_shapes(o)
+    if set(weights) != set(want):
+        raise ValueError(f"{op}: weights must have exactly the keys {sorted(want)}, got "
+                         f"{sorted(weights)}")
+    for k, shape in want.items():
+        _ext.check_tensor(op, k, weights[k], dtype=x.dtype, device=x.device, contiguous=False)
+        if tuple(weights[k].shape) != shape:
+            raise ValueError(f"{op}: {k} has shape {tuple(weights[k].shape)}, expected {shape}")
+
+
+def _gpu(device: torch.device):
+    c = _ext.ext(device)
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+    def launch(kernel, dtype, nhwc, ints, ptrs):
+        with torch.cuda.device(device):
+            code = c.mslora_launch(kernel, dtype, nhwc, ints, ptrs, _ext.stream(device))
+        _ext.check_launch(f"mslora {kernel}", code)
+
+    return launch, c.mslora_smem_bytes, limit
+
+
+def mslora_fwd(x: torch.Tensor, weights: Mapping[str, torch.Tensor],
+               o: MSLoRAOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, zmean)``: out = x + H(x) in x's layout and dtype; zmean (N, D) fp32 if pool."""
+    check_inputs("mslora_fwd (cuda)", x, weights, o)
+    return forward_impl(x, weights, o, *_gpu(x.device))
+
+
+def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
+               o: MSLoRAOptions, zmean: torch.Tensor | None,
+               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(grad_x, grads)`` per the contract; always deterministic (see the module doc)."""
+    check_inputs("mslora_bwd (cuda)", x, weights, o, grad_out)
+    if o.pool and (zmean is None or tuple(zmean.shape) != (x.shape[0], o.rank)):
+        raise ValueError(f"mslora_bwd (cuda): pool needs zmean of shape ({x.shape[0]}, {o.rank})")
+    return backward_impl(grad_out, x, weights, o, zmean, *_gpu(x.device))

@@ -1,0 +1,102 @@
+"""setup.py builds the CUDA extension where nvcc is found (no GPU needed), skips it in one line
+otherwise, and the package imports and works without it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_NVCC = shutil.which("nvcc") is not None or any(
+    os.path.isfile(os.path.join(os.environ.get(v, ""), "bin", "nvcc"))
+    for v in ("CUDA_HOME", "CUDA_PATH"))
+
+
+def _build(tmp_path, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, "MAX_JOBS": "2", **env}
+    return subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, env=e, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_extension_builds_and_imports_without_gpu(tmp_path):
+    r = _build(tmp_path, MSLORA_CUDA_ARCHS="80")  # one arch keeps the CI build short
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    (so,) = glob.glob(str(tmp_path / "lib" / "mslora_kernels" / "_C*.so"))
+    code = (
+        "import importlib.util as u, sys\n"
+        f"spec = u.spec_from_file_location('mslora_kernels._C', {so!r})\n"
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert m.error_string(0) == 'no error', m.error_string(0)\n"
+        "print(sorted(n for n in dir(m) if not n.startswith('_')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gelu" in r.stdout and "mslora_launch" in r.stdout and "mslora_smem_bytes" in r.stdout
+
+
+def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
+    r = _build(tmp_path, MSLORA_SKIP_CUDA_BUILD="1")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "mslora-kernels" in ln]
+    assert lines == ["mslora-kernels: building no CUDA extension: MSLORA_SKIP_CUDA_BUILD is set"]
+    assert not glob.glob(str(tmp_path / "lib" / "**" / "_C*.so"), recursive=True)
+
+
+def test_package_works_without_extension():
+    code = (
+        "import sys; sys.modules['mslora_kernels._C'] = None  # as if never built\n"
+        "import torch, mslora_kernels\n"
+        "from mslora_kernels.backends import cuda_unavailable_reason\n"
+        "assert 'cuda' not in mslora_kernels.available_backends('cpu')\n"
+        "assert 'not built' in cuda_unavailable_reason(torch.device('cpu'))\n"
+        "m = mslora_kernels.MSLoRA(8, rank=4, groups=2)\n"
+        "x = torch.randn(1, 8, 3, 3)\n"
+        "assert torch.equal(m(x), x)  # up is zero-initialised: identity\n"
+        "import mslora_kernels.cuda.gelu, mslora_kernels.cuda.mslora\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def _compile_check(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mslora_kernels.checks.cuda_compile", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_passes_on_csrc():
+    r = _compile_check()
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "mslora::gelu_kernel<float>" in r.stdout and "sm90" in r.stdout and "sm80" in r.stdout
+    assert "0 failed" in r.stdout
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_fails_on_broken_source(tmp_path):
+    (tmp_path / "ok.cu").write_text(
+        "__global__ void fine(float* y) { __shared__ float s[32]; s[threadIdx.x] = 1.f;"
+        " __syncthreads(); y[threadIdx.x] = s[31 - threadIdx.x]; }\n")
+    (tmp_path / "broken.cu").write_text(
+        "__global__ void broken(float* y) { y[threadIdx.x] = undeclared_name; }\n")
+    r = _compile_check("--source", str(tmp_path), "--arch", "80")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR: broken.cu for sm80" in r.stdout and "undeclared_name" in r.stdout
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("fine("))
+    assert " 128 " in row  # the static shared memory of the good kernel is reported
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_cuda_compile_check_fails_on_empty_source(tmp_path):
+    r = _compile_check("--source", str(tmp_path))
+    assert r.returncode == 1 and "no .cu or .cpp files" in r.stderr

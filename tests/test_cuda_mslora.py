@@ -1,0 +1,226 @@
+"""The CUDA C++ MSLoRA backend on the GPU: launchers vs the reference (outputs and every
+gradient, every dtype, layout, option set and odd shapes, SPEC section 4's tolerances), CUDA vs
+Triton, and the module path (opcheck, torch.compile, CUDA graphs). The same kernel bodies are
+checked on the CPU by test_cuda_host.py."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mslora_kernels import MSLoRA, ops
+from mslora_kernels.backends import cuda_extension
+from mslora_kernels.config import MSLoRAOptions
+from mslora_kernels.cuda.mslora import mslora_bwd, mslora_fwd
+from mslora_kernels.reference import mslora as reference
+from mslora_kernels.testing import check_close
+
+needs_ext = pytest.mark.skipif(cuda_extension() is None, reason="mslora_kernels._C is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last_memory", "nhwc"]
+OPTION_SETS = [
+    {},
+    {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True},
+    {"gate": True, "shuffle": True},
+    {"prenorm": True, "enhance": True},
+    {"pool": True},
+]
+SHAPES = [(2, 40, 13, 9, 24, 4, (3, 5, 7)), (1, 12, 1, 17, 6, 3, (3,)),
+          (3, 64, 16, 16, 128, 4, (3, 5, 7))]
+
+
+def _weights(o: MSLoRAOptions, device):
+    m = MSLoRA(o.channels, o.rank, o.groups, o.kernel_sizes, o.prenorm, o.enhance, o.pool,
+               o.gate, o.shuffle, o.data_format).to(device)
+    with torch.no_grad():
+        m.up.weight.normal_(0, 0.2)  # never the zero init
+        for name, p in m.named_parameters():
+            if name.startswith(("norm", "enorm")):
+                p.add_(0.1 * torch.randn_like(p))
+    return {k: v.detach() for k, v in m.named_parameters()}
+
+
+def _input(shape, layout, dtype, device="cuda"):
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    if layout == "nhwc":
+        return x.permute(0, 2, 3, 1).contiguous()
+    if layout == "channels_last_memory":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _ref_grads(x, w, o, gout):
+    x = x.detach().requires_grad_(True)
+    w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+    out = reference(x, w, o)
+    g = torch.autograd.grad(out, [x, *w.values()], gout.to(out.dtype))
+    return out.detach(), g
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_cuda_launchers_match_reference(shape, opts, layout, dtype, no_tf32):
+    n, c, h, w, d, g, ks = shape
+    o = MSLoRAOptions(c, d, g, ks, data_format="channels_last" if layout == "nhwc"
+                      else "channels_first", **opts)
+    w64 = {k: v.double() for k, v in _weights(o, "cuda").items()}
+    x64 = _input((n, c, h, w), layout, torch.float64)
+    gout64 = torch.randn_like(x64)
+    ref, g64 = _ref_grads(x64, w64, o, gout64)
+    x, wt, gout = x64.to(dtype), {k: v.to(dtype) for k, v in w64.items()}, gout64.to(dtype)
+    base = _ref_grads(x, wt, o, gout) if dtype != torch.float32 else (None, [None] * len(g64))
+
+    out, zmean = mslora_fwd(x, wt, o)
+    assert out.dtype == dtype and out.shape == x.shape and out.stride() == x.stride()
+    check_close("out", out, ref, dtype, baseline=base[0])
+    dx, grads = mslora_bwd(gout, x, wt, o, zmean)
+    assert dx.stride() == x.stride()
+    check_close("grad x", dx, g64[0], dtype, baseline=base[1][0])
+    for (name, gref), gb in zip(zip(w64, g64[1:]), base[1][1:]):
+        assert grads[name].dtype == dtype and grads[name].shape == gref.shape
+        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gb)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_backward_deterministic():
+    o = MSLoRAOptions(40, 24, 4, gate=True, enhance=True, pool=True, prenorm=True)
+    w = _weights(o, "cuda")
+    x = torch.randn(2, 40, 13, 9, device="cuda")
+    out, zmean = mslora_fwd(x, w, o)
+    gout = torch.randn_like(out)
+    a = mslora_bwd(gout, x, w, o, zmean, deterministic=True)
+    b = mslora_bwd(gout, x, w, o, zmean, deterministic=True)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in w)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.skipif(importlib.util.find_spec("mslora_kernels.triton.mslora_fwd") is None,
+                    reason="the Triton MSLoRA launchers are not in this tree")
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
+def test_cuda_and_triton_agree(opts, no_tf32):
+    from mslora_kernels.triton.mslora_bwd import mslora_bwd as triton_bwd
+    from mslora_kernels.triton.mslora_fwd import mslora_fwd as triton_fwd
+
+    o = MSLoRAOptions(40, 24, 4, **opts)
+    w = _weights(o, "cuda")
+    x = torch.randn(2, 40, 13, 9, device="cuda")
+    out_c, zm_c = mslora_fwd(x, w, o)
+    out_t, zm_t = triton_fwd(x, w, o)
+    check_close("out cuda vs triton", out_c, out_t.double(), torch.float32)
+    gout = torch.randn_like(out_c)
+    dx_c, g_c = mslora_bwd(gout, x, w, o, zm_c)
+    dx_t, g_t = triton_bwd(gout, x, w, o, zm_t)
+    check_close("grad x cuda vs triton", dx_c, dx_t.double(), torch.float32)
+    for k in w:
+        check_close(f"grad {k} cuda vs triton", g_c[k], g_t[k].double(), torch.float32)
+
+
+def test_cuda_launcher_refuses_cpu_input():
+    o = MSLoRAOptions(8, 4, 2)
+    w = _weights(o, "cpu")
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        mslora_fwd(torch.randn(1, 8, 3, 3), w, o)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_launcher_refuses_bad_weights():
+    o = MSLoRAOptions(8, 4, 2)
+    w = _weights(o, "cuda")
+    x = torch.randn(1, 8, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match="keys"):
+        mslora_fwd(x, {k: v for k, v in w.items() if k != "pw.weight"}, o)
+    with pytest.raises(TypeError, match="dtype"):
+        mslora_fwd(x, {k: v.half() for k, v in w.items()}, o)
+    with pytest.raises(ValueError, match="shape"):
+        mslora_fwd(x, {**w, "pw.weight": w["pw.weight"][:2]}, o)
+
+
+# ----------------------------------------------------- the module path (ops.py's custom ops)
+
+needs_op = pytest.mark.skipif(ops.mslora_unavailable_reason("cuda") is not None,
+                              reason=f"ops: {ops.mslora_unavailable_reason('cuda')}")
+
+
+def _module(opts, fmt="channels_first"):
+    m = MSLoRA(40, 24, 4, data_format=fmt, backend="cuda", **opts).cuda()
+    with torch.no_grad():
+        m.up.weight.normal_(0, 0.2)
+    return m
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_op
+@pytest.mark.parametrize("opts", OPTION_SETS[:2], ids=["plain", "all"])
+def test_cuda_module_matches_reference(opts, no_tf32):
+    m = _module(opts)
+    x = torch.randn(2, 40, 13, 9, device="cuda", requires_grad=True)
+    out = m(x)
+    gout = torch.randn_like(out)
+    out.backward(gout)
+    w64 = {k: v.detach().double() for k, v in m.named_parameters()}
+    ref, g64 = _ref_grads(x.detach().double(), w64, m.options, gout.double())
+    check_close("out", out, ref, torch.float32)
+    check_close("grad x", x.grad, g64[0], torch.float32)
+    for (k, p), gref in zip(m.named_parameters(), g64[1:]):
+        check_close(f"grad {k}", p.grad, gref, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_op
+def test_cuda_module_compiles_fullgraph(no_tf32):
+    m = _module({"gate": True, "pool": True})
+    x = torch.randn(2, 40, 13, 9, device="cuda", requires_grad=True)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    check_close("compiled out", compiled, eager.double(), torch.float32)
+    compiled.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_op
+def test_cuda_module_cuda_graph(no_tf32):
+    m = _module({"enhance": True})
+    static_x = torch.randn(2, 40, 13, 9, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            m(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = m(static_x)
+    x = torch.randn_like(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close("graph out", static_out, m(x).double(), torch.float32)
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_op
+def test_cuda_ops_opcheck():
+    m = _module({"prenorm": True, "gate": True})
+    x = torch.randn(1, 40, 5, 7, device="cuda", requires_grad=True)
+    w = {k: v for k, v in m.named_parameters()}
+    ops_found = [op for op in ops.cuda_ops()] if hasattr(ops, "cuda_ops") else []
+    if not ops_found:
+        pytest.skip("ops.py exposes no cuda_ops() list to opcheck")
+    for op, args in ops_found:
+        torch.library.opcheck(op, args(x, w, m.options))
