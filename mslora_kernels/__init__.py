@@ -3,7 +3,10 @@
 from .backends import available_backends
 from .config import MSLoRAOptions, mslora_param_count
 from .modules import MSLoRA
+from .inject import inject, load_adapter, save_adapter, trainable_parameters
+from .placement import MSLoRAConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["MSLoRA", "MSLoRAOptions", "available_backends", "mslora_param_count"]
+__all__ = ["MSLoRA", "MSLoRAOptions", "available_backends", "mslora_param_count",
+           "MSLoRAConfig", "inject", "trainable_parameters", "save_adapter", "load_adapter"]
