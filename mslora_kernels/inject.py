@@ -353,12 +353,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str | None 
         if unexpected:
             parts.append(f"in the file but not in the model: {_name_list(unexpected)}")
         raise ValueError("load_adapter: the saved tensors do not match: " + "; ".join(parts))
-    for k, t in tensors.items():
-        if expected[k].shape != t.shape:
-            raise ValueError(
-                f"load_adapter: {k!r} has shape {tuple(t.shape)} in the file but "
-                f"{tuple(expected[k].shape)} in the model"
-            )
+    bad = [f"{k!r}: file {tuple(t.shape)}, model {tuple(expected[k].shape)}"
+           for k, t in sorted(tensors.items()) if expected[k].shape != t.shape]
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError("load_adapter: shapes differ between the file and the model: "
+                         + "; ".join(bad[:5]) + more)
     with torch.no_grad():
         for k, t in tensors.items():
             expected[k].copy_(t)
