@@ -2,8 +2,8 @@
 
 from .backends import available_backends
 from .config import MSLoRAOptions, mslora_param_count
-from .modules import MSLoRA
 from .inject import inject, load_adapter, save_adapter, trainable_parameters
+from .modules import MSLoRA
 from .placement import MSLoRAConfig
 
 __version__ = "0.1.0"

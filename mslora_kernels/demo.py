@@ -213,7 +213,8 @@ def plot_curves(results: list[Result], pretrain: Result, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(range(1, len(pretrain.losses) + 1), pretrain.losses, "k--", label="pre-training (task A)")
+    ax1.plot(range(1, len(pretrain.losses) + 1), pretrain.losses, "k--",
+             label="pre-training (task A)")
     for r in results:
         ax1.plot(range(1, len(r.losses) + 1), r.losses, label=r.method)
         ax2.plot(range(1, len(r.accuracies) + 1), [100 * a for a in r.accuracies], label=r.method)
@@ -277,17 +278,19 @@ def plot_reweighting(model: nn.Module, task: Task, device: torch.device, path: s
 # Main
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mslora_kernels.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="demo_out", help="directory for the PNG plots (default demo_out/)")
+    p = argparse.ArgumentParser(prog="python -m mslora_kernels.demo",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="demo_out", help="directory for the PNG plots")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, init and order")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of each adaptation (default 30)")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 20)")
+    p.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default 30)")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="pre-training epochs (default 20)")
     p.add_argument("--rank", type=int, default=16, help="MSLoRA rank D (default 16, G=4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the tensors are tiny, and one thread avoids OpenMP "
-                        "spin-waiting on a shared machine)")
-    p.add_argument("--quick", action="store_true", help="a tiny run (for tests): 128 images, 2 epochs")
+                   help="CPU threads (default 1: the tensors are tiny, and one thread avoids "
+                        "OpenMP spin-waiting on a shared machine)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (tests): 128 images, 2 epochs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p.parse_args(argv)
 
@@ -300,7 +303,19 @@ def main(argv=None) -> list[Result]:
         torch.set_num_threads(threads)
 
 
+def _check_demo_dependencies() -> None:
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"the demo needs {', '.join(missing)}: pip install 'mslora-kernels[demo]' "
+            "(scikit-learn, matplotlib; tqdm comes with the package)"
+        )
+
+
 def run(args: argparse.Namespace) -> list[Result]:
+    _check_demo_dependencies()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     epochs = args.epochs or (2 if args.quick else 30)
     pre_epochs = args.pretrain_epochs or (2 if args.quick else 20)

@@ -196,7 +196,7 @@ def _injected(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter checkpoint holds: the adapters' parameters and the trainable modules' state."""
+    """What an adapter checkpoint holds: the adapters' parameters, the trainable modules' state."""
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     for prefix, sub in _injected(model):
@@ -255,7 +255,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     injected = _injected(model)
     if not injected:
         raise ValueError(
-            f"save_adapter: {type(model).__name__} has no adapters; call inject(model, config) first"
+            f"save_adapter: {type(model).__name__} has no adapters; "
+            "call inject(model, config) first"
         )
     meta = {
         "format": FORMAT,
@@ -268,7 +269,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             for prefix, sub in injected for r in getattr(sub, RECORDS_ATTR)
         ],
     }
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in _adapter_state(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in _adapter_state(model).items()}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
@@ -281,7 +283,8 @@ def _name_list(names, limit: int = 5) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike,
+                 backend: str | None = None) -> nn.Module:
     """Load adapters saved by :func:`save_adapter` into ``model`` and return it.
 
     A model without adapters (a freshly built base model) gets them injected from the saved

@@ -63,7 +63,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity()
-        for i, (n, w) in enumerate(zip(layers, widths)):
+        for i, (n, w) in enumerate(zip(layers, widths, strict=True)):
             self.add_module(f"layer{i + 1}", self._make_layer(w, n, stride=1 if i == 0 else 2))
         self.num_stages = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -105,7 +105,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -200,7 +201,7 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, flatten=False)
         g = self.patch_embed.grid_size
         stages = []
-        for i, (d, h) in enumerate(zip(depths, num_heads)):
+        for i, (d, h) in enumerate(zip(depths, num_heads, strict=True)):
             res = (g[0] // 2**i, g[1] // 2**i)
             stages.append(SwinTransformerStage(embed_dim * 2**i, res, d, h, downsample=i > 0))
         self.layers = nn.Sequential(*stages)

@@ -104,7 +104,8 @@ class MSLoRAConfig:
             gs = tuple(self.grid_size)
             if len(gs) != 2 or not all(isinstance(v, int) and v > 0 for v in gs):
                 raise ValueError(
-                    f"MSLoRAConfig: grid_size must be two positive ints (H, W), got {self.grid_size!r}"
+                    "MSLoRAConfig: grid_size must be two positive ints (H, W), "
+                    f"got {self.grid_size!r}"
                 )
             object.__setattr__(self, "grid_size", gs)
         # The adapter's own checks (positive sizes, D % G, odd kernels), run once here so that a
@@ -119,10 +120,13 @@ class MSLoRAConfig:
         if isinstance(self.num_prefix_tokens, bool) or not isinstance(self.num_prefix_tokens, int) \
                 or self.num_prefix_tokens < 0:
             raise ValueError(
-                f"MSLoRAConfig: num_prefix_tokens must be an int >= 0, got {self.num_prefix_tokens!r}"
+                "MSLoRAConfig: num_prefix_tokens must be an int >= 0, "
+                f"got {self.num_prefix_tokens!r}"
             )
         if self.prenorm not in (None, True, False):
-            raise ValueError(f"MSLoRAConfig: prenorm must be None, True or False, got {self.prenorm!r}")
+            raise ValueError(
+                f"MSLoRAConfig: prenorm must be None, True or False, got {self.prenorm!r}"
+            )
 
     # -- serialisation (adapter_config.json) ------------------------------------------------------
     def to_dict(self) -> dict:
@@ -144,7 +148,7 @@ class MSLoRAConfig:
         # Build every adapter before attaching any, so that a site that cannot take one (e.g.
         # C % G != 0) leaves the model untouched.
         adapters = [site.build(self) for site in sites]
-        for site, adapter in zip(sites, adapters):
+        for site, adapter in zip(sites, adapters, strict=True):
             site.attach(adapter)
         return [s.name for s in sites]
 
@@ -175,7 +179,8 @@ class _TokenGrid:
     def apply(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(
-                f"MSLoRA: expected tokens (N, P + H*W, C), got a {x.dim()}-D tensor {tuple(x.shape)}"
+                "MSLoRA: expected tokens (N, P + H*W, C), "
+                f"got a {x.dim()}-D tensor {tuple(x.shape)}"
             )
         n, length, c = x.shape
         p = self.num_prefix_tokens
@@ -258,7 +263,9 @@ def _layer_norm_width(block: nn.Module, name: str) -> int:
         return int(norm.normalized_shape[-1])
     if isinstance(getattr(block, "dim", None), int):
         return block.dim
-    raise ValueError(f"inject: cannot tell the channel count of block {name!r} (no norm1 LayerNorm)")
+    raise ValueError(
+        f"inject: cannot tell the channel count of block {name!r} (no norm1 LayerNorm)"
+    )
 
 
 def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
@@ -266,7 +273,7 @@ def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
     transformer_prenorm = True if cfg.prenorm is None else cfg.prenorm
     cnn_prenorm = False if cfg.prenorm is None else cfg.prenorm
     vit_blocks: dict[int, _TokenGrid] = {}
-    for name, m in model.named_modules():
+    for m in model.modules():
         if _is_vit(m):
             grid = tuple(int(v) for v in m.patch_embed.grid_size)
             tokens = _TokenGrid(int(m.num_prefix_tokens), grid)
@@ -285,7 +292,8 @@ def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
         elif cls in SWIN_BLOCKS and hasattr(m, "mlp") and hasattr(m, "attn"):
             c = _layer_norm_width(m, name)
             res = getattr(m, "input_resolution", None)
-            # Old timm blocks take and return (N, H*W, C); current ones and torchvision (N, H, W, C).
+            # Old timm blocks take and return (N, H*W, C); current timm and torchvision
+            # blocks (N, H, W, C).
             # The token path is taken only for 3-D outputs, at run time.
             tokens = _SwinTokens(tuple(int(v) for v in res)) if res is not None else None
             sites.append(_Site(name, m, m, False, c, "channels_last", transformer_prenorm, tokens))

@@ -52,7 +52,8 @@ def _swin():
 
 
 def _vit(reg=0):
-    return VisionTransformer(img_size=20, patch_size=4, embed_dim=32, depth=2, reg_tokens=reg).eval()
+    return VisionTransformer(img_size=20, patch_size=4, embed_dim=32, depth=2,
+                             reg_tokens=reg).eval()
 
 
 MODELS = {
@@ -84,7 +85,8 @@ class TimmBottleneck(nn.Module):
         self.act3 = nn.ReLU()
 
     def inner(self, x):
-        return self.aa(self.act2(self.drop_block(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))))
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
 
     def forward(self, x):
         return self.act3(self.bn3(self.conv3(self.inner(x))) + x)
@@ -214,8 +216,8 @@ def test_targets_suffix_and_regex_channels_first():
     x = torch.randn(2, 3, 9, 7)
     inject(model, MSLoRAConfig(**CFG, targets=["layer2.0.conv1", "conv2"]))
     names = set(adapters(model))
-    assert names == {f"{b}.conv2.mslora" for b in ("layer1.0", "layer1.1", "layer2.0", "layer3.0")} \
-        | {"layer2.0.conv1.mslora"}
+    blocks = ("layer1.0", "layer1.1", "layer2.0", "layer3.0")
+    assert names == {f"{b}.conv2.mslora" for b in blocks} | {"layer2.0.conv1.mslora"}
     randomize_adapters(model)
     conv = model.layer2[0].conv1
     with torch.no_grad():
@@ -306,8 +308,9 @@ def test_freezing_and_trainable_head():
     counts = trainable_parameters(model)
     assert counts.trainable == adapter_params + head
     assert counts.total == sum(p.numel() for p in model.parameters())
+    pct = 100 * counts.trainable / counts.total
     assert str(counts) == (f"trainable params: {counts.trainable:,} || all params: "
-                           f"{counts.total:,} || trainable%: {100 * counts.trainable / counts.total:.4f}")
+                           f"{counts.total:,} || trainable%: {pct:.4f}")
 
 
 def test_batchnorm_statistics_frozen_after_train():
@@ -475,3 +478,30 @@ def test_timm_resnet50_swin_b_vit():
                  (1, 3, 224, 224))
     vit = timm.create_model("vit_base_patch16_224")
     _check_model(vit, 12 * (mslora_param_count(768) + 2 * 768), (1, 3, 224, 224))
+
+
+def test_inject_protocol_freezes_for_any_config():
+    """A config from another adapter family (issue 7's protocol): only `_inject` is needed."""
+
+    class Extra(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(2, d))
+
+    class OtherConfig:
+        trainable = ["fc"]
+
+        def _inject(self, model):
+            model.layer1[0].add_module("extra", Extra(4))
+            return ["layer1.0"]
+
+    model = _resnet()
+    inject(model, OtherConfig())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer1.0.extra.a", "fc.weight", "fc.bias"}
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    # a second inject keeps the first one's adapters trainable
+    inject(model, MSLoRAConfig(**CFG))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"layer1.0.extra.a", "layer1.0.mslora.pw.weight"} <= trainable

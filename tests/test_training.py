@@ -93,7 +93,8 @@ def test_frozen_weights_bit_identical_after_steps(kind, opt):
             assert p.grad is None, n
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n
-    changed = [n for n, p in model.named_parameters() if n in trained and not torch.equal(p, trained[n])]
+    changed = [n for n, p in model.named_parameters()
+               if n in trained and not torch.equal(p, trained[n])]
     assert len(changed) == len(trained)
     assert losses[-1] < losses[0]
 
