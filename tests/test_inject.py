@@ -505,3 +505,30 @@ def test_inject_protocol_freezes_for_any_config():
     inject(model, MSLoRAConfig(**CFG))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"layer1.0.extra.a", "layer1.0.mslora.pw.weight"} <= trainable
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock (ResNet-18/34): conv1 -> bn1 -> relu -> conv2 -> bn2."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_basic_block_placement_after_conv1_bn1_act1():
+    block = BasicBlock(12).eval()
+    x = torch.randn(2, 12, 5, 6)
+    inject(block, MSLoRAConfig(rank=12, groups=4))
+    randomize_adapters(block)
+    with torch.no_grad():
+        inner = block.mslora(block.relu(block.bn1(block.conv1(x))))
+        want = block.relu(block.bn2(block.conv2._conv_forward(inner, block.conv2.weight, None)) + x)
+        torch.testing.assert_close(block(x), want, rtol=0, atol=0)
