@@ -1,0 +1,358 @@
+"""Where MSLoRA goes in a model: ``MSLoRAConfig`` and its placement (SPEC section 1).
+
+``inject(model, MSLoRAConfig(...))`` (in :mod:`mslora_kernels.inject`) calls
+``MSLoRAConfig._inject(model)``, which finds the sites, builds one :class:`~mslora_kernels.MSLoRA`
+per site and attaches it with a forward hook. The hooks leave every existing module and parameter
+name of the model as it was, so the base model's own state dict still loads after ``inject``; each
+adapter is a child module named ``mslora`` of the module it belongs to (its parameters are
+``<site>.mslora.proj.weight`` and so on, SPEC's checkpoint names under the site's prefix).
+
+Placement with ``targets="auto"``:
+
+- ResNet ``Bottleneck`` (timm and torchvision): one adapter per block on its inner width, applied
+  to the input of ``conv3``, that is after ``conv2 -> bn2 -> act2`` (and timm's ``aa``, an
+  identity unless anti-aliasing is on). Registered as ``<block>.mslora``.
+- ResNet ``BasicBlock`` (ResNet-18/34, beyond SPEC's tables): the same idea, on the input of
+  ``conv2`` (after ``conv1 -> bn1 -> act1``).
+- Swin blocks (timm ``SwinTransformerBlock``, torchvision ``SwinTransformerBlock`` and
+  ``SwinTransformerBlockV2``): one adapter on the block's output, channels-last ``(N, H, W, C)``,
+  ``prenorm=True``. Old timm blocks that return ``(N, H*W, C)`` are reshaped with the block's
+  ``input_resolution``.
+- Plain ViT (timm ``VisionTransformer`` and relatives: a module with ``patch_embed``, ``blocks``
+  and ``num_prefix_tokens``): one adapter on the output of every block, on the patch tokens
+  reshaped to their grid; the class and register tokens pass through untouched; ``prenorm=True``.
+
+With ``targets`` given (a list of module-name suffixes or a regex, PEFT's rule), the adapter
+transforms the output of each module named, laid out as ``data_format`` says:
+``"channels_first"`` (N, C, H, W), ``"channels_last"`` (N, H, W, C) or ``"tokens"``
+(N, P + H*W, C) with ``num_prefix_tokens`` P passed through and the grid ``grid_size`` (or square).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MSLoRAOptions, validate_backend
+from .inject import matches_target
+from .modules import MSLoRA
+
+TARGET_FORMATS = ("channels_first", "channels_last", "tokens")
+ADAPTER_NAME = "mslora"
+
+RESNET_BLOCKS = ("Bottleneck", "BasicBlock")
+SWIN_BLOCKS = ("SwinTransformerBlock", "SwinTransformerBlockV2", "SwinTransformerV2Block")
+
+
+def _as_patterns(value, field: str):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(
+        f"MSLoRAConfig: {field} must be a regex string or a list of module-name suffixes, "
+        f"got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class MSLoRAConfig:
+    """How to place MSLoRA adapters into a model (the argument of :func:`inject`).
+
+    Args:
+        rank, groups, kernel_sizes, enhance, pool, gate, shuffle: the adapter's hyper-parameters
+            (SPEC section 1), the same at every site.
+        backend: the backend every adapter uses (``"auto"``: fused on a GPU, reference on a CPU).
+        targets: ``"auto"`` places adapters into the ResNet, Swin and ViT blocks it recognises;
+            otherwise PEFT's ``target_modules``: a list of module-name suffixes, or a regex string
+            matched against full module names. The adapter transforms each named module's output.
+        data_format: the layout of the named modules' outputs (only with explicit ``targets``):
+            ``"channels_first"``, ``"channels_last"`` or ``"tokens"``.
+        trainable: module-name patterns (same rule as ``targets``) that also stay trainable,
+            such as a task head. Their weights are saved with the adapters.
+        prenorm: the adapter's input LayerNorm. ``None`` chooses per site: on in Swin and ViT
+            blocks (SPEC), off in ResNet blocks and in named targets.
+        num_prefix_tokens, grid_size: for ``data_format="tokens"``: the leading tokens that pass
+            through, and the (H, W) grid of the rest (``None``: a square grid).
+    """
+
+    rank: int = 128
+    groups: int = 4
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)
+    enhance: bool = False
+    pool: bool = False
+    gate: bool = False
+    shuffle: bool = False
+    backend: str = "auto"
+    targets: str | tuple[str, ...] = "auto"
+    data_format: str = "channels_first"
+    trainable: str | tuple[str, ...] = ()
+    prenorm: bool | None = None
+    num_prefix_tokens: int = 0
+    grid_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))
+        object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
+        object.__setattr__(self, "trainable", _as_patterns(self.trainable, "trainable"))
+        if self.grid_size is not None:
+            gs = tuple(self.grid_size)
+            if len(gs) != 2 or not all(isinstance(v, int) and v > 0 for v in gs):
+                raise ValueError(
+                    "MSLoRAConfig: grid_size must be two positive ints (H, W), "
+                    f"got {self.grid_size!r}"
+                )
+            object.__setattr__(self, "grid_size", gs)
+        # The adapter's own checks (positive sizes, D % G, odd kernels), run once here so that a
+        # bad config fails before anything is placed. channels=groups always divides.
+        MSLoRAOptions(self.groups, self.rank, self.groups, self.kernel_sizes)
+        validate_backend(self.backend)
+        if self.data_format not in TARGET_FORMATS:
+            raise ValueError(
+                f"MSLoRAConfig: unknown data_format {self.data_format!r}; expected one of "
+                f"{TARGET_FORMATS}"
+            )
+        if isinstance(self.num_prefix_tokens, bool) or not isinstance(self.num_prefix_tokens, int) \
+                or self.num_prefix_tokens < 0:
+            raise ValueError(
+                "MSLoRAConfig: num_prefix_tokens must be an int >= 0, "
+                f"got {self.num_prefix_tokens!r}"
+            )
+        if self.prenorm not in (None, True, False):
+            raise ValueError(
+                f"MSLoRAConfig: prenorm must be None, True or False, got {self.prenorm!r}"
+            )
+
+    # -- serialisation (adapter_config.json) ------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MSLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MSLoRAConfig: unknown fields {unknown} in the saved config")
+        return cls(**d)
+
+    # -- placement --------------------------------------------------------------------------------
+    def _inject(self, model: nn.Module) -> list[str]:
+        """Place one adapter at every site; return the names of the modules adapted."""
+        sites = _auto_sites(model, self) if self.targets == "auto" else _target_sites(model, self)
+        # Build every adapter before attaching any, so that a site that cannot take one (e.g.
+        # C % G != 0) leaves the model untouched.
+        adapters = [site.build(self) for site in sites]
+        for site, adapter in zip(sites, adapters, strict=True):
+            site.attach(adapter)
+        return [s.name for s in sites]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks: apply an adapter to a module's output, or to its input.
+# Plain objects (not closures), so that copy.deepcopy and pickle of the model carry them along
+# with the adapter they hold.
+# --------------------------------------------------------------------------------------------------
+class _TokenGrid:
+    """(N, P + H*W, C) tokens <-> (N, H, W, C) grid, with the P prefix tokens passed through."""
+
+    def __init__(self, num_prefix_tokens: int, grid_size: tuple[int, int] | None) -> None:
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = grid_size
+
+    def grid(self, n_patches: int) -> tuple[int, int]:
+        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == n_patches:
+            return self.grid_size
+        side = math.isqrt(n_patches)
+        if side * side == n_patches:
+            return side, side
+        raise ValueError(
+            f"MSLoRA: cannot lay {n_patches} patch tokens out on a grid: expected "
+            f"{self.grid_size} (H*W tokens) or a square number; set grid_size in MSLoRAConfig"
+        )
+
+    def apply(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                "MSLoRA: expected tokens (N, P + H*W, C), "
+                f"got a {x.dim()}-D tensor {tuple(x.shape)}"
+            )
+        n, length, c = x.shape
+        p = self.num_prefix_tokens
+        gh, gw = self.grid(length - p)
+        y = adapter(x[:, p:].reshape(n, gh, gw, c)).reshape(n, gh * gw, c)
+        return torch.cat([x[:, :p], y], dim=1) if p else y
+
+
+class _AdapterHook:
+    """Applies ``adapter`` to one tensor, directly or through a token grid."""
+
+    def __init__(self, adapter: MSLoRA, tokens: _TokenGrid | None) -> None:
+        self.adapter = adapter
+        self.tokens = tokens
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return self.adapter(x)
+        return self.tokens.apply(self.adapter, x)
+
+
+class _OutputHook(_AdapterHook):
+    """A forward hook: the adapter transforms the module's output."""
+
+    def __call__(self, module, args, output):
+        return self.apply(output)
+
+
+class _InputHook(_AdapterHook):
+    """A forward pre-hook: the adapter transforms the module's (first) input."""
+
+    def __call__(self, module, args):
+        return (self.apply(args[0]), *args[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sites
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Site:
+    name: str  # the module reported as adapted
+    owner: nn.Module  # the module the adapter is registered on, as `mslora`
+    hooked: nn.Module  # the module whose output (or input) the adapter transforms
+    on_input: bool
+    channels: int
+    data_format: str  # the MSLoRA module's layout: channels_first or channels_last
+    prenorm: bool
+    tokens: _TokenGrid | None = None
+
+    def build(self, cfg: MSLoRAConfig) -> MSLoRA:
+        if hasattr(self.owner, ADAPTER_NAME):
+            raise ValueError(
+                f"inject: {self.name or type(self.owner).__name__} already has an attribute "
+                f"{ADAPTER_NAME!r} (an adapter injected before?)"
+            )
+        try:
+            adapter = MSLoRA(self.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, self.prenorm,
+                             cfg.enhance, cfg.pool, cfg.gate, cfg.shuffle, self.data_format,
+                             cfg.backend)
+        except ValueError as e:
+            raise ValueError(f"inject: cannot place MSLoRA at {self.name!r}: {e}") from None
+        ref = next(self.hooked.parameters(), None)
+        if ref is None:
+            ref = next(self.owner.parameters(), None)
+        if ref is not None:
+            adapter.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        return adapter
+
+    def attach(self, adapter: MSLoRA) -> None:
+        self.owner.add_module(ADAPTER_NAME, adapter)
+        if self.on_input:
+            self.hooked.register_forward_pre_hook(_InputHook(adapter, self.tokens))
+        else:
+            self.hooked.register_forward_hook(_OutputHook(adapter, self.tokens))
+
+
+def _layer_norm_width(block: nn.Module, name: str) -> int:
+    norm = getattr(block, "norm1", None)
+    if isinstance(norm, nn.LayerNorm):
+        return int(norm.normalized_shape[-1])
+    if isinstance(getattr(block, "dim", None), int):
+        return block.dim
+    raise ValueError(
+        f"inject: cannot tell the channel count of block {name!r} (no norm1 LayerNorm)"
+    )
+
+
+def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
+    sites: list[_Site] = []
+    transformer_prenorm = True if cfg.prenorm is None else cfg.prenorm
+    cnn_prenorm = False if cfg.prenorm is None else cfg.prenorm
+    vit_blocks: dict[int, _TokenGrid] = {}
+    for m in model.modules():
+        if _is_vit(m):
+            grid = tuple(int(v) for v in m.patch_embed.grid_size)
+            tokens = _TokenGrid(int(m.num_prefix_tokens), grid)
+            for blk in m.blocks:
+                vit_blocks[id(blk)] = tokens
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if id(m) in vit_blocks:
+            sites.append(_Site(name, m, m, False, _layer_norm_width(m, name), "channels_last",
+                               transformer_prenorm, vit_blocks[id(m)]))
+        elif cls in RESNET_BLOCKS and isinstance(getattr(m, "conv2", None), nn.Conv2d):
+            nxt = m.conv3 if cls == "Bottleneck" else m.conv2
+            if not isinstance(nxt, nn.Conv2d):
+                continue
+            sites.append(_Site(name, m, nxt, True, nxt.in_channels, "channels_first", cnn_prenorm))
+        elif cls in SWIN_BLOCKS and hasattr(m, "mlp") and hasattr(m, "attn"):
+            c = _layer_norm_width(m, name)
+            res = getattr(m, "input_resolution", None)
+            # Old timm blocks take and return (N, H*W, C); current timm and torchvision
+            # blocks (N, H, W, C).
+            # The token path is taken only for 3-D outputs, at run time.
+            tokens = _SwinTokens(tuple(int(v) for v in res)) if res is not None else None
+            sites.append(_Site(name, m, m, False, c, "channels_last", transformer_prenorm, tokens))
+    return sites
+
+
+class _SwinTokens(_TokenGrid):
+    """Swin output: (N, H, W, C) passes straight to the adapter; (N, H*W, C) goes via the grid."""
+
+    def __init__(self, grid_size: tuple[int, int]) -> None:
+        super().__init__(0, grid_size)
+
+    def apply(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return adapter(x) if x.dim() == 4 else super().apply(adapter, x)
+
+
+def _is_vit(m: nn.Module) -> bool:
+    return (
+        isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))
+        and isinstance(getattr(m, "num_prefix_tokens", None), int)
+        and hasattr(getattr(m, "patch_embed", None), "grid_size")
+    )
+
+
+def _output_channels(m: nn.Module, name: str) -> int:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(getattr(m, "norm1", None), nn.LayerNorm):  # a transformer block
+        return int(m.norm1.normalized_shape[-1])
+    for attr in ("out_channels", "out_features", "num_features", "dim", "embed_dim"):
+        v = getattr(m, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    raise ValueError(
+        f"inject: cannot tell the output channel count of {name!r} ({type(m).__name__}); "
+        "target a Conv, Linear or norm layer, or a module with an `out_channels` attribute"
+    )
+
+
+def _target_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
+    prenorm = False if cfg.prenorm is None else cfg.prenorm
+    sites = []
+    for name, m in model.named_modules():
+        if not name or not matches_target(name, cfg.targets):
+            continue
+        if isinstance(m, MSLoRA) or ADAPTER_NAME in name.split("."):
+            continue
+        c = _output_channels(m, name)
+        if cfg.data_format == "tokens":
+            sites.append(_Site(name, m, m, False, c, "channels_last", prenorm,
+                               _TokenGrid(cfg.num_prefix_tokens, cfg.grid_size)))
+        else:
+            sites.append(_Site(name, m, m, False, c, cfg.data_format, prenorm))
+    return sites
