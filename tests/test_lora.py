@@ -551,3 +551,27 @@ def test_bench_lora_tiny_cpu(tmp_path):
     for row in rows:
         assert {"gpu", "torch", "triton", "cuda", "date", "shape"} <= row.keys()
         assert (row.get("error") is not None) or row["fwd_bwd_ms"]["median"] > 0
+
+
+@pytest.mark.parametrize("make_config", [lambda: SerialLoRAConfig(rank=4),
+                                         lambda: MSPLoRAConfig(targets=["qkv"])],
+                         ids=["serial", "msplora"])
+def test_adapter_checkpoint_round_trip_through_inject(tmp_path, make_config):
+    """save_adapter / load_adapter (the integration layer) also carry these configs exactly."""
+    from mslora_kernels import load_adapter, save_adapter
+    from mslora_kernels.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model, fresh = VisionTransformer(), VisionTransformer()
+    fresh.load_state_dict(model.state_dict())
+    plain = copy.deepcopy(fresh)
+    inject(model, make_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_adapter(model, tmp_path)
+    load_adapter(fresh, tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), fresh(x))
+    assert not torch.allclose(model(x), plain(x))  # the adapters do change the function
