@@ -20,7 +20,7 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   echo "setup: installing triton==3.6.0"
   pip_install "triton==3.6.0"
 fi
-echo "setup: installing mslora-kernels (editable) with its test extras"
-pip_install -e ".[test]"
+echo "setup: installing mslora-kernels (editable) with its test and demo extras"
+pip_install -e ".[test,demo]"
 "$PY" -c "import torch, mslora_kernels as m; print('setup: mslora_kernels', m.__version__, \
 '| torch', torch.__version__, '| backends on cpu:', m.available_backends('cpu'))"
