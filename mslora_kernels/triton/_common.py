@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 
+# Limits of the fused MSLoRA kernels, checked by the op layer before any launch.
+MAX_PATHS = 4  # kernel sizes served by one program (one fp32 accumulator tile each)
+MAX_RANK = 512  # BLOCK_D beyond this leaves fewer than 16 pixels per tile (tl.dot needs 16)
+
 
 def fix_interpreter_for_numpy2() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -28,3 +32,20 @@ def fix_interpreter_for_numpy2() -> None:
 
     patched._mslora_fixed = True
     interpreter._patch_lang_tensor = patched
+
+
+def normalize_layout(x, data_format: str):
+    """x as one of the three layouts the MSLoRA kernels address: NCHW contiguous, NCHW in
+    ``torch.channels_last`` memory format, or (N, H, W, C) contiguous (``data_format=
+    "channels_last"``). Any other strides are made contiguous in the nearest of these.
+
+    Pure torch (no triton import), so the op layer's fake impls use the same rule."""
+    import torch
+
+    if data_format == "channels_last":
+        return x.contiguous()
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 4 and x.stride(1) == 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()

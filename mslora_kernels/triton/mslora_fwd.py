@@ -40,14 +40,12 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions
-from ._common import fix_interpreter_for_numpy2
+from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from .gelu import gelu_fp32
 
 fix_interpreter_for_numpy2()
 
-MAX_PATHS = 4  # kernel sizes served by one F2 program (one fp32 accumulator tile each)
-MAX_RANK = 512  # BLOCK_D beyond this leaves fewer than 16 pixels per tile (tl.dot needs 16)
 LN_EPS = 1e-6
 GATE_STRIDE = 4  # fp32 gate logits stored per pixel (one per path, MAX_PATHS slots)
 
@@ -382,16 +380,6 @@ def _strides(x: torch.Tensor, o: MSLoRAOptions) -> tuple[int, int, int, int]:
     return sn, sc, sh, sw
 
 
-def normalize_layout(x: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
-    """x as one of the three layouts the kernels address: NCHW contiguous, NCHW in
-    ``torch.channels_last`` memory format, or (N, H, W, C) contiguous."""
-    if o.data_format == "channels_last":
-        return x.contiguous()
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
-
-
 def check_supported(x: torch.Tensor, o: MSLoRAOptions) -> None:
     """Refuse, before any launch, what these kernels do not cover."""
     if x.dtype not in TRITON_DTYPE:
@@ -412,7 +400,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     ``weights``: the checkpoint-named parameters, already in x's dtype.
     """
     check_supported(x, o)
-    x = normalize_layout(x, o)
+    x = normalize_layout(x, o.data_format)
     if o.data_format == "channels_last":
         n, h, w, c = x.shape
     else:
