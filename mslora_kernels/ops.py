@@ -108,7 +108,7 @@ def triton_fwd(x: Tensor, weights: list[Tensor], groups: int, kernel_sizes: list
 
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
-    out, zmean = mslora_fwd(x, dict(zip(weight_names(o), weights)), o)
+    out, zmean = mslora_fwd(x, dict(zip(weight_names(o), weights, strict=True)), o)
     return out, _zmean_or_empty(zmean, x)
 
 
@@ -131,7 +131,7 @@ def triton_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
     names = weight_names(o)
-    grad_x, grads = mslora_bwd(grad_out, x, dict(zip(names, weights)), o,
+    grad_x, grads = mslora_bwd(grad_out, x, dict(zip(names, weights, strict=True)), o,
                                zmean if pool else None, deterministic)
     return [grad_x] + [grads[n] for n in names]
 
@@ -152,7 +152,8 @@ def cuda_fwd(x: Tensor, weights: list[Tensor], groups: int, kernel_sizes: list[i
              channels_last: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
-    out, zmean = _cuda_launchers().mslora_fwd(x, dict(zip(weight_names(o), weights)), o)
+    wdict = dict(zip(weight_names(o), weights, strict=True))
+    out, zmean = _cuda_launchers().mslora_fwd(x, wdict, o)
     return out, _zmean_or_empty(zmean, x)
 
 
@@ -163,8 +164,9 @@ def cuda_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor, 
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
     names = weight_names(o)
-    grad_x, grads = _cuda_launchers().mslora_bwd(grad_out, x, dict(zip(names, weights)), o,
-                                                 zmean if pool else None, deterministic)
+    wdict = dict(zip(names, weights, strict=True))
+    grad_x, grads = _cuda_launchers().mslora_bwd(grad_out, x, wdict, o, zmean if pool else None,
+                                                 deterministic)
     return [grad_x] + [grads[n] for n in names]
 
 

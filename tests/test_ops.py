@@ -48,7 +48,7 @@ def test_fake_impls_on_meta(backend, dtype, fmt, mem, pool):
     grads = bwd(torch.empty_like(x), x, ws, zmean, *ops.op_args(o), True)
     assert len(grads) == len(ws) + 1
     assert grads[0].shape == x.shape and grads[0].stride() == x.stride()
-    for g, w in zip(grads[1:], ws):
+    for g, w in zip(grads[1:], ws, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
 
 
@@ -92,7 +92,7 @@ def test_cuda_reason_names_what_is_missing():
 def test_fused_refuses_unsupported_dtype(dtype):
     o = MSLoRAOptions(8, 16, 2)
     x = torch.zeros(1, 8, 3, 3, dtype=dtype)
-    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu", dtype=torch.float32)))
+    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu", dtype=torch.float32), strict=True))
     with pytest.raises(TypeError, match=str(dtype)):
         ops.mslora(x, ws, o, "triton")
 
@@ -105,14 +105,14 @@ def test_module_refuses_float64_on_triton():
 
 def test_fused_refuses_weight_dtype_mismatch():
     o = MSLoRAOptions(8, 16, 2)
-    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu", dtype=torch.float16)))
+    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu", dtype=torch.float16), strict=True))
     with pytest.raises(TypeError, match="proj.weight"):
         ops.mslora(torch.randn(1, 8, 3, 3), ws, o, "triton")
 
 
 def test_fused_refuses_missing_weight():
     o = MSLoRAOptions(8, 16, 2, gate=True)
-    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu")))
+    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu"), strict=True))
     del ws["gate.bias"]
     with pytest.raises(ValueError, match="gate.bias"):
         ops.mslora(torch.randn(1, 8, 3, 3), ws, o, "triton")
@@ -120,14 +120,14 @@ def test_fused_refuses_missing_weight():
 
 def test_fused_refuses_too_many_kernel_sizes():
     o = MSLoRAOptions(8, 16, 2, (1, 3, 5, 7, 9))
-    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu")))
+    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu"), strict=True))
     with pytest.raises(ValueError, match="at most 4 kernel sizes"):
         ops.mslora(torch.randn(1, 8, 3, 3), ws, o, "triton")
 
 
 def test_fused_refuses_unknown_backend():
     o = MSLoRAOptions(8, 16, 2)
-    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu")))
+    ws = dict(zip(ops.weight_names(o), _weights(o, device="cpu"), strict=True))
     with pytest.raises(ValueError, match="reference"):
         ops.mslora(torch.randn(1, 8, 3, 3), ws, o, "reference")
 

@@ -27,8 +27,9 @@ Design choices worth knowing:
   three products (pw is dense anyway); it keeps every intermediate in one register tile.
 - Layouts: x and out are addressed through explicit element strides (n, c, h, w), so one kernel
   serves NCHW, NCHW in ``torch.channels_last`` memory format and (N, H, W, C).
-- dtypes: fp32, fp16, bf16 operands; every accumulation in fp32. fp32 products use
-  ``input_precision="ieee"`` (no TF32), so fp32 meets SPEC's 1e-4 rule.
+- dtypes: fp32, fp16, bf16 operands; every accumulation in fp32. fp32 products never use
+  plain TF32 (see :func:`dot_precision`), so fp32 meets SPEC's TF32-off 1e-4 rule; fp32 tiles
+  run with 8 warps (their dot operands take twice the registers).
 - Limits: up to four kernel sizes (:data:`MAX_PATHS`, the paper uses three) and D <= 512
   (:data:`MAX_RANK`); the launcher refuses more with a ValueError before any launch.
 """
@@ -50,10 +51,10 @@ LN_EPS = 1e-6
 GATE_STRIDE = 4  # fp32 gate logits stored per pixel (one per path, MAX_PATHS slots)
 
 # Tile heuristics: every value below is a finite choice that compile_cases() enumerates.
-F1_BLOCK_P = 64  # pixels per F1 program (flat within one image)
 BLOCK_K = 32  # channels of x per tl.dot step (proj, down)
 BLOCK_CO = 32  # output channels per up-projection tl.dot step
 DW_CHUNK = 32  # D channels per depthwise step in F2 (all of BLOCK_D under enhance)
+NUM_STAGES = 2  # software pipelining depth of the tl.dot loops (launch and compile check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,14 +121,16 @@ def _grouped_in_proj(x_base, pix_off, pmask, w_ptr, nw_ptr, nb_ptr, mean, rstd, 
 
 
 @triton.jit
-def _tap(acc, zs, w_ptr, d, dmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr,
-         RMAX: tl.constexpr):
-    """Add tap (DY, DX) of the largest window to one path's accumulator if its K x K window
-    contains that tap (resolved at compile time). ``w_ptr``: the (D, 1, K, K) taps."""
+def _tap(acc, zs, w_ptr, d, dmask, dy, DX: tl.constexpr, K: tl.constexpr, RMAX: tl.constexpr):
+    """Add tap (dy, DX) of the largest window to one path's accumulator if its K x K window
+    contains that tap. ``w_ptr``: the (D, 1, K, K) taps. The column test is resolved at
+    compile time, the row test (dy is a loop counter) is one uniform branch per program."""
     OFF: tl.constexpr = RMAX - K // 2
-    if DY >= OFF and DY < OFF + K and DX >= OFF and DX < OFF + K:
-        wv = tl.load(w_ptr + d * (K * K) + ((DY - OFF) * K + (DX - OFF)), mask=dmask, other=0.0)
-        acc += zs * wv.to(tl.float32)[None, :]
+    if DX >= OFF and DX < OFF + K:
+        ky = dy - OFF
+        if (ky >= 0) & (ky < K):
+            wv = tl.load(w_ptr + d * (K * K) + (ky * K + (DX - OFF)), mask=dmask, other=0.0)
+            acc += zs * wv.to(tl.float32)[None, :]
     return acc
 
 
@@ -235,7 +238,8 @@ def _mslora_f2_kernel(
         depthwise: D in DC-channel steps (DC = BLOCK_D under ENHANCE, whose LayerNorm needs
         all of D). For each step every tap of the largest window is loaded once (z on the tile
         plus its halo, zero outside the image) and added to the accumulator of each path
-        containing it; then GELU (x sigmoid(gate)), the path sum, pool, enhance, and
+        containing it (rows of taps in a loop, the KMAX taps of a row unrolled); then GELU
+        (x sigmoid(gate)), the path sum, pool, enhance, and
         ``t += s_step @ pw[:, step]^T`` on tensor cores. t is [BLOCK_P, BLOCK_D] fp32.
         proj: ``a = u @ proj_bd^T`` in BLOCK_K steps; ``m = a * t``.
         up: per BLOCK_CO output channels, ``y = m @ up_eff^T`` where ``up_eff`` is the
@@ -268,7 +272,7 @@ def _mslora_f2_kernel(
         acc1 = tl.zeros([BLOCK_P, DC], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_P, DC], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_P, DC], dtype=tl.float32)
-        for dy in tl.static_range(KMAX):
+        for dy in range(KMAX):  # a loop (not unrolled): bounds the taps' registers in flight
             hh = ph + (dy - RMAX)
             hok = pmask & (hh >= 0) & (hh < H)
             for dx in tl.static_range(KMAX):
@@ -351,24 +355,37 @@ def block_d(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def f2_config(rank: int, enhance: bool) -> dict:
-    """F2's tile for a rank: pixels x BLOCK_D register tiles of at most 8192 fp32 (4096 with
-    enhance, whose depthwise accumulators span all of D), at least 16 pixels."""
+def f2_config(rank: int, enhance: bool, dtype: torch.dtype) -> dict:
+    """F2's tile for a rank. The fp32 t accumulator [BLOCK_P, BLOCK_D] stays at or under 4096
+    elements (2048 with enhance, whose depthwise accumulators span all of D), BLOCK_P >= 16
+    (tl.dot's minimum); 8 warps once a tile exceeds 4096 elements."""
     bd = block_d(rank)
-    budget = 4096 if enhance else 8192
+    budget = 2048 if enhance else 4096
     bp = max(16, min(64, budget // bd))
     th, tw = {64: (8, 8), 32: (4, 8), 16: (4, 4)}[bp]
     dc = bd if enhance else min(bd, DW_CHUNK)
     return {"TH": th, "TW": tw, "BLOCK_D": bd, "DC": dc,
-            "num_warps": 8 if bp * bd >= 4096 else 4}
+            "num_warps": 8 if bp * bd > 4096 or dtype == torch.float32 else 4,
+            "num_stages": NUM_STAGES}
 
 
-def f1_config(rank: int) -> dict:
-    return {"BLOCK_P": F1_BLOCK_P, "BLOCK_D": block_d(rank), "num_warps": 4}
+def f1_config(rank: int, dtype: torch.dtype) -> dict:
+    """F1's tile: [BLOCK_P, BLOCK_D] fp32 z accumulator of at most 4096 elements, 4 warps."""
+    bd = block_d(rank)
+    return {"BLOCK_P": max(16, min(64, 4096 // bd)), "BLOCK_D": bd,
+            "num_warps": 8 if bd > 256 or dtype == torch.float32 else 4,
+            "num_stages": NUM_STAGES}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee"  # fp32 without TF32 (SPEC's 1e-4 rule); fp16/bf16 products are exact in fp32
+def dot_precision(dtype: torch.dtype, enhance: bool = False) -> str:
+    """``input_precision`` of every tl.dot in one kernel. fp16/bf16 operands: products are exact
+    in the fp32 accumulator, the setting is moot ("ieee"). fp32 operands: never plain TF32
+    (SPEC's 1e-4 rule is for TF32 off): "ieee" (CUDA-core FMAs) where that compiles without
+    spills, "tf32x3" (three TF32 tensor-core products, about fp32 accuracy) for F2 under
+    enhance, whose [pixels x D] x [D x D] FMA product would spill."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32x3" if enhance else "ieee"
 
 
 def _strides(x: torch.Tensor, o: MSLoRAOptions) -> tuple[int, int, int, int]:
@@ -413,9 +430,8 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     sxn, sxc, sxh, sxw = _strides(x, o)
     son, soc, soh, sow = _strides(out, o)
     hw = h * w
-    prec = _dot_precision(dt)
 
-    cfg1 = f1_config(d)
+    cfg1 = f1_config(d, dt)
     nt = triton.cdiv(hw, cfg1["BLOCK_P"])
     z = torch.empty((n, h, w, d), device=dev, dtype=dt)
     stats = torch.empty((n * hw, 2) if o.prenorm else (1,), device=dev, dtype=torch.float32)
@@ -430,13 +446,14 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         x, wt["down.weight"], nw, nb, gw, gb, z, stats, glog, part,
         c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
         PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
-        BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K, PRECISION=prec,
-        num_warps=cfg1["num_warps"],
+        BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K,
+        PRECISION=dot_precision(dt),
+        num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
     )
     # pool: a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
     zmean = part.sum(dim=1) / hw if o.pool else None
 
-    cfg2 = f2_config(d, o.enhance)
+    cfg2 = f2_config(d, o.enhance, dt)
     tiles_w = triton.cdiv(w, cfg2["TW"])
     grid2 = (triton.cdiv(h, cfg2["TH"]) * tiles_w, n)
     ks = list(o.kernel_sizes) + [0] * (MAX_PATHS - len(o.kernel_sizes))
@@ -450,7 +467,9 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KMAX=max(ks),
         PRENORM=o.prenorm, ENHANCE=o.enhance, POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle,
         TH=cfg2["TH"], TW=cfg2["TW"], BLOCK_D=cfg2["BLOCK_D"], DC=cfg2["DC"],
-        BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, PRECISION=prec, num_warps=cfg2["num_warps"],
+        BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, PRECISION=dot_precision(dt, o.enhance),
+        num_warps=cfg2["num_warps"],
+        num_stages=cfg2["num_stages"],
     )
     return out, zmean
 
@@ -489,32 +508,34 @@ def compile_cases() -> list[CompileCase]:
     the option sets in COMPILE_OPTION_SETS, in fp32/fp16/bf16. Layouts are runtime strides, so
     one compiled kernel serves all three."""
     cases = []
-    for dt in TRITON_DTYPE.values():
+    for torch_dt, dt in TRITON_DTYPE.items():
         for d in COMPILE_RANKS:
             for opts in COMPILE_OPTION_SETS:
                 tag = "+".join(sorted(opts)) or "plain"
                 o = {k: opts.get(k, False)
                      for k in ("prenorm", "enhance", "pool", "gate", "shuffle")}
-                c1 = f1_config(d)
+                c1 = f1_config(d, torch_dt)
                 ce1 = {"PRENORM": o["prenorm"], "POOL": o["pool"], "GATE": o["gate"],
                        "NPATHS": len(COMPILE_KERNEL_SIZES), "BLOCK_P": c1["BLOCK_P"],
-                       "BLOCK_D": c1["BLOCK_D"], "BLOCK_K": BLOCK_K, "PRECISION": "ieee"}
+                       "BLOCK_D": c1["BLOCK_D"], "BLOCK_K": BLOCK_K,
+                       "PRECISION": dot_precision(torch_dt)}
                 cases.append(CompileCase(
                     f"mslora_f1[{dt},D={d},{tag}]", _mslora_f1_kernel,
                     _sig(_F1_ARGS, dt, ("C", "D", "CG", "DG", "H", "W", "NT", "sxn", "sxc",
                                          "sxh", "sxw"), ce1), ce1,
-                    num_warps=c1["num_warps"]))
-                c2 = f2_config(d, o["enhance"])
+                    num_warps=c1["num_warps"], num_stages=c1["num_stages"]))
+                c2 = f2_config(d, o["enhance"], torch_dt)
                 ks = list(COMPILE_KERNEL_SIZES) + [0] * (MAX_PATHS - len(COMPILE_KERNEL_SIZES))
                 ce2 = {"K0": ks[0], "K1": ks[1], "K2": ks[2], "K3": ks[3], "KMAX": max(ks),
                        "PRENORM": o["prenorm"], "ENHANCE": o["enhance"], "POOL": o["pool"],
                        "GATE": o["gate"], "SHUFFLE": o["shuffle"], "TH": c2["TH"],
                        "TW": c2["TW"], "BLOCK_D": c2["BLOCK_D"], "DC": c2["DC"],
-                       "BLOCK_K": BLOCK_K, "BLOCK_CO": BLOCK_CO, "PRECISION": "ieee"}
+                       "BLOCK_K": BLOCK_K, "BLOCK_CO": BLOCK_CO,
+                       "PRECISION": dot_precision(torch_dt, o["enhance"])}
                 cases.append(CompileCase(
                     f"mslora_f2[{dt},D={d},{tag}]", _mslora_f2_kernel,
                     _sig(_F2_PTRS, dt, ("C", "D", "CG", "DG", "G", "H", "W", "TILES_W", "sxn",
                                          "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"),
                          ce2), ce2,
-                    num_warps=c2["num_warps"]))
+                    num_warps=c2["num_warps"], num_stages=c2["num_stages"]))
     return cases
