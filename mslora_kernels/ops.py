@@ -15,7 +15,10 @@ pool, gate, shuffle, channels_last, deterministic``; channels and rank come from
 ``*_fwd`` returns ``(out, zmean)``; zmean is the (N, D) fp32 mean of z over H and W when
 ``pool``, else an empty (0,) tensor. Autograd (``register_autograd``) saves x, the weights and
 zmean only; everything D-sized is recomputed in the backward op, which returns
-``[grad_x, *grad_weights]`` in weight order.
+``[grad_x, flat]``: ``flat`` is every weight gradient flattened and concatenated in weight order
+(one tensor, because a custom op's outputs may not alias each other and launchers may hand back
+views of one reduction buffer); :func:`split_weight_grads` cuts it back into the weights'
+shapes outside the op.
 
 ``deterministic`` only matters for the backward: False (the default of the module) lets weight
 gradients accumulate with atomics (fast, run-to-run bitwise differences possible); True asks for
@@ -94,7 +97,18 @@ def _fwd_fake(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, sh
 def _bwd_fake(grad_out, x, weights, zmean, groups, kernel_sizes, prenorm, enhance, pool, gate,
               shuffle, channels_last, deterministic):
     fmt = "channels_last" if channels_last else "channels_first"
-    return [torch.empty_like(normalize_layout(x, fmt))] + [torch.empty_like(w) for w in weights]
+    total = sum(w.numel() for w in weights)
+    return [torch.empty_like(normalize_layout(x, fmt)), weights[0].new_empty((total,))]
+
+
+def _flat_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    return torch.cat([grads[n].reshape(-1) for n in names])
+
+
+def split_weight_grads(flat: Tensor, weights: Sequence[Tensor]) -> list[Tensor]:
+    """The backward op's flat weight gradients cut back into the weights' shapes."""
+    sizes = [w.numel() for w in weights]
+    return [g.view(w.shape) for g, w in zip(flat.split(sizes), weights, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,7 +147,7 @@ def triton_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor
     names = weight_names(o)
     grad_x, grads = mslora_bwd(grad_out, x, dict(zip(names, weights, strict=True)), o,
                                zmean if pool else None, deterministic)
-    return [grad_x] + [grads[n] for n in names]
+    return [grad_x, _flat_grads(grads, names)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ def cuda_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor, 
     wdict = dict(zip(names, weights, strict=True))
     grad_x, grads = _cuda_launchers().mslora_bwd(grad_out, x, wdict, o, zmean if pool else None,
                                                  deterministic)
-    return [grad_x] + [grads[n] for n in names]
+    return [grad_x, _flat_grads(grads, names)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,8 +200,8 @@ def _register(fwd, bwd) -> None:
 
     def backward(ctx, grad_out, _grad_zmean):
         x, zmean, *weights = ctx.saved_tensors
-        grads = bwd(grad_out, x, weights, zmean, *ctx.args)
-        return (grads[0], list(grads[1:])) + (None,) * len(ctx.args)
+        grad_x, flat = bwd(grad_out, x, weights, zmean, *ctx.args)
+        return (grad_x, split_weight_grads(flat, weights)) + (None,) * len(ctx.args)
 
     fwd.register_autograd(backward, setup_context=setup_context)
 
