@@ -28,7 +28,7 @@ Design choices worth knowing:
 - Layouts: x and out are addressed through explicit element strides (n, c, h, w), so one kernel
   serves NCHW, NCHW in ``torch.channels_last`` memory format and (N, H, W, C).
 - dtypes: fp32, fp16, bf16 operands; every accumulation in fp32. fp32 products never use
-  plain TF32 (see :func:`dot_precision`), so fp32 meets SPEC's TF32-off 1e-4 rule; fp32 tiles
+  plain TF32 (see :func:`use_tf32x3`), so fp32 meets SPEC's TF32-off 1e-4 rule; fp32 tiles
   run with 8 warps (their dot operands take twice the registers).
 - Limits: up to four kernel sizes (:data:`MAX_PATHS`, the paper uses three) and D <= 512
   (:data:`MAX_RANK`); the launcher refuses more with a ValueError before any launch.
@@ -52,7 +52,7 @@ GATE_STRIDE = 4  # fp32 gate logits stored per pixel (one per path, MAX_PATHS sl
 
 # Tile heuristics: every value below is a finite choice that compile_cases() enumerates.
 BLOCK_K = 32  # channels of x per tl.dot step (proj, down)
-BLOCK_CO = 32  # output channels per up-projection tl.dot step
+BLOCK_CO = 16  # output channels per up-projection tl.dot step
 DW_CHUNK = 32  # D channels per depthwise step in F2 (all of BLOCK_D under enhance)
 NUM_STAGES = 2  # software pipelining depth of the tl.dot loops (launch and compile check)
 
@@ -60,6 +60,18 @@ NUM_STAGES = 2  # software pipelining depth of the tl.dot loops (launch and comp
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, acc, TF32X3: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation: ``tf32x3`` precision when TF32X3 (fp32
+    operands, about fp32 accuracy on tensor cores), otherwise ``ieee`` (exact products; for
+    fp16/bf16 operands this is the ordinary tensor-core product)."""
+    if TF32X3:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
 @triton.jit
 def _ln_stats(x_base, pix_off, pmask, C, sxc, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-pixel mean and 1/std over C of x (two-pass in fp32, biased variance, eps 1e-6).
@@ -89,7 +101,7 @@ def _ln_stats(x_base, pix_off, pmask, C, sxc, BLOCK_P: tl.constexpr, BLOCK_K: tl
 def _grouped_in_proj(x_base, pix_off, pmask, w_ptr, nw_ptr, nb_ptr, mean, rstd, C, D, CG, DG,
                      sxc, PRENORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     TF32X3: tl.constexpr):
     """``u @ W_bd^T`` for a grouped 1x1 conv C -> D (proj or down), fp32 [BLOCK_P, BLOCK_D].
 
     ``w_ptr``: the (D, C/G) weight. ``W_bd`` is its block-diagonal (D, C) form, built by masked
@@ -116,7 +128,7 @@ def _grouped_in_proj(x_base, pix_off, pmask, w_ptr, nw_ptr, nb_ptr, mean, rstd, 
         wmask = cmask[:, None] & dmask[None, :] & (gc[:, None] == gd[None, :])
         wt = tl.load(w_ptr + dd[None, :] * CG + (c[:, None] - gc[:, None] * CG), mask=wmask,
                      other=0.0)
-        acc = tl.dot(u.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = _mma(u.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, TF32X3)
     return acc
 
 
@@ -155,7 +167,7 @@ def _mslora_f1_kernel(
     sxn, sxc, sxh, sxw,
     PRENORM: tl.constexpr, POOL: tl.constexpr, GATE: tl.constexpr, NPATHS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TF32X3: tl.constexpr,
 ):
     """F1 of the fused forward: one program per BLOCK_P consecutive pixels of one image.
 
@@ -190,7 +202,7 @@ def _mslora_f1_kernel(
         tl.store(stats_ptr + gidx * 2 + 1, rstd, mask=pmask)
     z = _grouped_in_proj(x_base, pix_off, pmask, down_ptr, nw_ptr, nb_ptr, mean, rstd, C, D,
                          CG, DG, sxc, PRENORM, BLOCK_P, BLOCK_D, BLOCK_K,
-                         z_ptr.dtype.element_ty, PRECISION)
+                         z_ptr.dtype.element_ty, TF32X3)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     zq = z.to(z_ptr.dtype.element_ty)
@@ -220,7 +232,7 @@ def _mslora_f2_kernel(
     PRENORM: tl.constexpr, ENHANCE: tl.constexpr, POOL: tl.constexpr, GATE: tl.constexpr,
     SHUFFLE: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, TF32X3: tl.constexpr,
 ):
     """F2 of the fused forward: everything after z, for one TH x TW tile of one image.
 
@@ -308,7 +320,7 @@ def _mslora_f2_kernel(
         # t[:, e] += sum_d s[:, d] pw[e, d]: the B tile is pw[:, step]^T, [DC, BLOCK_D]
         rt = tl.load(pw_ptr + dd[None, :] * D + d[:, None],
                      mask=dmask[:, None] & dmask_full[None, :], other=0.0)
-        t = tl.dot(s.to(DOT_DTYPE), rt.to(DOT_DTYPE), t, input_precision=PRECISION)
+        t = _mma(s.to(DOT_DTYPE), rt.to(DOT_DTYPE), t, TF32X3)
 
     # ---- a = proj(u), m = a * t ----
     x_base = x_ptr + n * sxn
@@ -319,7 +331,7 @@ def _mslora_f2_kernel(
         mean = tl.load(stats_ptr + gidx * 2, mask=pmask, other=0.0)
         rstd = tl.load(stats_ptr + gidx * 2 + 1, mask=pmask, other=0.0)
     a = _grouped_in_proj(x_base, pix_off, pmask, proj_ptr, nw_ptr, nb_ptr, mean, rstd, C, D,
-                         CG, DG, sxc, PRENORM, BLOCK_P, BLOCK_D, BLOCK_K, DOT_DTYPE, PRECISION)
+                         CG, DG, sxc, PRENORM, BLOCK_P, BLOCK_D, BLOCK_K, DOT_DTYPE, TF32X3)
     m = (a * t).to(DOT_DTYPE)
 
     # ---- y = up(shuffle(m)), out = x + y ----
@@ -339,7 +351,7 @@ def _mslora_f2_kernel(
         umask = dmask_full[:, None] & cmask[None, :] & (gq[:, None] == gc[None, :])
         ut = tl.load(up_ptr + c[None, :] * DG + (q[:, None] - gc[None, :] * DG), mask=umask,
                      other=0.0)
-        y = tl.dot(m, ut.to(DOT_DTYPE), input_precision=PRECISION)
+        y = _mma(m, ut.to(DOT_DTYPE), tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32), TF32X3)
         omask = pmask[:, None] & cmask[None, :]
         xv = tl.load(x_base + pix_off[:, None] + c[None, :] * sxc, mask=omask, other=0.0)
         res = xv.to(tl.float32) + y
@@ -377,15 +389,12 @@ def f1_config(rank: int, dtype: torch.dtype) -> dict:
             "num_stages": NUM_STAGES}
 
 
-def dot_precision(dtype: torch.dtype, enhance: bool = False) -> str:
-    """``input_precision`` of every tl.dot in one kernel. fp16/bf16 operands: products are exact
-    in the fp32 accumulator, the setting is moot ("ieee"). fp32 operands: never plain TF32
-    (SPEC's 1e-4 rule is for TF32 off): "ieee" (CUDA-core FMAs) where that compiles without
-    spills, "tf32x3" (three TF32 tensor-core products, about fp32 accuracy) for F2 under
-    enhance, whose [pixels x D] x [D x D] FMA product would spill."""
-    if dtype != torch.float32:
-        return "ieee"
-    return "tf32x3" if enhance else "ieee"
+def use_tf32x3(dtype: torch.dtype, enhance: bool = False) -> bool:
+    """The TF32X3 constexpr: how one kernel's tl.dot products treat fp32 operands. Never plain
+    TF32 (SPEC's 1e-4 rule is for TF32 off): "ieee" (CUDA-core FMAs) where that compiles
+    without spills, "tf32x3" (three TF32 tensor-core products, about fp32 accuracy) for F2
+    under enhance, whose [pixels x D] x [D x D] FMA product would spill. fp16/bf16: False."""
+    return dtype == torch.float32 and enhance
 
 
 def _strides(x: torch.Tensor, o: MSLoRAOptions) -> tuple[int, int, int, int]:
@@ -447,7 +456,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
         PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
         BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K,
-        PRECISION=dot_precision(dt),
+        TF32X3=use_tf32x3(dt),
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
     )
     # pool: a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
@@ -467,7 +476,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KMAX=max(ks),
         PRENORM=o.prenorm, ENHANCE=o.enhance, POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle,
         TH=cfg2["TH"], TW=cfg2["TW"], BLOCK_D=cfg2["BLOCK_D"], DC=cfg2["DC"],
-        BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, PRECISION=dot_precision(dt, o.enhance),
+        BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, TF32X3=use_tf32x3(dt, o.enhance),
         num_warps=cfg2["num_warps"],
         num_stages=cfg2["num_stages"],
     )
@@ -518,7 +527,7 @@ def compile_cases() -> list[CompileCase]:
                 ce1 = {"PRENORM": o["prenorm"], "POOL": o["pool"], "GATE": o["gate"],
                        "NPATHS": len(COMPILE_KERNEL_SIZES), "BLOCK_P": c1["BLOCK_P"],
                        "BLOCK_D": c1["BLOCK_D"], "BLOCK_K": BLOCK_K,
-                       "PRECISION": dot_precision(torch_dt)}
+                       "TF32X3": use_tf32x3(torch_dt)}
                 cases.append(CompileCase(
                     f"mslora_f1[{dt},D={d},{tag}]", _mslora_f1_kernel,
                     _sig(_F1_ARGS, dt, ("C", "D", "CG", "DG", "H", "W", "NT", "sxn", "sxc",
@@ -531,7 +540,7 @@ def compile_cases() -> list[CompileCase]:
                        "GATE": o["gate"], "SHUFFLE": o["shuffle"], "TH": c2["TH"],
                        "TW": c2["TW"], "BLOCK_D": c2["BLOCK_D"], "DC": c2["DC"],
                        "BLOCK_K": BLOCK_K, "BLOCK_CO": BLOCK_CO,
-                       "PRECISION": dot_precision(torch_dt, o["enhance"])}
+                       "TF32X3": use_tf32x3(torch_dt, o["enhance"])}
                 cases.append(CompileCase(
                     f"mslora_f2[{dt},D={d},{tag}]", _mslora_f2_kernel,
                     _sig(_F2_PTRS, dt, ("C", "D", "CG", "DG", "G", "H", "W", "TILES_W", "sxn",
