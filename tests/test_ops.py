@@ -150,3 +150,12 @@ def test_module_deterministic_flag_reaches_the_op(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     assert seen == [("triton", False), ("triton", True), ("triton", True)]
+
+
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+    from mslora_kernels.backends import resolve_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
