@@ -149,6 +149,17 @@ def test_forward_odd_configs_interpreter(ks, c, d, g, shape):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [{}, {"enhance": True}, {k: True for k in OPTIONS}],
+                         ids=["plain", "enhance", "all"])
+def test_forward_wide_rank_interpreter(opts):
+    """D = 72: BLOCK_D = 128, so F2 runs several depthwise steps (the last one masked) and,
+    under enhance, its 4x4 pixel tiles; D/G = 18 is not a power of two."""
+    m = make_module(opts, "channels_first", c=40, d=72, g=4)
+    x = make_input("channels_first", None, n=1, c=40, h=6, w=10)
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
 def test_non_dense_input_interpreter():
     """A strided view (not one of the three layouts) is made contiguous, result still right."""
     m = make_module({}, "channels_first", c=8, d=16, g=2)
