@@ -47,7 +47,6 @@ from .gelu import gelu_fp32
 
 fix_interpreter_for_numpy2()
 
-LN_EPS = 1e-6
 GATE_STRIDE = 4  # fp32 gate logits stored per pixel (one per path, MAX_PATHS slots)
 
 # Tile heuristics: every value below is a finite choice that compile_cases() enumerates.
