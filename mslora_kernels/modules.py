@@ -78,6 +78,11 @@ class MSLoRA(nn.Module):
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``. ``"auto"`` picks the
             fastest backend usable on the input's device (the reference on a CPU). A backend named
             explicitly that cannot run raises an error naming what is missing.
+        deterministic: fused backends only. ``False`` (the default) lets the backward accumulate
+            weight gradients with atomics (fastest; gradients may differ in the last bits from
+            run to run). ``True`` makes the backward bitwise reproducible (fixed-order
+            reductions). ``torch.use_deterministic_algorithms(True)`` also turns it on. The
+            forward is deterministic either way.
 
     Compute dtype: under ``torch.autocast`` the module runs in the autocast dtype (input and
     weights cast to it, output in it); otherwise in the input's dtype, with the weights cast to
@@ -87,12 +92,14 @@ class MSLoRA(nn.Module):
     def __init__(self, channels: int, rank: int = 128, groups: int = 4,
                  kernel_sizes=(3, 5, 7), prenorm: bool = False, enhance: bool = False,
                  pool: bool = False, gate: bool = False, shuffle: bool = False,
-                 data_format: str = "channels_first", backend: str = "auto") -> None:
+                 data_format: str = "channels_first", backend: str = "auto",
+                 deterministic: bool = False) -> None:
         super().__init__()
         self.options = MSLoRAOptions(channels, rank, groups, tuple(kernel_sizes), prenorm,
                                      enhance, pool, gate, shuffle, data_format)
         validate_backend(backend)
         self.backend = backend
+        self.deterministic = bool(deterministic)
         c, d, g = channels, rank, groups
         self.proj = _conv1x1(c, d, g)
         self.down = _conv1x1(c, d, g)
@@ -114,7 +121,8 @@ class MSLoRA(nn.Module):
         opts = [n for n in ("prenorm", "enhance", "pool", "gate", "shuffle") if getattr(o, n)]
         return (f"channels={o.channels}, rank={o.rank}, groups={o.groups}, "
                 f"kernel_sizes={o.kernel_sizes}, options={opts}, data_format={o.data_format!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}"
+                + (", deterministic=True" if self.deterministic else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.options, self.pw.weight)
@@ -127,4 +135,5 @@ class MSLoRA(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             if backend == "reference":
                 return reference.mslora(x, weights, self.options)
-            return ops.mslora(x, weights, self.options, backend)
+            deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+            return ops.mslora(x, weights, self.options, backend, deterministic)

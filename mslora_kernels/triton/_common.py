@@ -1,0 +1,51 @@
+"""Helpers shared by the MSLoRA Triton kernel modules.
+
+``fix_interpreter_for_numpy2()``: Triton's interpreter (3.6) turns a scalar kernel argument used
+as a loop bound (``for k in range(0, C, BLOCK)``) into a Python int with ``int(array)`` on a
+one-element 1-D NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+converted to Python scalars"). The fix converts through ``.item()``. It changes nothing but the
+interpreter's scalar conversion and is a no-op when the interpreter is not in use or already
+fixed; compiled GPU kernels never see it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Limits of the fused MSLoRA kernels, checked by the op layer before any launch.
+MAX_PATHS = 4  # kernel sizes served by one program (one fp32 accumulator tile each)
+MAX_RANK = 512  # BLOCK_D beyond this leaves fewer than 16 pixels per tile (tl.dot needs 16)
+
+
+def fix_interpreter_for_numpy2() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+    if getattr(orig, "_mslora_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mslora_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def normalize_layout(x, data_format: str):
+    """x as one of the three layouts the MSLoRA kernels address: NCHW contiguous, NCHW in
+    ``torch.channels_last`` memory format, or (N, H, W, C) contiguous (``data_format=
+    "channels_last"``). Any other strides are made contiguous in the nearest of these.
+
+    Pure torch (no triton import), so the op layer's fake impls use the same rule."""
+    import torch
+
+    if data_format == "channels_last":
+        return x.contiguous()
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 4 and x.stride(1) == 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()

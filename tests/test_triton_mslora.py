@@ -1,0 +1,414 @@
+"""MSLoRA(backend="triton") end to end: forward and every gradient against the reference.
+
+Interpreter tests (CPU, TRITON_INTERPRET=1): fp32 forward and gradients for no option, each option
+alone and all on, in all three layouts, at an odd shape; fp16 forward. GPU tests: every dtype,
+layout and option at odd and real sizes, opcheck, torch.compile, CUDA graphs, autocast.
+Gradient tests are skipped, with the reason, while the backward kernels
+(mslora_kernels.triton.mslora_bwd) are not in this build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mslora_kernels import MSLoRA, ops, reference
+from mslora_kernels.testing import check_close
+from mslora_kernels.triton._common import normalize_layout
+
+OPTIONS = ("prenorm", "enhance", "pool", "gate", "shuffle")
+OPTION_SETS = [{}] + [{k: True} for k in OPTIONS] + [{k: True for k in OPTIONS}]
+OPTION_IDS = ["plain"] + list(OPTIONS) + ["all"]
+# (data_format, memory format of the NCHW input)
+LAYOUTS = [("channels_first", None), ("channels_first", torch.channels_last),
+           ("channels_last", None)]
+LAYOUT_IDS = ["nchw", "nchw_cl_memory", "nhwc"]
+ODD = dict(n=2, c=40, h=13, w=9, d=24, g=4)
+
+HAS_BWD = importlib.util.find_spec("mslora_kernels.triton.mslora_bwd") is not None
+needs_bwd = pytest.mark.skipif(
+    not HAS_BWD, reason="the Triton backward (mslora_kernels.triton.mslora_bwd) is not in this "
+    "build yet; forward tests still run")
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def make_module(opts, fmt, *, c, d, g, backend="triton", kernel_sizes=(3, 5, 7), device="cpu",
+                deterministic=False):
+    """An MSLoRA with random, non-zero weights (up included, LayerNorm affines perturbed)."""
+    m = MSLoRA(c, d, g, kernel_sizes, data_format=fmt, backend=backend,
+               deterministic=deterministic, **opts)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith(("norm.", "enorm.")):
+                p.add_(0.2 * torch.randn_like(p))
+            elif name == "up.weight":
+                p.normal_(0.0, 0.2)
+    return m.to(device)
+
+
+def make_input(fmt, mem, *, n, c, h, w, device="cpu", dtype=torch.float32):
+    shape = (n, c, h, w) if fmt == "channels_first" else (n, h, w, c)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    return x.contiguous(memory_format=mem) if mem is not None else x
+
+
+def ref64(m, x, grad=None):
+    """Output and, given ``grad``, the gradients of x and of every parameter in float64."""
+    x64 = x.detach().double().requires_grad_(grad is not None)
+    w64 = {k: v.detach().double().requires_grad_(grad is not None)
+           for k, v in m.named_parameters()}
+    out = reference.mslora(x64, w64, m.options)
+    if grad is None:
+        return out, None
+    out.backward(grad.double())
+    return out, {"x": x64.grad, **{k: v.grad for k, v in w64.items()}}
+
+
+def ref_lowp(m, x, grad=None):
+    """The reference run in x's dtype (the baseline of SPEC's 2x rule)."""
+    xl = x.detach().clone().requires_grad_(grad is not None)
+    wl = {k: v.detach().to(x.dtype).requires_grad_(grad is not None)
+          for k, v in m.named_parameters()}
+    out = reference.mslora(xl, wl, m.options)
+    if grad is None:
+        return out, None
+    out.backward(grad)
+    return out, {"x": xl.grad, **{k: v.grad for k, v in wl.items()}}
+
+
+def fused_grads(m, x, grad):
+    """Output and gradients through the module (the fused backend), in x's dtype."""
+    m.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    out = m(xg)
+    out.backward(grad)
+    return out, {"x": xg.grad, **{k: p.grad for k, p in m.named_parameters()}}
+
+
+def check_forward(m, x, *, tf32=False):
+    with torch.no_grad():
+        out = m(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.stride() == normalize_layout(x, m.options.data_format).stride()
+    expected, _ = ref64(m, x)
+    baseline = ref_lowp(m, x)[0] if x.dtype in (torch.float16, torch.bfloat16) else None
+    check_close("out", out, expected, x.dtype, baseline=baseline, tf32=tf32)
+
+
+def check_gradients(m, x, *, tf32=False):
+    grad = torch.randn_like(x)
+    out, got = fused_grads(m, x, grad)
+    exp_out, expected = ref64(m, x, grad)
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
+    base_out, baseline = ref_lowp(m, x, grad) if lowp else (None, None)
+    check_close("out", out, exp_out, x.dtype, baseline=base_out, tf32=tf32)
+    assert got["x"].stride() == normalize_layout(x, m.options.data_format).stride()
+    for name in expected:
+        assert got[name] is not None, f"no gradient for {name}"
+        assert got[name].shape == expected[name].shape
+        check_close(f"grad {name}", got[name], expected[name], x.dtype,
+                    baseline=baseline[name] if lowp else None, tf32=tf32)
+
+
+# ------------------------------------------------------------------------------------------
+# interpreter (CPU)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=OPTION_IDS)
+def test_forward_fp32_interpreter(opts, fmt, mem):
+    m = make_module(opts, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"])
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"])
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
+def test_forward_fp16_interpreter(opts):
+    m = make_module(opts, "channels_first", c=ODD["c"], d=ODD["d"], g=ODD["g"])
+    x = make_input("channels_first", None, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"],
+                   dtype=torch.float16)
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("ks,c,d,g,shape", [
+    ((1, 3), 12, 20, 2, (1, 5, 1)),  # a 1x1 path, a 1-pixel-wide map, G = 2
+    ((9,), 6, 6, 3, (3, 2, 3)),  # one path larger than the map, G = 3 (not a power of two)
+    ((3, 5, 7, 9), 8, 16, 1, (1, 11, 10)),  # four paths (the fused maximum), G = 1
+], ids=["k13", "k9", "k3579"])
+def test_forward_odd_configs_interpreter(ks, c, d, g, shape):
+    m = make_module({"gate": True, "shuffle": g > 1}, "channels_first", c=c, d=d, g=g,
+                    kernel_sizes=ks)
+    x = make_input("channels_first", None, n=shape[0], c=c, h=shape[1], w=shape[2])
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [{}, {"enhance": True}, {k: True for k in OPTIONS}],
+                         ids=["plain", "enhance", "all"])
+def test_forward_wide_rank_interpreter(opts):
+    """D = 72: BLOCK_D = 128, so F2 runs several depthwise steps (the last one masked) and,
+    under enhance, its 4x4 pixel tiles; D/G = 18 is not a power of two."""
+    m = make_module(opts, "channels_first", c=40, d=72, g=4)
+    x = make_input("channels_first", None, n=1, c=40, h=6, w=10)
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
+def test_non_dense_input_interpreter():
+    """A strided view (not one of the three layouts) is made contiguous, result still right."""
+    m = make_module({}, "channels_first", c=8, d=16, g=2)
+    x = torch.randn(2, 8, 9, 14)[:, :, :, ::2]
+    check_forward(m, x)
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph_traces_interpreter():
+    """Dynamo traces the module and the op (fake impl) without a graph break, also under
+    autocast (Inductor itself cannot compile interpreted kernels; the GPU test covers it)."""
+    m = make_module({"pool": True}, "channels_first", c=8, d=16, g=2)
+    x = make_input("channels_first", None, n=1, c=8, h=5, w=6)
+    cm = torch.compile(m, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x))
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = cm(x)
+    assert y.dtype == torch.float16
+
+
+# Gradients under the interpreter: every option alone in NCHW, no option and all options in every
+# layout (the full cross product runs on the GPU).
+GRAD_CASES = ([(o, *LAYOUTS[0]) for o in OPTION_SETS[1:-1]]
+              + [(o, *lay) for o in (OPTION_SETS[0], OPTION_SETS[-1]) for lay in LAYOUTS])
+GRAD_IDS = ([f"{i}-nchw" for i in OPTION_IDS[1:-1]]
+            + [f"{i}-{j}" for i in ("plain", "all") for j in LAYOUT_IDS])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+def test_opcheck_forward_interpreter(fmt, mem):
+    """Schema and fake impl of the Triton forward op against the real kernels (the AOT-dispatch
+    parts of opcheck compile the kernels, so they run in the GPU test)."""
+    opts = {k: True for k in OPTIONS}
+    m = make_module(opts, fmt, c=8, d=16, g=2)
+    x = make_input(fmt, mem, n=1, c=8, h=5, w=6)
+    ws = [dict(m.named_parameters())[n].detach() for n in ops.weight_names(m.options)]
+    torch.library.opcheck(ops.triton_fwd, (x, ws, *ops.op_args(m.options), False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.interpreter
+@needs_bwd
+@pytest.mark.parametrize("opts,fmt,mem", GRAD_CASES, ids=GRAD_IDS)
+def test_gradients_fp32_interpreter(opts, fmt, mem):
+    m = make_module(opts, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"])
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"])
+    check_gradients(m, x)
+
+
+@pytest.mark.interpreter
+@needs_bwd
+def test_saved_tensors_are_x_weights_zmean_interpreter():
+    """What autograd keeps for the backward: x, the weights and zmean, nothing D-per-pixel."""
+    opts = {k: True for k in OPTIONS}
+    m = make_module(opts, "channels_first", c=8, d=16, g=2)
+    x = make_input("channels_first", None, n=1, c=8, h=5, w=6).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(x)
+    per_pixel_d = [t for t in saved if t.dim() == 4 and t.shape[1] == 16 and t.shape[2:] == (5, 6)]
+    assert not per_pixel_d
+    assert sum(t.numel() for t in saved) <= x.numel() + sum(
+        p.numel() for p in m.parameters()) + 16
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+REAL = dict(n=8, c=64, h=56, w=56, d=128, g=4)
+
+
+# Every option set at the odd size, no option and all options at the real size; x every layout.
+GPU_CASES = ([(o, ODD) for o in OPTION_SETS]
+             + [(OPTION_SETS[0], REAL), (OPTION_SETS[-1], REAL)])
+GPU_IDS = [f"{i}-odd" for i in OPTION_IDS] + ["plain-real", "all-real"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("opts,size", GPU_CASES, ids=GPU_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_gpu(dtype, opts, size, fmt, mem, no_tf32):
+    m = make_module(opts, fmt, c=size["c"], d=size["d"], g=size["g"], device="cuda")
+    x = make_input(fmt, mem, n=size["n"], c=size["c"], h=size["h"], w=size["w"],
+                   device="cuda", dtype=dtype)
+    check_forward(m, x)
+
+
+@pytest.mark.gpu
+@needs_bwd
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("opts,size", GPU_CASES, ids=GPU_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gradients_gpu(dtype, opts, size, fmt, mem, no_tf32):
+    m = make_module(opts, fmt, c=size["c"], d=size["d"], g=size["g"], device="cuda")
+    x = make_input(fmt, mem, n=size["n"], c=size["c"], h=size["h"], w=size["w"],
+                   device="cuda", dtype=dtype)
+    check_gradients(m, x)
+
+
+@pytest.mark.gpu
+@needs_bwd
+def test_deterministic_backward_is_bitwise_repeatable_gpu():
+    opts = {k: True for k in OPTIONS}
+    m = make_module(opts, "channels_first", c=64, d=128, g=4, device="cuda",
+                    deterministic=True)
+    x = make_input("channels_first", None, n=8, c=64, h=28, w=28, device="cuda",
+                   dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    _, first = fused_grads(m, x, grad)
+    _, second = fused_grads(m, x, grad)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def _op_samples(dtype, opts, fmt, mem, device="cuda"):
+    m = make_module(opts, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"], device=device)
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"], device=device,
+                   dtype=dtype)
+    ws = [p.detach().to(dtype) for p in (dict(m.named_parameters())[n]
+                                         for n in ops.weight_names(m.options))]
+    return m, x, ws
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
+def test_opcheck_gpu(backend, opts, fmt, mem):
+    if ops.mslora_unavailable_reason(backend) is not None:
+        pytest.skip(ops.mslora_unavailable_reason(backend))
+    fwd, bwd = ops._OPS[backend]
+    m, x, ws = _op_samples(torch.float32, opts, fmt, mem)
+    args = ops.op_args(m.options)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(fwd, (x, ws, *args, False), test_utils=tests)
+    if backend == "triton" and not HAS_BWD:
+        return
+    x.requires_grad_(True)
+    ws = [w.requires_grad_(True) for w in ws]
+    torch.library.opcheck(fwd, (x, ws, *args, False))  # includes the autograd registration
+    _, zmean = fwd(x.detach(), [w.detach() for w in ws], *args, False)
+    torch.library.opcheck(bwd, (torch.randn_like(x), x.detach(), [w.detach() for w in ws],
+                                zmean, *args, False), test_utils=tests)
+
+
+@pytest.mark.gpu
+@needs_bwd
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+def test_torch_compile_fullgraph_matches_eager_gpu(fmt, mem, no_tf32):
+    opts = {k: True for k in OPTIONS}
+    m = make_module(opts, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"], device="cuda",
+                    deterministic=True)
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"], device="cuda")
+    grad = torch.randn_like(x)
+    out_e, g_e = fused_grads(m, x, grad)
+    cm = torch.compile(m, fullgraph=True)
+    out_c, g_c = fused_grads(cm, x, grad)
+    torch.testing.assert_close(out_c, out_e)
+    for name in g_e:
+        torch.testing.assert_close(g_c[name], g_e[name], msg=name)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_forward_gpu(no_tf32):
+    m = make_module({"pool": True, "gate": True}, "channels_last", c=ODD["c"], d=ODD["d"],
+                    g=ODD["g"], device="cuda")
+    x = make_input("channels_last", None, n=2, c=ODD["c"], h=13, w=9, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@pytest.mark.gpu
+@needs_bwd
+def test_cuda_graph_forward_backward_matches_eager_gpu(no_tf32):
+    opts = {k: True for k in OPTIONS}
+    m = make_module(opts, "channels_first", c=64, d=128, g=4, device="cuda",
+                    deterministic=True)
+    x = make_input("channels_first", None, n=4, c=64, h=28, w=28, device="cuda")
+    grad = torch.randn_like(x)
+    out_e, g_e = fused_grads(m, x, grad)
+
+    static_x = x.detach().clone().requires_grad_(True)
+    static_grad = grad.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (compiles the kernels)
+        for _ in range(2):
+            m.zero_grad(set_to_none=False)
+            m(static_x).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    m.zero_grad(set_to_none=False)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_out = m(static_x)
+        static_out.backward(static_grad)
+    for p in m.parameters():
+        p.grad.zero_()
+    static_x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, out_e)
+    torch.testing.assert_close(static_x.grad, g_e["x"])
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g_e[name], msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_forward_matches_eager_gpu(no_tf32):
+    m = make_module({"pool": True}, "channels_first", c=64, d=128, g=4, device="cuda")
+    x = make_input("channels_first", None, n=4, c=64, h=28, w=28, device="cuda")
+    with torch.no_grad():
+        expected = m(x)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            m(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = m(static_x)
+        static_x.copy_(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_gpu(dtype, compiled):
+    opts = {"prenorm": True, "gate": True}
+    m = make_module(opts, "channels_last", c=ODD["c"], d=ODD["d"], g=ODD["g"], device="cuda")
+    x = make_input("channels_last", None, n=2, c=ODD["c"], h=13, w=9, device="cuda")
+    run = torch.compile(m, fullgraph=True) if compiled else m
+    xg = x.clone().requires_grad_(HAS_BWD)
+    with torch.autocast("cuda", dtype=dtype):
+        out = run(xg)
+    assert out.dtype == dtype
+    expected, _ = ref64(m, x)
+    check_close("out", out, expected, dtype, baseline=ref_lowp(m, x.to(dtype))[0])
+    if HAS_BWD:
+        out.float().sum().backward()
+        assert xg.grad is not None and xg.grad.dtype == torch.float32
+        assert all(p.grad is not None and p.grad.dtype == torch.float32
+                   for p in m.parameters())
