@@ -146,7 +146,8 @@ def test_cuda_launcher_refuses_bad_weights():
         mslora_fwd(x, {**w, "pw.weight": w["pw.weight"][:2]}, o)
 
 
-# ----------------------------------------------------- the module path (ops.py's custom ops)
+# ------------------------------------------ the module path (ops.py's custom ops)
+# opcheck of mslora::cuda_fwd / cuda_bwd: tests/test_triton_mslora.py::test_opcheck_gpu[cuda-*]
 
 needs_op = pytest.mark.skipif(ops.mslora_unavailable_reason("cuda") is not None,
                               reason=f"ops: {ops.mslora_unavailable_reason('cuda')}")
@@ -211,16 +212,3 @@ def test_cuda_module_cuda_graph(no_tf32):
     torch.cuda.synchronize()
     check_close("graph out", static_out, m(x).double(), torch.float32)
 
-
-@pytest.mark.gpu
-@needs_ext
-@needs_op
-def test_cuda_ops_opcheck():
-    m = _module({"prenorm": True, "gate": True})
-    x = torch.randn(1, 40, 5, 7, device="cuda", requires_grad=True)
-    w = {k: v for k, v in m.named_parameters()}
-    ops_found = [op for op in ops.cuda_ops()] if hasattr(ops, "cuda_ops") else []
-    if not ops_found:
-        pytest.skip("ops.py exposes no cuda_ops() list to opcheck")
-    for op, args in ops_found:
-        torch.library.opcheck(op, args(x, w, m.options))
