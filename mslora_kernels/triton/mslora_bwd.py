@@ -111,6 +111,15 @@ def _acc(ptrs, val, mask, DET: tl.constexpr):
 
 
 @triton.jit
+def _acc_rows(ptr, lhs, rhs, row0, STEP: tl.constexpr, dd, D, DT: tl.constexpr,
+              DET: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Add trans(lhs) @ rhs into rows row0, row0 + STEP, ... of a (D, D) fp32 gradient."""
+    rows = row0 + STEP * tl.arange(0, BLOCK_D // STEP)
+    msk = (rows < D)[:, None] & (dd < D)[None, :]
+    _acc(ptr + rows[:, None] * D + dd[None, :], _mm(tl.trans(lhs), rhs, DT), msk, DET)
+
+
+@triton.jit
 def _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Mean and 1/std over C of x at the tile's pixels (two passes over C, fp32)."""
     s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -324,12 +333,18 @@ def _bwd_main_kernel(
         else:
             s = s0
         # t = R s: t[p, o] = sum_i s[p, i] R[o, i]
-        rt = tl.load(pw_ptr + dd[None, :] * D + dd[:, None],
-                     mask=dmask[:, None] & dmask[None, :], other=0.0)
+        rt = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (1, D), (0, 0), (BLOCK_D, BLOCK_D), (0, 1)),
+                     boundary_check=(0, 1), padding_option="zero")
         t = _mm(s, rt, DT)
-        m = a * t
 
-        # ---- dm = U^T d (unshuffled), dU ----
+        # ---- dU = sum_p d (x) m (one C loop), dm = U^T d (unshuffled, a second C loop) ----
+        m = a * t
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            gmsk = pm[:, None] & (cc < C)[None, :]
+            gch = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=gmsk, other=0.0)
+            off, msk = _grp_up_idx(cc[:, None], dd[None, :], C, D, Cg, Dg, G, SHUFFLE)
+            _acc(gb + o_up + off, _mm(tl.trans(gch), m, DT), msk, DET)
         dm = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
@@ -337,13 +352,15 @@ def _bwd_main_kernel(
             gch = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=gmsk, other=0.0)
             off, msk = _grp_up_idx(cc[:, None], dd[None, :], C, D, Cg, Dg, G, SHUFFLE)
             dm += _mm(gch, tl.load(up_ptr + off, mask=msk, other=0.0), DT)
-            _acc(gb + o_up + off, _mm(tl.trans(gch), m, DT), msk, DET)
         da = dm * t
         dt = dm * a
-        # dR[o, i] = sum_p dt[p, o] s[p, i];  ds = R^T dt
-        _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
-             dmask[:, None] & dmask[None, :], DET)
-        ds = _mm(dt, tl.trans(rt), DT)
+        # ds = R^T dt (R reloaded as [o, i], not kept live); dR[o, i] = sum_p dt[p, o] s[p, i]
+        rr_off = dd[:, None] * D + dd[None, :]
+        rr_msk = dmask[:, None] & dmask[None, :]
+        rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero")
+        ds = _mm(dt, rr, DT)
+        _acc(gb + o_pw + rr_off, _mm(tl.trans(dt), s, DT), rr_msk, DET)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
@@ -520,12 +537,12 @@ def _bwd_dz_kernel(
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16), and
-    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64) so the per-thread register load of one
-    [BLOCK_P, BLOCK_D] block stays fixed."""
+    """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16),
+    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64), and 16 warps from BLOCK_D = 128 up
+    (measured with the compile check: fewer warps spill more, see the module docstring)."""
     bd = max(16, triton.next_power_of_2(d))
     bp = max(16, min(64, 4096 // bd))
-    warps = 8 if bd >= 128 else 4
+    warps = 16 if bd >= 128 else (8 if bd == 64 else 4)
     return bp, bd, warps
 
 
