@@ -162,6 +162,20 @@ def test_bwd_deterministic_is_bitwise_reproducible():
 
 
 @pytest.mark.interpreter
+def test_bwd_fp16_within_twice_reference_error():
+    """fp16 (the interpreter's tl.dot is right for fp16, not for bf16): SPEC's 2x rule against
+    the reference's own fp16 error, both measured against float64."""
+    o, x, weights, grad_out = case(**ODD, ks=(3, 5), layout="nhwc", **ALL_ON)
+    ref_gx, ref_grads = reference_grads(x, weights, o, grad_out)
+    h = torch.float16
+    base_gx, base_grads = reference_grads(x.to(h), {k: v.to(h) for k, v in weights.items()}, o,
+                                          grad_out.to(h))
+    gx, grads = run_bwd(x, weights, o, grad_out, h)
+    assert gx.dtype == h and all(g.dtype == h for g in grads.values())
+    check_all(gx, grads, ref_gx, ref_grads, h, base_gx, base_grads)
+
+
+@pytest.mark.interpreter
 def test_bwd_zmean_none_recomputes_pool_mean():
     o, x, weights, grad_out = case(**ODD, ks=(3,), layout="nchw", pool=True)
     from mslora_kernels.triton.mslora_bwd import mslora_bwd

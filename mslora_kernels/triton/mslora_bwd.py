@@ -17,17 +17,20 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
   ``dx = d + du`` or ``d + LN_C backward(du)`` (prenorm, with norm's gradients).
 
 Transient bytes per pixel (elements; C input channels, D rank, nK = len(K); buffers fp32):
-B0 reads C, writes D(f32); B1 reads 2C + D(f32, +halo from L2), writes nK*D(f32) + C(f32);
-B2 reads 2C + C(f32) + (nK+1)*D(f32, +halo), writes C. In all about 5C + 2C(f32) + (2nK+2)*D(f32).
-That is more than DESIGN's floor (3C): the dc_i and z buffers are the price of not recomputing
-``c_i`` on a halo inside B2 (which would be k^2 times the depthwise work). Peak transient memory
-is ``(nK + 1) * D + C`` fp32 per pixel, freed when the launcher returns.
+z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
+B0 reads C, writes D; B1 reads 2C + D (+ the halo, from L2), writes nK*D + C(f32); B2 reads
+2C + C(f32) + (nK+1)*D (+ halo), writes C. In all 5C + 2C(f32) + (2nK+2)*D elements, i.e. with
+C = D = 128, K = (3, 5, 7), bf16: about 2.6 KB per pixel against DESIGN's floor of 3C = 768 B.
+The dc_i and z buffers are the price of not recomputing ``c_i`` on a halo inside B2 (which costs
+k^2 times the depthwise work without an on-chip gather). Peak transient memory: ``(nK + 1) * D``
+elements in the compute dtype plus ``C`` fp32 per pixel (and the gradient partials), freed when
+the launcher returns.
 
 Weight gradients are reductions over N*H*W, accumulated in fp32:
 - ``deterministic=False`` (the default, per the contract): one program per tile, each adding its
   tile's partial sums to one fp32 buffer with ``tl.atomic_add``;
-- ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS)`` programs (a fixed
-  number, independent of the device), each owning a private fp32 slice of the buffer that it
+- ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS, partial budget)``
+  programs (a function of the shape only, independent of the device), each owning a private fp32 slice of the buffer that it
   updates (load, add, store) over its tiles in a fixed order; then a fixed-order ``sum`` over the
   programs. Bitwise reproducible run to run and machine to machine.
 
@@ -54,6 +57,9 @@ LN_EPS = 1e-6
 # Persistent programs of the deterministic mode: a fixed count (2 per SM of an H100), so the
 # reduction order, and hence every bit of the result, does not depend on the machine.
 DET_PROGRAMS = 264
+# ... but no more programs than keep their fp32 partials under 2^23 floats (32 MiB); a function of
+# the shape only, never of the machine.
+DET_PARTIAL_BUDGET = 1 << 23
 BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
 
 
@@ -194,7 +200,7 @@ def _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
             ww = w + tx - r
             ok = hok & (ww >= 0) & (ww < W)
             zv = tl.load(z_ptr + (zimg + hh * W + ww)[:, None] * D + dd[None, :],
-                         mask=ok[:, None] & dmask[None, :], other=0.0)
+                         mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
             kv = tl.load(dw_ptr + woff + dd * (k * k) + ty * k + tx, mask=dmask,
                          other=0.0).to(tl.float32)
             acc += zv * kv[None, :]
@@ -225,7 +231,7 @@ def _bwd_z_kernel(x_ptr, down_ptr, ng_ptr, nb_ptr, z_ptr,
     """B0: z = Q u for one tile of BLOCK_P pixels of one image, written as fp32.
 
     x_ptr: x with element strides (sxn, sxc, sxh, sxw) (any of the three layouts);
-    down_ptr: down.weight (D, C/G); ng/nb: norm.weight/bias (prenorm); z_ptr: fp32 (N*H*W, D).
+    down_ptr: down.weight (D, C/G); ng/nb: norm.weight/bias (prenorm); z_ptr: (N*H*W, D) in the compute dtype.
     Grid: (N * tiles_per_img,). Tile: BLOCK_P consecutive pixels (row-major h, w) x BLOCK_D
     channels; the C loop goes in chunks of BLOCK_C through tl.dot with the block-diagonal weight.
     """
@@ -246,7 +252,7 @@ def _bwd_z_kernel(x_ptr, down_ptr, ng_ptr, nb_ptr, z_ptr,
         qw = tl.load(down_ptr + off, mask=msk, other=0.0)
         z += _mm(u, qw, DT)
     zrow = n * HW + q
-    tl.store(z_ptr + zrow[:, None] * D + dd[None, :], z,
+    tl.store(z_ptr + zrow[:, None] * D + dd[None, :], z.to(z_ptr.dtype.element_ty),
              mask=pm[:, None] & (dd < D)[None, :])
 
 
@@ -264,10 +270,10 @@ def _bwd_main_kernel(
         SHUFFLE: tl.constexpr, DET: tl.constexpr):
     """B1: everything from d = grad_out down to dc_i, per tile.
 
-    Inputs: x (strides sx*), grad_out (strides sg*), z (fp32 (N*H*W, D) from B0), zmean (fp32
+    Inputs: x (strides sx*), grad_out (strides sg*), z ((N*H*W, D) from B0), zmean (fp32
     (N, D), pool), the weights in the compute dtype (dw taps packed: path i at woffs[i], size
     ks[i]; gate weight (nK, D) and bias (nK,)).
-    Outputs: dc (fp32 (nK, N*H*W, D)), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate) and, added
+    Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate) and, added
     into the fp32 buffer g_ptr at the o_* offsets (+ pid * gstride when DET), the gradients of
     up, pw, proj, enorm, gate, the gate part of down's, and the per-(n, d) sum of ds0 (pool).
     Grid: DET: a persistent grid, program p takes tiles p, p + #programs, ...; otherwise one
@@ -306,7 +312,7 @@ def _bwd_main_kernel(
             u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM)
             off, msk = _grp_in_idx(cc[:, None], dd[None, :], C, D, Cg, Dg)
             a += _mm(u, tl.load(proj_ptr + off, mask=msk, other=0.0), DT)
-        zc = tl.load(z_ptr + zrow[:, None] * D + dd[None, :], mask=pdm, other=0.0)
+        zc = tl.load(z_ptr + zrow[:, None] * D + dd[None, :], mask=pdm, other=0.0).to(tl.float32)
         s0 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for i in range(NK):
             k = tl.load(ks_ptr + i)
@@ -396,7 +402,7 @@ def _bwd_main_kernel(
             else:
                 de = ds0
             tl.store(dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :],
-                     de * _gelu_grad(c), mask=pdm)
+                     (de * _gelu_grad(c)).to(dc_ptr.dtype.element_ty), mask=pdm)
 
         # ---- du_a = P^T da (+ Q^T dz_gate), dP (and dQ's gate part) ----
         for c0 in range(0, C, BLOCK_C):
@@ -424,14 +430,14 @@ def _bwd_dz_kernel(
         PRENORM: tl.constexpr, POOL: tl.constexpr, DET: tl.constexpr):
     """B2: dz from dc_i by flipped-tap correlation, dK_i, dQ, and dx, per tile.
 
-    Inputs: x (strides sx*), grad_out (sg*), z and dc (fp32 buffers of B0/B1), du (fp32
+    Inputs: x (strides sx*), grad_out (sg*), z and dc (buffers of B0/B1, compute dtype), du (fp32
     (N*H*W, C) from B1), dzpool (fp32 (N, D): the pool term of dz, pool only), down.weight, the
     packed dw taps, norm.weight/bias (prenorm).
     Outputs: grad_x (strides sd*), and added into g_ptr (+ pid * gstride when DET) the gradients
     of the dw taps (packed like the taps), down (the non-gate part) and norm (prenorm).
     Grid and tile as B1. dz[q] = sum_i sum_o K_i[o] dc_i[q - o];
     dK_i[o] = sum_q dc_i[q] z[q + o] (both need dc_i / z on a halo of (k_i - 1) / 2, read from
-    the fp32 buffers, L2 resident).
+    the buffers, L2 resident).
     """
     DT = x_ptr.dtype.element_ty
     HW = H * W
@@ -462,7 +468,8 @@ def _bwd_dz_kernel(
             woff = tl.load(woffs_ptr + i)
             r = k // 2
             dci = dc_ptr + i * NHW * D
-            dcc = tl.load(dci + zrow[:, None] * D + dd[None, :], mask=pdm, other=0.0)
+            dcc = tl.load(dci + zrow[:, None] * D + dd[None, :], mask=pdm,
+                          other=0.0).to(tl.float32)
             for ty in range(0, k):
                 hd = h - (ty - r)
                 hz = h + (ty - r)
@@ -476,10 +483,10 @@ def _bwd_dz_kernel(
                     tap = woff + dd * (k * k) + ty * k + tx
                     kv = tl.load(dw_ptr + tap, mask=dmask, other=0.0).to(tl.float32)
                     dcs = tl.load(dci + (zimg + hd * W + wd)[:, None] * D + dd[None, :],
-                                  mask=dok[:, None] & dmask[None, :], other=0.0)
+                                  mask=dok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                     dz += dcs * kv[None, :]
                     zs = tl.load(z_ptr + (zimg + hz * W + wz)[:, None] * D + dd[None, :],
-                                 mask=zok[:, None] & dmask[None, :], other=0.0)
+                                 mask=zok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                     _acc(gb + o_dw + tap, tl.sum(dcc * zs, axis=0), dmask, DET)
         if POOL:
             dzp = tl.load(dzpool_ptr + n * D + dd, mask=dmask, other=0.0)
@@ -686,11 +693,15 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     for key, size in sections.items():
         offs[key] = total
         total += (size + 31) // 32 * 32
-    nprog = min(ntiles, DET_PROGRAMS) if deterministic else ntiles
+    if deterministic:
+        nprog = min(ntiles, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // total))
+    else:
+        nprog = ntiles
     gbuf = torch.zeros((nprog if deterministic else 1, total), dtype=f32, device=dev)
 
-    zbuf = torch.empty((nhw, d), dtype=f32, device=dev)
-    dcbuf = torch.empty((nk, nhw, d), dtype=f32, device=dev)
+    # z and dc_i in the compute dtype (as the reference rounds them); du in fp32
+    zbuf = torch.empty((nhw, d), dtype=x.dtype, device=dev)
+    dcbuf = torch.empty((nk, nhw, d), dtype=x.dtype, device=dev)
     dubuf = torch.empty((nhw, c), dtype=f32, device=dev)
     grad_x = torch.empty_like(x)
     if o.data_format == "channels_last":
@@ -713,7 +724,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
         BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
     if o.pool and zm is None:
-        zm = zbuf.view(n, hw, d).mean(1)
+        zm = zbuf.view(n, hw, d).float().mean(1)
 
     wrap(_bwd_main_kernel)[(nprog,)](
         x, grad_out, zbuf, zm, dcbuf, dubuf,
@@ -787,7 +798,7 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
         for dt in TRITON_DTYPE.values():
             for prenorm in (False, True):
                 sig = {nm: f"*{dt}" for nm in ("x_ptr", "down_ptr", "ng_ptr", "nb_ptr")}
-                sig["z_ptr"] = "*fp32"
+                sig["z_ptr"] = f"*{dt}"
                 sig.update({nm: i32 for nm in ("C", "D", "H", "W", "Cg", "Dg", "sxn", "sxc",
                                                "sxh", "sxw", "tiles_per_img")})
                 cx = dict(blocks, PRENORM=prenorm)
@@ -801,7 +812,9 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     sig = {}
                     for nm in ("x_ptr", "go_ptr"):
                         sig[nm] = f"*{dt}"
-                    for nm in ("z_ptr", "zmean_ptr", "dc_ptr", "du_ptr"):
+                    for nm in ("z_ptr", "dc_ptr"):
+                        sig[nm] = f"*{dt}"
+                    for nm in ("zmean_ptr", "du_ptr"):
                         sig[nm] = "*fp32"
                     for nm in ("proj_ptr", "down_ptr", "up_ptr", "pw_ptr", "dw_ptr"):
                         sig[nm] = f"*{dt}"
@@ -821,7 +834,9 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                                              cx, num_warps=warps))
 
                     sig = {nm: f"*{dt}" for nm in ("x_ptr", "go_ptr", "gx_ptr")}
-                    for nm in ("z_ptr", "dc_ptr", "du_ptr", "dzpool_ptr"):
+                    for nm in ("z_ptr", "dc_ptr"):
+                        sig[nm] = f"*{dt}"
+                    for nm in ("du_ptr", "dzpool_ptr"):
                         sig[nm] = "*fp32"
                     sig["down_ptr"] = f"*{dt}"
                     sig["dw_ptr"] = f"*{dt}"
