@@ -30,9 +30,11 @@ Weight gradients are reductions over N*H*W, accumulated in fp32:
 - ``deterministic=False`` (the default, per the contract): one program per tile, each adding its
   tile's partial sums to one fp32 buffer with ``tl.atomic_add``;
 - ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS, partial budget)``
-  programs (a function of the shape only, independent of the device), each owning a private fp32 slice of the buffer that it
-  updates (load, add, store) over its tiles in a fixed order; then a fixed-order ``sum`` over the
-  programs. Bitwise reproducible run to run and machine to machine.
+  programs (a function of the shape only, independent of the device), each owning a private
+  fp32 slice of the buffer that it updates (load, add, store) over its tiles in a fixed order;
+  then a fixed-order ``sum`` over the programs. Bitwise reproducible run to run and machine to
+  machine (the reduce is ``torch.sum`` over dim 0 of a fixed-shape tensor, which is
+  deterministic).
 
 Products: the grouped 1x1s (proj, down, up) are done as dense ``tl.dot`` over C chunks of
 BLOCK_C with the block-diagonal weight loaded masked (G times the MMA work of a per-group product,
@@ -231,7 +233,8 @@ def _bwd_z_kernel(x_ptr, down_ptr, ng_ptr, nb_ptr, z_ptr,
     """B0: z = Q u for one tile of BLOCK_P pixels of one image, written as fp32.
 
     x_ptr: x with element strides (sxn, sxc, sxh, sxw) (any of the three layouts);
-    down_ptr: down.weight (D, C/G); ng/nb: norm.weight/bias (prenorm); z_ptr: (N*H*W, D) in the compute dtype.
+    down_ptr: down.weight (D, C/G); ng/nb: norm.weight/bias (prenorm);
+    z_ptr: (N*H*W, D) in the compute dtype.
     Grid: (N * tiles_per_img,). Tile: BLOCK_P consecutive pixels (row-major h, w) x BLOCK_D
     channels; the C loop goes in chunks of BLOCK_C through tl.dot with the block-diagonal weight.
     """
@@ -273,7 +276,8 @@ def _bwd_main_kernel(
     Inputs: x (strides sx*), grad_out (strides sg*), z ((N*H*W, D) from B0), zmean (fp32
     (N, D), pool), the weights in the compute dtype (dw taps packed: path i at woffs[i], size
     ks[i]; gate weight (nK, D) and bias (nK,)).
-    Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate) and, added
+    Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate)
+    and, added
     into the fp32 buffer g_ptr at the o_* offsets (+ pid * gstride when DET), the gradients of
     up, pw, proj, enorm, gate, the gate part of down's, and the per-(n, d) sum of ds0 (pool).
     Grid: DET: a persistent grid, program p takes tiles p, p + #programs, ...; otherwise one
@@ -518,7 +522,7 @@ def _bwd_dz_kernel(
                 tl.store(gx_ptr + dpix[:, None] + cc[None, :] * sdc,
                          (go.to(tl.float32) + du).to(gx_ptr.dtype.element_ty), mask=pcm)
         if PRENORM:
-            # LN_C backward: dx = d + rstd * (du * gamma - mean(du gamma) - xhat mean(du gamma xhat))
+            # LN_C backward: dx = d + rstd (du gamma - mean(du gamma) - xhat mean(du gamma xhat))
             m1 = m1 / C
             m2 = m2 / C
             for c0 in range(0, C, BLOCK_C):
@@ -659,7 +663,6 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     ``weights``, each in its weight's shape and dtype (accumulated in fp32).
     """
     _check(grad_out, x, weights, o, zmean)
-    x_in = x
     x, sx = _layout(x, o)
     grad_out, sg = _layout(grad_out, o)
     if o.data_format == "channels_last":
