@@ -150,6 +150,23 @@ def test_bwd_tiny_and_wide_shapes_fp32():
 
 
 @pytest.mark.interpreter
+def test_bwd_mixed_and_strided_layouts_fp32():
+    """grad_out in another memory format than x (as autograd may hand it), and a strided view
+    of x that the launcher must make contiguous; grad_x follows x's memory format."""
+    o, x, weights, grad_out = case(**ODD, ks=(3,), layout="nchw_cl", prenorm=True, gate=True)
+    ref_gx, ref_grads = reference_grads(x, weights, o, grad_out)
+    gx, grads = run_bwd(x, weights, o, grad_out.contiguous(), torch.float32)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    check_all(gx, grads, ref_gx, ref_grads, torch.float32)
+
+    wide = torch.randn(2, 40, 13, 18, dtype=torch.float64)
+    xs = wide[..., ::2]  # strides (9360, 234, 18, 2): none of the three layouts
+    ref_gx, ref_grads = reference_grads(xs, weights, o, grad_out)
+    gx, grads = run_bwd(xs, weights, o, grad_out, torch.float32)
+    check_all(gx, grads, ref_gx, ref_grads, torch.float32)
+
+
+@pytest.mark.interpreter
 def test_bwd_deterministic_is_bitwise_reproducible():
     o, x, weights, grad_out = case(**ODD, ks=(3, 5), layout="nchw_cl", **ALL_ON)
     gx1, g1 = run_bwd(x, weights, o, grad_out, torch.float32, deterministic=True)
