@@ -249,11 +249,20 @@ GPU_SHAPES = {
 }
 
 
+def _gpu_cases():
+    """Every dtype x layout x {plain, all options} at the odd shape and at ResNet's stage 2;
+    bf16 also at Swin-B's stage 3 (C = 512)."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        shapes = ("odd", "resnet_s2") + (("swin_s3",) if dtype == torch.bfloat16 else ())
+        for shape in shapes:
+            for layout in LAYOUTS:
+                for tag, opts in (("plain", {}), ("all", ALL_ON)):
+                    name = f"{str(dtype).split('.')[-1]}-{shape}-{layout}-{tag}"
+                    yield pytest.param(dtype, shape, layout, opts, id=name)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", list(GPU_SHAPES))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("opts", [pytest.param({}, id="plain"), pytest.param(ALL_ON, id="all")])
+@pytest.mark.parametrize("dtype,shape,layout,opts", list(_gpu_cases()))
 def test_bwd_gpu(dtype, shape, layout, opts, no_tf32):
     deterministic = layout == "nchw_cl"  # the deterministic mode in a third of the cases
     data_format, memory_format = LAYOUTS[layout]
