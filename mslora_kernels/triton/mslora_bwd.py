@@ -547,13 +547,17 @@ def _bwd_dz_kernel(
 # -------------------------------------------------------------------------------------------
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
+def _blocks(d: int, sm90: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16),
-    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64), and 16 warps from BLOCK_D = 128 up
-    (measured with the compile check: fewer warps spill more, see the module docstring)."""
+    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64). From BLOCK_D = 128 up: 16 warps on
+    sm_90 and newer, 8 before (what spills least in the compile check: at 16 warps ptxas gives
+    the sm_80 build of the main kernel only 64 registers)."""
     bd = max(16, triton.next_power_of_2(d))
     bp = max(16, min(64, 4096 // bd))
-    warps = 16 if bd >= 128 else (8 if bd == 64 else 4)
+    if bd >= 128:
+        warps = 16 if sm90 else 8
+    else:
+        warps = 8 if bd == 64 else 4
     return bp, bd, warps
 
 
@@ -676,7 +680,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     nhw = n * hw
     dev = x.device
     f32 = torch.float32
-    bp, bd, warps = _blocks(d)
+    sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    bp, bd, warps = _blocks(d, sm90)
     tiles_per_img = triton.cdiv(hw, bp)
     ntiles = n * tiles_per_img
 
@@ -790,13 +795,13 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
 
     Layouts are not separate cases: all three are the same kernels with runtime element strides.
     Kernel sizes are runtime values (loops over the packed taps), so K does not enter the
-    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D and num_warps follow D
-    (``_blocks``).
+    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D and num_warps follow D and
+    the GPU generation (``_blocks``): both warp counts are listed (each compiled for both archs).
     """
     cases = []
     i32 = "i32"
-    for d in ranks:
-        bp, bd, warps = _blocks(d)
+    for d, warps in sorted({(d, _blocks(d, sm90)[2]) for d in ranks for sm90 in (False, True)}):
+        bp, bd, _ = _blocks(d, False)
         blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
         for dt in TRITON_DTYPE.values():
             for prenorm in (False, True):
@@ -807,11 +812,11 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 cx = dict(blocks, PRENORM=prenorm)
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
-                    f"mslora_bwd_z[{dt},D={d},{'prenorm' if prenorm else 'plain'}]",
+                    f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
                     _bwd_z_kernel, sig, cx, num_warps=warps))
             for opts in _OPTION_SETS:
                 for det in (False, True):
-                    tag = f"{dt},D={d},{_opt_tag(opts)},{'det' if det else 'atomic'}"
+                    tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
                     sig = {}
                     for nm in ("x_ptr", "go_ptr"):
                         sig[nm] = f"*{dt}"
