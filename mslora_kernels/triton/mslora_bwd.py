@@ -3,20 +3,20 @@
 Entry point: :func:`mslora_bwd` (see ``TRITON_CONTRACT``). What the forward saved is only x, the
 weights and ``zmean`` (pool); everything D-sized is recomputed here, per tile, from x. The
 formulas are DESIGN.md's "Backward" section; the pass plan is its two-pass B1/B2 plan, preceded by
-a small pass B0 that recomputes z once (the depthwise taps then read z from an fp32 buffer, L2
+a small pass B0 that recomputes z once (the depthwise taps then read z from a buffer, L2
 resident, instead of recomputing ``Q u`` 83 times per pixel):
 
-- B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, fp32).
+- B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, compute dtype).
 - B1 ``_bwd_main_kernel``: on a tile, recompute ``a = P u``, ``c_i`` (z with halo), ``s0``,
   ``s`` and ``t = R s``; from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
-  ``dc_i`` (written, D per pixel and path, fp32) and the gate's ``dg_i``. Write
+  ``dc_i`` (written, D per pixel and path, compute dtype) and the gate's ``dg_i``. Write
   ``du_a = P^T da (+ Q^T dz_gate)`` (C per pixel, fp32). Accumulate dU, dR, dP, enorm, gate,
   dQ's gate part and the per-image sum of ``ds0`` (pool).
 - B2 ``_bwd_dz_kernel``: on a tile, ``dz = sum_i flip(K_i) * dc_i`` (dc_i read with halo), plus
   the pool term; accumulate ``dK_i`` (``dc_i`` times z with halo) and dQ; write
   ``dx = d + du`` or ``d + LN_C backward(du)`` (prenorm, with norm's gradients).
 
-Transient bytes per pixel (elements; C input channels, D rank, nK = len(K); buffers fp32):
+Transient bytes per pixel (elements; C input channels, D rank, nK = len(K)):
 z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
 B0 reads C, writes D; B1 reads 2C + D (+ the halo, from L2), writes nK*D + C(f32); B2 reads
 2C + C(f32) + (nK+1)*D (+ halo), writes C. In all 5C + 2C(f32) + (2nK+2)*D elements, i.e. with
@@ -32,15 +32,22 @@ Weight gradients are reductions over N*H*W, accumulated in fp32:
 - ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS, partial budget)``
   programs (a function of the shape only, independent of the device), each owning a private
   fp32 slice of the buffer that it updates (load, add, store) over its tiles in a fixed order;
-  then a fixed-order ``sum`` over the programs. Bitwise reproducible run to run and machine to
-  machine (the reduce is ``torch.sum`` over dim 0 of a fixed-shape tensor, which is
-  deterministic).
+  then a fixed-order ``sum`` over the programs (``torch.sum`` over dim 0 of a fixed-shape
+  tensor). Bitwise reproducible run to run; the program count, hence the order of the
+  reduction over tiles, does not depend on the device (the per-tile products may still differ
+  between GPU generations, whose builds use different MMA instructions and warp counts).
 
 Products: the grouped 1x1s (proj, down, up) are done as dense ``tl.dot`` over C chunks of
 BLOCK_C with the block-diagonal weight loaded masked (G times the MMA work of a per-group product,
 tensor-core time is not the limit here; it keeps every D-sized tensor one [BLOCK_P, BLOCK_D]
 block). Shuffle is folded into the up-projection's column index. Operands go to ``tl.dot`` in the
 compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
+
+Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``): B0 and, in
+bf16/fp16 on sm_90, B2 compile without spills; B1 spills about 0.8-1.4 KB per thread in
+bf16/fp16 on sm_90 (1.5-4 KB on sm_80, more in fp32): the forward recompute, dm and the [D, D]
+products of dR and R^T dt keep too many [BLOCK_P, D] blocks live. Splitting B1 (tried: the
+per-path part in a kernel of its own) did not remove them.
 """
 
 from __future__ import annotations
