@@ -18,9 +18,13 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 
 Transient bytes per pixel (elements; C input channels, D rank, nK = len(K)):
 z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
-B0 reads C, writes D; B1 reads 2C + D (+ the halo, from L2), writes nK*D + C(f32); B2 reads
-2C + C(f32) + (nK+1)*D (+ halo), writes C. In all 5C + 2C(f32) + (2nK+2)*D elements, i.e. with
-C = D = 128, K = (3, 5, 7), bf16: about 2.6 KB per pixel against DESIGN's floor of 3C = 768 B.
+B0 reads x (C), writes z (D); B1 reads x, d (2C) and z (D, + the halo, from L2), writes dc
+(nK*D) and du (C, fp32); B2 reads dc, z ((nK+1)*D + halo), x, d (2C) and du (C, fp32), writes
+dx (C). In all 6C + 2C(fp32) + (2nK+3)*D elements of DRAM traffic, counting the re-reads of a
+tile's x and d within a kernel (prenorm statistics, the C loops) as L1/L2 hits: with
+C = D = 128, K = (3, 5, 7), bf16 that is 4.9 KB per pixel against DESIGN's floor of 3C = 768 B.
+On top come the weight-gradient updates, L2 traffic: per tile of BLOCK_P pixels about
+D^2 + 3*C*D/G + sum(k^2)*D fp32 atomics (or load+store pairs when deterministic).
 The dc_i and z buffers are the price of not recomputing ``c_i`` on a halo inside B2 (which costs
 k^2 times the depthwise work without an on-chip gather). Peak transient memory: ``(nK + 1) * D``
 elements in the compute dtype plus ``C`` fp32 per pixel (and the gradient partials), freed when
