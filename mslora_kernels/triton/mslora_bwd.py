@@ -1,0 +1,876 @@
+"""The backward of fused MSLoRA: gradients for x and every parameter, in three Triton kernels.
+
+Entry point: :func:`mslora_bwd` (see ``TRITON_CONTRACT``). What the forward saved is only x, the
+weights and ``zmean`` (pool); everything D-sized is recomputed here, per tile, from x. The
+formulas are DESIGN.md's "Backward" section; the pass plan is its two-pass B1/B2 plan, preceded by
+a small pass B0 that recomputes z once (the depthwise taps then read z from a buffer, L2
+resident, instead of recomputing ``Q u`` 83 times per pixel):
+
+- B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, compute dtype).
+- B1 ``_bwd_main_kernel``: on a tile, recompute ``a = P u``, ``c_i`` (z with halo), ``s0``,
+  ``s`` and ``t = R s``; from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
+  ``dc_i`` (written, D per pixel and path, compute dtype) and the gate's ``dg_i``. Write
+  ``du_a = P^T da (+ Q^T dz_gate)`` (C per pixel, fp32). Accumulate dU, dR, dP, enorm, gate,
+  dQ's gate part and the per-image sum of ``ds0`` (pool).
+- B2 ``_bwd_dz_kernel``: on a tile, ``dz = sum_i flip(K_i) * dc_i`` (dc_i read with halo), plus
+  the pool term; accumulate ``dK_i`` (``dc_i`` times z with halo) and dQ; write
+  ``dx = d + du`` or ``d + LN_C backward(du)`` (prenorm, with norm's gradients).
+
+Transient bytes per pixel (elements; C input channels, D rank, nK = len(K)):
+z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
+B0 reads x (C), writes z (D); B1 reads x, d (2C) and z (D, + the halo, from L2), writes dc
+(nK*D) and du (C, fp32); B2 reads dc, z ((nK+1)*D + halo), x, d (2C) and du (C, fp32), writes
+dx (C). In all 6C + 2C(fp32) + (2nK+3)*D elements of DRAM traffic, counting the re-reads of a
+tile's x and d within a kernel (prenorm statistics, the C loops) as L1/L2 hits: with
+C = D = 128, K = (3, 5, 7), bf16 that is 4.9 KB per pixel against DESIGN's floor of 3C = 768 B.
+On top come the weight-gradient updates, L2 traffic: per tile of BLOCK_P pixels about
+D^2 + 3*C*D/G + sum(k^2)*D fp32 atomics (or load+store pairs when deterministic).
+The dc_i and z buffers are the price of not recomputing ``c_i`` on a halo inside B2 (which costs
+k^2 times the depthwise work without an on-chip gather). Peak transient memory: ``(nK + 1) * D``
+elements in the compute dtype plus ``C`` fp32 per pixel (and the gradient partials), freed when
+the launcher returns.
+
+Weight gradients are reductions over N*H*W, accumulated in fp32:
+- ``deterministic=False`` (the default, per the contract): one program per tile, each adding its
+  tile's partial sums to one fp32 buffer with ``tl.atomic_add``;
+- ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS, partial budget)``
+  programs (a function of the shape only, independent of the device), each owning a private
+  fp32 slice of the buffer that it updates (load, add, store) over its tiles in a fixed order;
+  then a fixed-order ``sum`` over the programs (``torch.sum`` over dim 0 of a fixed-shape
+  tensor). Bitwise reproducible run to run; the program count, hence the order of the
+  reduction over tiles, does not depend on the device (the per-tile products may still differ
+  between GPU generations, whose builds use different MMA instructions and warp counts).
+
+Products: the grouped 1x1s (proj, down, up) are done as dense ``tl.dot`` over C chunks of
+BLOCK_C with the block-diagonal weight loaded masked (G times the MMA work of a per-group product,
+tensor-core time is not the limit here; it keeps every D-sized tensor one [BLOCK_P, BLOCK_D]
+block). Shuffle is folded into the up-projection's column index. Operands go to ``tl.dot`` in the
+compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
+
+Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``): B0 and, in
+bf16/fp16 on sm_90, B2 compile without spills; B1 spills about 0.8-1.4 KB per thread in
+bf16/fp16 on sm_90 (1.5-4 KB on sm_80, more in fp32): the forward recompute, dm and the [D, D]
+products of dR and R^T dt keep too many [BLOCK_P, D] blocks live. Splitting B1 (tried: the
+per-path part in a kernel of its own) did not remove them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import MSLoRAOptions
+from ._compile import TRITON_DTYPE, CompileCase
+from .gelu import gelu_fp32
+
+LN_EPS = 1e-6
+# Persistent programs of the deterministic mode: a fixed count (2 per SM of an H100), so the
+# reduction order, and hence every bit of the result, does not depend on the machine.
+DET_PROGRAMS = 264
+# ... but no more programs than keep their fp32 partials under 2^23 floats (32 MiB); a function of
+# the shape only, never of the machine.
+DET_PARTIAL_BUDGET = 1 << 23
+BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Make Triton 3.6's interpreter work with NumPy >= 2.4 in loops with runtime bounds.
+
+    The interpreter holds scalars as 1-element, 1-D arrays and converts them with ``int(array)``
+    in ``tensor.__index__`` (used by ``range(0, C, BLOCK)``); NumPy 2.4 made that a TypeError.
+    We add, through the interpreter's own patch scope (so it is undone after each launch), an
+    ``__index__`` that takes the one element. Only under TRITON_INTERPRET=1; idempotent.
+    """
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+    if getattr(orig, "_mslora_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mslora_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_scalar_index()
+
+# -------------------------------------------------------------------------------------------
+# jit helpers
+# -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu_grad(x):
+    """d GELU / dx = Phi(x) + x phi(x), fp32."""
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + \
+        x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr):
+    """[M, K] @ [K, N] on tensor cores: operands in the compute dtype DT, fp32 accumulation."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _acc(ptrs, val, mask, DET: tl.constexpr):
+    """Add ``val`` into an fp32 gradient buffer: atomically (fast) or load-add-store into the
+    program's private slice (deterministic)."""
+    if DET:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
+    else:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _acc_rows(ptr, lhs, rhs, row0, STEP: tl.constexpr, dd, D, DT: tl.constexpr,
+              DET: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Add trans(lhs) @ rhs into rows row0, row0 + STEP, ... of a (D, D) fp32 gradient."""
+    rows = row0 + STEP * tl.arange(0, BLOCK_D // STEP)
+    msk = (rows < D)[:, None] & (dd < D)[None, :]
+    _acc(ptr + rows[:, None] * D + dd[None, :], _mm(tl.trans(lhs), rhs, DT), msk, DET)
+
+
+@triton.jit
+def _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean and 1/std over C of x at the tile's pixels (two passes over C, fp32)."""
+    s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        msk = pm[:, None] & (cc < C)[None, :]
+        s1 += tl.sum(tl.load(x_ptr + xpix[:, None] + cc[None, :] * sxc, mask=msk,
+                             other=0.0).to(tl.float32), axis=1)
+    mean = s1 / C
+    s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        msk = pm[:, None] & (cc < C)[None, :]
+        xv = tl.load(x_ptr + xpix[:, None] + cc[None, :] * sxc, mask=msk, other=0.0)
+        xc = tl.where(msk, xv.to(tl.float32) - mean[:, None], 0.0)
+        s2 += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(s2 / C + 1e-6)
+    return mean, rstd
+
+
+@triton.jit
+def _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM: tl.constexpr):
+    """u = x or LN_C(x) on a [BLOCK_P, BLOCK_C] chunk (fp32), zero outside the tile / C.
+    Also returns x-hat (the normalised x; x itself without prenorm)."""
+    cm = cc < C
+    msk = pm[:, None] & cm[None, :]
+    xv = tl.load(x_ptr + xpix[:, None] + cc[None, :] * sxc, mask=msk, other=0.0).to(tl.float32)
+    if PRENORM:
+        xh = tl.where(msk, (xv - mean[:, None]) * rstd[:, None], 0.0)
+        gam = tl.load(ng_ptr + cc, mask=cm, other=0.0).to(tl.float32)
+        bet = tl.load(nb_ptr + cc, mask=cm, other=0.0).to(tl.float32)
+        u = tl.where(msk, xh * gam[None, :] + bet[None, :], 0.0)
+    else:
+        xh = xv
+        u = xv
+    return u, xh
+
+
+@triton.jit
+def _grp_in_idx(cc, dd, C, D, Cg, Dg):
+    """Offsets and mask of a block-diagonal (D, C/G) weight (proj, down) seen as dense [c, d]:
+    W[d, c % Cg] where group(c) == group(d). ``cc``/``dd`` are broadcastable 2-D index blocks."""
+    off = dd * Cg + cc % Cg
+    msk = (cc < C) & (dd < D) & ((cc // Cg) == (dd // Dg))
+    return off, msk
+
+
+@triton.jit
+def _grp_up_idx(cc, dd, C, D, Cg, Dg, G, SHUFFLE: tl.constexpr):
+    """Offsets and mask of the up weight (C, D/G) seen as a dense [c, d] acting on m (before the
+    shuffle): channel d of m is channel k of m' = shuffle(m), k = (d % Dg) * G + d // Dg."""
+    if SHUFFLE:
+        k = (dd % Dg) * G + dd // Dg
+    else:
+        k = dd
+    off = cc * Dg + k % Dg
+    msk = (cc < C) & (dd < D) & ((cc // Cg) == (k // Dg))
+    return off, msk
+
+
+@triton.jit
+def _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
+            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """c = K * z on the tile: a k x k depthwise conv (zero 'same' padding) of the fp32 z buffer
+    (pixel-major, D contiguous; ``zimg`` = the image's first pixel row)."""
+    r = k // 2
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for ty in range(0, k):
+        hh = h + ty - r
+        hok = pm & (hh >= 0) & (hh < H)
+        for tx in range(0, k):
+            ww = w + tx - r
+            ok = hok & (ww >= 0) & (ww < W)
+            zv = tl.load(z_ptr + (zimg + hh * W + ww)[:, None] * D + dd[None, :],
+                         mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            kv = tl.load(dw_ptr + woff + dd * (k * k) + ty * k + tx, mask=dmask,
+                         other=0.0).to(tl.float32)
+            acc += zv * kv[None, :]
+    return acc
+
+
+@triton.jit
+def _tile_coords(tile, tiles_per_img, HW, W, BLOCK_P: tl.constexpr):
+    """Image index n (int64), pixel index q in the image, its (h, w) and the in-image mask."""
+    n = (tile // tiles_per_img).to(tl.int64)
+    q = (tile % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = q < HW
+    h = q // W
+    w = q % W
+    return n, q, pm, h, w
+
+
+# -------------------------------------------------------------------------------------------
+# kernels
+# -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_z_kernel(x_ptr, down_ptr, ng_ptr, nb_ptr, z_ptr,
+                  C, D, H, W, Cg, Dg, sxn, sxc, sxh, sxw, tiles_per_img,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRENORM: tl.constexpr):
+    """B0: z = Q u for one tile of BLOCK_P pixels of one image, written as fp32.
+
+    x_ptr: x with element strides (sxn, sxc, sxh, sxw) (any of the three layouts);
+    down_ptr: down.weight (D, C/G); ng/nb: norm.weight/bias (prenorm);
+    z_ptr: (N*H*W, D) in the compute dtype.
+    Grid: (N * tiles_per_img,). Tile: BLOCK_P consecutive pixels (row-major h, w) x BLOCK_D
+    channels; the C loop goes in chunks of BLOCK_C through tl.dot with the block-diagonal weight.
+    """
+    DT = x_ptr.dtype.element_ty
+    HW = H * W
+    n, q, pm, h, w = _tile_coords(tl.program_id(0), tiles_per_img, HW, W, BLOCK_P)
+    xpix = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+    dd = tl.arange(0, BLOCK_D)
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
+    if PRENORM:
+        mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+    z = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM)
+        off, msk = _grp_in_idx(cc[:, None], dd[None, :], C, D, Cg, Dg)
+        qw = tl.load(down_ptr + off, mask=msk, other=0.0)
+        z += _mm(u, qw, DT)
+    zrow = n * HW + q
+    tl.store(z_ptr + zrow[:, None] * D + dd[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=pm[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
+def _bwd_main_kernel(
+        x_ptr, go_ptr, z_ptr, zmean_ptr, dc_ptr, du_ptr,
+        proj_ptr, down_ptr, up_ptr, pw_ptr, dw_ptr, ks_ptr, woffs_ptr,
+        gw_ptr, gb_ptr, ng_ptr, nb_ptr, eg_ptr, eb_ptr,
+        g_ptr, o_proj, o_down, o_up, o_pw, o_gw, o_gb, o_eg, o_eb, o_pool, gstride,
+        N, C, D, H, W, G, Cg, Dg, NK,
+        sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+        ntiles, tiles_per_img,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRENORM: tl.constexpr, ENHANCE: tl.constexpr, POOL: tl.constexpr, GATE: tl.constexpr,
+        SHUFFLE: tl.constexpr, DET: tl.constexpr):
+    """B1: everything from d = grad_out down to dc_i, per tile.
+
+    Inputs: x (strides sx*), grad_out (strides sg*), z ((N*H*W, D) from B0), zmean (fp32
+    (N, D), pool), the weights in the compute dtype (dw taps packed: path i at woffs[i], size
+    ks[i]; gate weight (nK, D) and bias (nK,)).
+    Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate)
+    and, added
+    into the fp32 buffer g_ptr at the o_* offsets (+ pid * gstride when DET), the gradients of
+    up, pw, proj, enorm, gate, the gate part of down's, and the per-(n, d) sum of ds0 (pool).
+    Grid: DET: a persistent grid, program p takes tiles p, p + #programs, ...; otherwise one
+    program per tile. Tile: BLOCK_P consecutive pixels of one image x all D (BLOCK_D >= D).
+    """
+    DT = x_ptr.dtype.element_ty
+    HW = H * W
+    NHW = N * HW
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    gb = g_ptr
+    if DET:
+        gb = g_ptr + pid.to(tl.int64) * gstride
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    for tile in range(pid, ntiles, nprog):
+        if DET:
+            tl.debug_barrier()  # the previous tile's load-add-stores are visible to all threads
+        n, q, pm, h, w = _tile_coords(tile, tiles_per_img, HW, W, BLOCK_P)
+        h64 = h.to(tl.int64)
+        w64 = w.to(tl.int64)
+        xpix = n * sxn + h64 * sxh + w64 * sxw
+        gpix = n * sgn + h64 * sgh + w64 * sgw
+        zimg = n * HW
+        zrow = zimg + q
+        pdm = pm[:, None] & dmask[None, :]
+
+        # ---- recompute the forward on the tile ----
+        mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
+        if PRENORM:
+            mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+        a = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM)
+            off, msk = _grp_in_idx(cc[:, None], dd[None, :], C, D, Cg, Dg)
+            a += _mm(u, tl.load(proj_ptr + off, mask=msk, other=0.0), DT)
+        zc = tl.load(z_ptr + zrow[:, None] * D + dd[None, :], mask=pdm, other=0.0).to(tl.float32)
+        s0 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for i in range(NK):
+            k = tl.load(ks_ptr + i)
+            woff = tl.load(woffs_ptr + i)
+            e = gelu_fp32(_dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
+                                  BLOCK_P, BLOCK_D))
+            if GATE:
+                gwi = tl.load(gw_ptr + i * D + dd, mask=dmask, other=0.0).to(tl.float32)
+                gl = tl.sum(zc * gwi[None, :], axis=1) + tl.load(gb_ptr + i).to(tl.float32)
+                e = e * tl.sigmoid(gl)[:, None]
+            s0 += e
+        if POOL:
+            zm = tl.load(zmean_ptr + n * D + dd, mask=dmask, other=0.0)
+            s0 += tl.where(dmask, gelu_fp32(zm), 0.0)[None, :]
+        if ENHANCE:
+            emean = tl.sum(s0, axis=1) / D
+            sc = tl.where(dmask[None, :], s0 - emean[:, None], 0.0)
+            erstd = 1.0 / tl.sqrt(tl.sum(sc * sc, axis=1) / D + 1e-6)
+            ehat = sc * erstd[:, None]
+            egam = tl.load(eg_ptr + dd, mask=dmask, other=0.0).to(tl.float32)
+            ebet = tl.load(eb_ptr + dd, mask=dmask, other=0.0).to(tl.float32)
+            v = ehat * egam[None, :] + ebet[None, :]
+            s = gelu_fp32(v)
+        else:
+            s = s0
+        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]
+        rt = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (1, D), (0, 0), (BLOCK_D, BLOCK_D), (0, 1)),
+                     boundary_check=(0, 1), padding_option="zero")
+        t = _mm(s, rt, DT)
+
+        # ---- dU = sum_p d (x) m (one C loop), dm = U^T d (unshuffled, a second C loop) ----
+        m = a * t
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            gmsk = pm[:, None] & (cc < C)[None, :]
+            gch = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=gmsk, other=0.0)
+            off, msk = _grp_up_idx(cc[:, None], dd[None, :], C, D, Cg, Dg, G, SHUFFLE)
+            _acc(gb + o_up + off, _mm(tl.trans(gch), m, DT), msk, DET)
+        dm = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            gmsk = pm[:, None] & (cc < C)[None, :]
+            gch = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=gmsk, other=0.0)
+            off, msk = _grp_up_idx(cc[:, None], dd[None, :], C, D, Cg, Dg, G, SHUFFLE)
+            dm += _mm(gch, tl.load(up_ptr + off, mask=msk, other=0.0), DT)
+        da = dm * t
+        dt = dm * a
+        # ds = R^T dt (R reloaded as [o, i], not kept live); dR[o, i] = sum_p dt[p, o] s[p, i]
+        rr_off = dd[:, None] * D + dd[None, :]
+        rr_msk = dmask[:, None] & dmask[None, :]
+        rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero")
+        ds = _mm(dt, rr, DT)
+        _acc(gb + o_pw + rr_off, _mm(tl.trans(dt), s, DT), rr_msk, DET)
+        if ENHANCE:
+            dv = ds * _gelu_grad(v)
+            _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
+            _acc(gb + o_eb + dd, tl.sum(dv, axis=0), dmask, DET)
+            dxh = dv * egam[None, :]
+            m1 = tl.sum(dxh, axis=1) / D
+            m2 = tl.sum(dxh * ehat, axis=1) / D
+            ds0 = tl.where(dmask[None, :],
+                           erstd[:, None] * (dxh - m1[:, None] - ehat * m2[:, None]), 0.0)
+        else:
+            ds0 = ds
+        if POOL:
+            _acc(gb + o_pool + n * D + dd, tl.sum(ds0, axis=0), dmask, DET)
+
+        # ---- per path: dc_i (written), gate gradients ----
+        dzg = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for i in range(NK):
+            k = tl.load(ks_ptr + i)
+            woff = tl.load(woffs_ptr + i)
+            c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
+                        BLOCK_P, BLOCK_D)
+            if GATE:
+                gwi = tl.load(gw_ptr + i * D + dd, mask=dmask, other=0.0).to(tl.float32)
+                gl = tl.sum(zc * gwi[None, :], axis=1) + tl.load(gb_ptr + i).to(tl.float32)
+                sig = tl.sigmoid(gl)
+                de = ds0 * sig[:, None]
+                dg = tl.sum(ds0 * gelu_fp32(c), axis=1) * sig * (1.0 - sig)
+                _acc(gb + o_gw + i * D + dd, tl.sum(dg[:, None] * zc, axis=0), dmask, DET)
+                # the bias gradient, a scalar, through lane 0 of a D vector
+                _acc(gb + o_gb + i + dd * 0, tl.where(dd == 0, tl.sum(dg, axis=0), 0.0),
+                     dd == 0, DET)
+                dzg += dg[:, None] * gwi[None, :]
+            else:
+                de = ds0
+            tl.store(dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :],
+                     (de * _gelu_grad(c)).to(dc_ptr.dtype.element_ty), mask=pdm)
+
+        # ---- du_a = P^T da (+ Q^T dz_gate), dP (and dQ's gate part) ----
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM)
+            off, msk = _grp_in_idx(cc[None, :], dd[:, None], C, D, Cg, Dg)  # [BLOCK_D, BLOCK_C]
+            du = _mm(da, tl.load(proj_ptr + off, mask=msk, other=0.0), DT)
+            _acc(gb + o_proj + off, _mm(tl.trans(da), u, DT), msk, DET)
+            if GATE:
+                du += _mm(dzg, tl.load(down_ptr + off, mask=msk, other=0.0), DT)
+                _acc(gb + o_down + off, _mm(tl.trans(dzg), u, DT), msk, DET)
+            tl.store(du_ptr + zrow[:, None] * C + cc[None, :], du,
+                     mask=pm[:, None] & (cc < C)[None, :])
+
+
+@triton.jit
+def _bwd_dz_kernel(
+        x_ptr, go_ptr, gx_ptr, z_ptr, dc_ptr, du_ptr, dzpool_ptr,
+        down_ptr, dw_ptr, ks_ptr, woffs_ptr, ng_ptr, nb_ptr,
+        g_ptr, o_down, o_dw, o_ng, o_nb, gstride,
+        N, C, D, H, W, Cg, Dg, NK,
+        sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+        ntiles, tiles_per_img,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRENORM: tl.constexpr, POOL: tl.constexpr, DET: tl.constexpr):
+    """B2: dz from dc_i by flipped-tap correlation, dK_i, dQ, and dx, per tile.
+
+    Inputs: x (strides sx*), grad_out (sg*), z and dc (buffers of B0/B1, compute dtype), du (fp32
+    (N*H*W, C) from B1), dzpool (fp32 (N, D): the pool term of dz, pool only), down.weight, the
+    packed dw taps, norm.weight/bias (prenorm).
+    Outputs: grad_x (strides sd*), and added into g_ptr (+ pid * gstride when DET) the gradients
+    of the dw taps (packed like the taps), down (the non-gate part) and norm (prenorm).
+    Grid and tile as B1. dz[q] = sum_i sum_o K_i[o] dc_i[q - o];
+    dK_i[o] = sum_q dc_i[q] z[q + o] (both need dc_i / z on a halo of (k_i - 1) / 2, read from
+    the buffers, L2 resident).
+    """
+    DT = x_ptr.dtype.element_ty
+    HW = H * W
+    NHW = N * HW
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    gb = g_ptr
+    if DET:
+        gb = g_ptr + pid.to(tl.int64) * gstride
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    for tile in range(pid, ntiles, nprog):
+        if DET:
+            tl.debug_barrier()
+        n, q, pm, h, w = _tile_coords(tile, tiles_per_img, HW, W, BLOCK_P)
+        h64 = h.to(tl.int64)
+        w64 = w.to(tl.int64)
+        xpix = n * sxn + h64 * sxh + w64 * sxw
+        gpix = n * sgn + h64 * sgh + w64 * sgw
+        dpix = n * sdn + h64 * sdh + w64 * sdw
+        zimg = n * HW
+        zrow = zimg + q
+        pdm = pm[:, None] & dmask[None, :]
+
+        dz = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for i in range(NK):
+            k = tl.load(ks_ptr + i)
+            woff = tl.load(woffs_ptr + i)
+            r = k // 2
+            dci = dc_ptr + i * NHW * D
+            dcc = tl.load(dci + zrow[:, None] * D + dd[None, :], mask=pdm,
+                          other=0.0).to(tl.float32)
+            for ty in range(0, k):
+                hd = h - (ty - r)
+                hz = h + (ty - r)
+                hdok = pm & (hd >= 0) & (hd < H)
+                hzok = pm & (hz >= 0) & (hz < H)
+                for tx in range(0, k):
+                    wd = w - (tx - r)
+                    wz = w + (tx - r)
+                    dok = hdok & (wd >= 0) & (wd < W)
+                    zok = hzok & (wz >= 0) & (wz < W)
+                    tap = woff + dd * (k * k) + ty * k + tx
+                    kv = tl.load(dw_ptr + tap, mask=dmask, other=0.0).to(tl.float32)
+                    dcs = tl.load(dci + (zimg + hd * W + wd)[:, None] * D + dd[None, :],
+                                  mask=dok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    dz += dcs * kv[None, :]
+                    zs = tl.load(z_ptr + (zimg + hz * W + wz)[:, None] * D + dd[None, :],
+                                 mask=zok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    _acc(gb + o_dw + tap, tl.sum(dcc * zs, axis=0), dmask, DET)
+        if POOL:
+            dzp = tl.load(dzpool_ptr + n * D + dd, mask=dmask, other=0.0)
+            dz = tl.where(pdm, dz + dzp[None, :], 0.0)
+
+        mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
+        m1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+        if PRENORM:
+            mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            cm = cc < C
+            pcm = pm[:, None] & cm[None, :]
+            u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd, PRENORM)
+            off, msk = _grp_in_idx(cc[None, :], dd[:, None], C, D, Cg, Dg)  # [BLOCK_D, BLOCK_C]
+            du = tl.load(du_ptr + zrow[:, None] * C + cc[None, :], mask=pcm, other=0.0)
+            du += _mm(dz, tl.load(down_ptr + off, mask=msk, other=0.0), DT)
+            _acc(gb + o_down + off, _mm(tl.trans(dz), u, DT), msk, DET)
+            if PRENORM:
+                gam = tl.load(ng_ptr + cc, mask=cm, other=0.0).to(tl.float32)
+                _acc(gb + o_ng + cc, tl.sum(du * xh, axis=0), cm, DET)
+                _acc(gb + o_nb + cc, tl.sum(du, axis=0), cm, DET)
+                m1 += tl.sum(du * gam[None, :], axis=1)
+                m2 += tl.sum(du * gam[None, :] * xh, axis=1)
+            else:
+                go = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=pcm, other=0.0)
+                tl.store(gx_ptr + dpix[:, None] + cc[None, :] * sdc,
+                         (go.to(tl.float32) + du).to(gx_ptr.dtype.element_ty), mask=pcm)
+        if PRENORM:
+            # LN_C backward: dx = d + rstd (du gamma - mean(du gamma) - xhat mean(du gamma xhat))
+            m1 = m1 / C
+            m2 = m2 / C
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + tl.arange(0, BLOCK_C)
+                cm = cc < C
+                pcm = pm[:, None] & cm[None, :]
+                u, xh = _u_chunk(x_ptr, ng_ptr, nb_ptr, xpix, pm, cc, C, sxc, mean, rstd,
+                                 PRENORM)
+                off, msk = _grp_in_idx(cc[None, :], dd[:, None], C, D, Cg, Dg)
+                du = tl.load(du_ptr + zrow[:, None] * C + cc[None, :], mask=pcm, other=0.0)
+                du += _mm(dz, tl.load(down_ptr + off, mask=msk, other=0.0), DT)
+                gam = tl.load(ng_ptr + cc, mask=cm, other=0.0).to(tl.float32)
+                go = tl.load(go_ptr + gpix[:, None] + cc[None, :] * sgc, mask=pcm, other=0.0)
+                dx = go.to(tl.float32) + rstd[:, None] * (
+                    du * gam[None, :] - m1[:, None] - xh * m2[:, None])
+                tl.store(gx_ptr + dpix[:, None] + cc[None, :] * sdc,
+                         dx.to(gx_ptr.dtype.element_ty), mask=pcm)
+
+
+# -------------------------------------------------------------------------------------------
+# launcher
+# -------------------------------------------------------------------------------------------
+
+
+def _blocks(d: int, sm90: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16),
+    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64). From BLOCK_D = 128 up: 16 warps on
+    sm_90 and newer, 8 before (what spills least in the compile check: at 16 warps ptxas gives
+    the sm_80 build of the main kernel only 64 registers)."""
+    bd = max(16, triton.next_power_of_2(d))
+    bp = max(16, min(64, 4096 // bd))
+    if bd >= 128:
+        warps = 16 if sm90 else 8
+    else:
+        warps = 8 if bd == 64 else 4
+    return bp, bd, warps
+
+
+def _layout(t: torch.Tensor, o: MSLoRAOptions) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """The tensor in one of the three supported layouts, and its (n, c, h, w) element strides."""
+    if o.data_format == "channels_last":
+        t = t.contiguous()
+        sn, sh, sw, sc = t.stride()
+        return t, (sn, sc, sh, sw)
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous()
+    sn, sc, sh, sw = t.stride()
+    return t, (sn, sc, sh, sw)
+
+
+def _weight_names(o: MSLoRAOptions) -> list[str]:
+    names = ["proj.weight", "down.weight"]
+    names += [f"dw.{i}.weight" for i in range(len(o.kernel_sizes))]
+    names += ["pw.weight", "up.weight"]
+    if o.prenorm:
+        names += ["norm.weight", "norm.bias"]
+    if o.enhance:
+        names += ["enorm.weight", "enorm.bias"]
+    if o.gate:
+        names += ["gate.weight", "gate.bias"]
+    return names
+
+
+def _expected_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
+    c, d, g = o.channels, o.rank, o.groups
+    shapes = {"proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1),
+              "pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1),
+              "norm.weight": (c,), "norm.bias": (c,), "enorm.weight": (d,), "enorm.bias": (d,),
+              "gate.weight": (len(o.kernel_sizes), d, 1, 1),
+              "gate.bias": (len(o.kernel_sizes),)}
+    for i, k in enumerate(o.kernel_sizes):
+        shapes[f"dw.{i}.weight"] = (d, 1, k, k)
+    return shapes
+
+
+def _check(grad_out, x, weights, o, zmean) -> None:
+    """Refuse, before any launch, inputs the kernels do not define."""
+    if not isinstance(o, MSLoRAOptions):
+        raise TypeError(f"mslora_bwd: o must be MSLoRAOptions, got {type(o).__name__}")
+    for name, t in (("x", x), ("grad_out", grad_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mslora_bwd: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in TRITON_DTYPE:
+        raise TypeError(f"mslora_bwd: x dtype {x.dtype} not supported; use float32, float16 "
+                        "or bfloat16")
+    if x.dim() != 4:
+        raise ValueError(f"mslora_bwd: x must be 4-D, got shape {tuple(x.shape)}")
+    c = x.shape[1] if o.data_format == "channels_first" else x.shape[3]
+    if c != o.channels:
+        raise ValueError(f"mslora_bwd: x has {c} channels ({o.data_format}), options say "
+                         f"{o.channels}")
+    if x.numel() == 0:
+        raise ValueError(f"mslora_bwd: x is empty, shape {tuple(x.shape)}")
+    if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise ValueError(f"mslora_bwd: grad_out {tuple(grad_out.shape)} {grad_out.dtype} on "
+                         f"{grad_out.device} must match x {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}")
+    shapes = _expected_shapes(o)
+    for name in _weight_names(o):
+        if name not in weights:
+            raise ValueError(f"mslora_bwd: weight {name!r} is missing")
+        w = weights[name]
+        if tuple(w.shape) != shapes[name]:
+            raise ValueError(f"mslora_bwd: {name} has shape {tuple(w.shape)}, expected "
+                             f"{shapes[name]}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise ValueError(f"mslora_bwd: {name} is {w.dtype} on {w.device}; the weights must "
+                             f"be in the compute dtype {x.dtype} on {x.device}")
+    extra = set(weights) - set(_weight_names(o))
+    if extra:
+        raise ValueError(f"mslora_bwd: unexpected weights {sorted(extra)} for these options")
+    if o.pool and zmean is not None:
+        n = x.shape[0]
+        if tuple(zmean.shape) != (n, o.rank) or zmean.device != x.device:
+            raise ValueError(f"mslora_bwd: zmean must be ({n}, {o.rank}) on {x.device}, got "
+                             f"{tuple(zmean.shape)} on {zmean.device}")
+
+
+def _gelu_grad_torch(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x * 0.7071067811865476)) + \
+        x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
+
+
+def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch.Tensor],
+               o: MSLoRAOptions, zmean: torch.Tensor | None,
+               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradients of ``out = x + H(x)`` (SPEC section 1) for x and every weight.
+
+    Args:
+        grad_out: dL/dout, x's shape and dtype (any of the three layouts).
+        x: the input, (N, C, H, W) (contiguous or channels_last memory format) or (N, H, W, C)
+            for ``o.data_format == "channels_last"``; fp32, fp16 or bf16.
+        weights: the checkpoint-named weights in x's dtype (see ``_weight_names``).
+        o: the module's options.
+        zmean: fp32 (N, D) mean over H, W of z, as the forward saved it (pool); when None under
+            pool it is recomputed here.
+        deterministic: False (default): weight gradients accumulated with fp32 atomics (fast,
+            order-dependent in the last bits). True: bitwise reproducible (persistent grid of
+            ``DET_PROGRAMS`` programs with private fp32 partials, fixed-order reduction).
+
+    Returns ``(grad_x, grads)``: grad_x in x's layout, memory format and dtype; grads keyed like
+    ``weights``, each in its weight's shape and dtype (accumulated in fp32).
+    """
+    _check(grad_out, x, weights, o, zmean)
+    x, sx = _layout(x, o)
+    grad_out, sg = _layout(grad_out, o)
+    if o.data_format == "channels_last":
+        n, h, w, c = x.shape
+    else:
+        n, c, h, w = x.shape
+    d, g = o.rank, o.groups
+    cg, dg = c // g, d // g
+    nk = len(o.kernel_sizes)
+    hw = h * w
+    nhw = n * hw
+    dev = x.device
+    f32 = torch.float32
+    sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    bp, bd, warps = _blocks(d, sm90)
+    tiles_per_img = triton.cdiv(hw, bp)
+    ntiles = n * tiles_per_img
+
+    # packed depthwise taps: path i at woffs[i], (D, k, k) row-major
+    ks = torch.tensor(o.kernel_sizes, dtype=torch.int32, device=dev)
+    sizes = [d * k * k for k in o.kernel_sizes]
+    woffs_list = [sum(sizes[:i]) for i in range(nk)]
+    woffs = torch.tensor(woffs_list, dtype=torch.int32, device=dev)
+    dw = torch.cat([weights[f"dw.{i}.weight"].reshape(-1) for i in range(nk)])
+
+    # the fp32 gradient buffer: one section per gradient, plus the per-(n, d) sum of ds0 (pool)
+    sections = {"proj.weight": d * cg, "down.weight": d * cg, "up.weight": c * dg,
+                "pw.weight": d * d, "dw": sum(sizes), "gate.weight": nk * d, "gate.bias": nk,
+                "enorm.weight": d, "enorm.bias": d, "norm.weight": c, "norm.bias": c,
+                "pool": n * d}
+    offs, total = {}, 0
+    for key, size in sections.items():
+        offs[key] = total
+        total += (size + 31) // 32 * 32
+    if deterministic:
+        nprog = min(ntiles, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // total))
+    else:
+        nprog = ntiles
+    gbuf = torch.zeros((nprog if deterministic else 1, total), dtype=f32, device=dev)
+
+    # z and dc_i in the compute dtype (as the reference rounds them); du in fp32
+    zbuf = torch.empty((nhw, d), dtype=x.dtype, device=dev)
+    dcbuf = torch.empty((nk, nhw, d), dtype=x.dtype, device=dev)
+    dubuf = torch.empty((nhw, c), dtype=f32, device=dev)
+    grad_x = torch.empty_like(x)
+    if o.data_format == "channels_last":
+        sgx = (grad_x.stride(0), grad_x.stride(3), grad_x.stride(1), grad_x.stride(2))
+    else:
+        sgx = grad_x.stride()
+
+    wt = weights
+    dummy = wt["pw.weight"]
+    ng, nb = (wt["norm.weight"], wt["norm.bias"]) if o.prenorm else (dummy, dummy)
+    eg, eb = (wt["enorm.weight"], wt["enorm.bias"]) if o.enhance else (dummy, dummy)
+    gw, gbias = (wt["gate.weight"], wt["gate.bias"]) if o.gate else (dummy, dummy)
+    if o.pool:
+        zm = zmean.to(f32).contiguous() if zmean is not None else None
+    else:
+        zm = gbuf
+
+    wrap = torch.library.wrap_triton
+    wrap(_bwd_z_kernel)[(ntiles,)](
+        x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
+    if o.pool and zm is None:
+        zm = zbuf.view(n, hw, d).float().mean(1)
+
+    wrap(_bwd_main_kernel)[(nprog,)](
+        x, grad_out, zbuf, zm, dcbuf, dubuf,
+        wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks, woffs,
+        gw, gbias, ng, nb, eg, eb,
+        gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"], offs["pw.weight"],
+        offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"], offs["enorm.bias"],
+        offs["pool"], total,
+        n, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
+        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps)
+
+    if o.pool:
+        pool_sum = gbuf[:, offs["pool"]:offs["pool"] + n * d].sum(0).view(n, d)
+        dzpool = (pool_sum * _gelu_grad_torch(zm) / hw).contiguous()
+    else:
+        dzpool = gbuf
+
+    wrap(_bwd_dz_kernel)[(nprog,)](
+        x, grad_out, grad_x, zbuf, dcbuf, dubuf, dzpool,
+        wt["down.weight"], dw, ks, woffs, ng, nb,
+        gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
+        n, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
+        DET=deterministic, num_warps=warps)
+
+    flat = gbuf.sum(0) if deterministic else gbuf[0]
+    grads = {}
+    for name in _weight_names(o):
+        wgt = weights[name]
+        if name.startswith("dw."):
+            i = int(name.split(".")[1])
+            start = offs["dw"] + woffs_list[i]
+        else:
+            start = offs[name]
+        grads[name] = flat[start:start + wgt.numel()].view(wgt.shape).to(wgt.dtype)
+    return grad_x, grads
+
+
+# -------------------------------------------------------------------------------------------
+# compile cases
+# -------------------------------------------------------------------------------------------
+
+# The option sets compile_cases() enumerates: every option off, and every option on (the kernels
+# take the options as constexprs; any other combination compiles the same code paths).
+_OPTION_SETS = (
+    {"PRENORM": False, "ENHANCE": False, "POOL": False, "GATE": False, "SHUFFLE": False},
+    {"PRENORM": True, "ENHANCE": True, "POOL": True, "GATE": True, "SHUFFLE": True},
+)
+
+
+def _opt_tag(opts: dict) -> str:
+    on = [k.lower() for k, v in opts.items() if v]
+    return "+".join(on) if on else "plain"
+
+
+def compile_cases(ranks=(128,)) -> list[CompileCase]:
+    """Every configuration the launcher picks for D in ``ranks`` (default {128}), for fp32, fp16
+    and bf16, both reduction modes, and the option sets in ``_OPTION_SETS``.
+
+    Layouts are not separate cases: all three are the same kernels with runtime element strides.
+    Kernel sizes are runtime values (loops over the packed taps), so K does not enter the
+    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D and num_warps follow D and
+    the GPU generation (``_blocks``): both warp counts are listed (each compiled for both archs).
+    """
+    cases = []
+    i32 = "i32"
+    for d, warps in sorted({(d, _blocks(d, sm90)[2]) for d in ranks for sm90 in (False, True)}):
+        bp, bd, _ = _blocks(d, False)
+        blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
+        for dt in TRITON_DTYPE.values():
+            for prenorm in (False, True):
+                sig = {nm: f"*{dt}" for nm in ("x_ptr", "down_ptr", "ng_ptr", "nb_ptr")}
+                sig["z_ptr"] = f"*{dt}"
+                sig.update({nm: i32 for nm in ("C", "D", "H", "W", "Cg", "Dg", "sxn", "sxc",
+                                               "sxh", "sxw", "tiles_per_img")})
+                cx = dict(blocks, PRENORM=prenorm)
+                sig.update({k: "constexpr" for k in cx})
+                cases.append(CompileCase(
+                    f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
+                    _bwd_z_kernel, sig, cx, num_warps=warps))
+            for opts in _OPTION_SETS:
+                for det in (False, True):
+                    tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
+                    sig = {}
+                    for nm in ("x_ptr", "go_ptr"):
+                        sig[nm] = f"*{dt}"
+                    for nm in ("z_ptr", "dc_ptr"):
+                        sig[nm] = f"*{dt}"
+                    for nm in ("zmean_ptr", "du_ptr"):
+                        sig[nm] = "*fp32"
+                    for nm in ("proj_ptr", "down_ptr", "up_ptr", "pw_ptr", "dw_ptr"):
+                        sig[nm] = f"*{dt}"
+                    sig["ks_ptr"] = "*i32"
+                    sig["woffs_ptr"] = "*i32"
+                    for nm in ("gw_ptr", "gb_ptr", "ng_ptr", "nb_ptr", "eg_ptr", "eb_ptr"):
+                        sig[nm] = f"*{dt}"
+                    sig["g_ptr"] = "*fp32"
+                    for nm in ("o_proj", "o_down", "o_up", "o_pw", "o_gw", "o_gb", "o_eg",
+                               "o_eb", "o_pool", "gstride", "N", "C", "D", "H", "W", "G", "Cg",
+                               "Dg", "NK", "sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh",
+                               "sgw", "ntiles", "tiles_per_img"):
+                        sig[nm] = i32
+                    cx = dict(blocks, **opts, DET=det)
+                    sig.update({k: "constexpr" for k in cx})
+                    cases.append(CompileCase(f"mslora_bwd_main[{tag}]", _bwd_main_kernel, sig,
+                                             cx, num_warps=warps))
+
+                    sig = {nm: f"*{dt}" for nm in ("x_ptr", "go_ptr", "gx_ptr")}
+                    for nm in ("z_ptr", "dc_ptr"):
+                        sig[nm] = f"*{dt}"
+                    for nm in ("du_ptr", "dzpool_ptr"):
+                        sig[nm] = "*fp32"
+                    sig["down_ptr"] = f"*{dt}"
+                    sig["dw_ptr"] = f"*{dt}"
+                    sig["ks_ptr"] = "*i32"
+                    sig["woffs_ptr"] = "*i32"
+                    sig["ng_ptr"] = f"*{dt}"
+                    sig["nb_ptr"] = f"*{dt}"
+                    sig["g_ptr"] = "*fp32"
+                    for nm in ("o_down", "o_dw", "o_ng", "o_nb", "gstride", "N", "C", "D", "H",
+                               "W", "Cg", "Dg", "NK", "sxn", "sxc", "sxh", "sxw", "sgn", "sgc",
+                               "sgh", "sgw", "sdn", "sdc", "sdh", "sdw", "ntiles",
+                               "tiles_per_img"):
+                        sig[nm] = i32
+                    cx = dict(blocks, PRENORM=opts["PRENORM"], POOL=opts["POOL"], DET=det)
+                    sig.update({k: "constexpr" for k in cx})
+                    cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
+                                             num_warps=warps))
+    return cases
