@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mslora_kernels.models import ResNet
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not installed; it runs from the repository root
     sys.path.insert(0, str(ROOT))
@@ -264,14 +266,8 @@ def test_gpu_rates_and_a_small_run(tmp_path):
     assert eager[0]["peak_mem_mb"] > 0 and math.isfinite(eager[0]["median_ms"])
 
 
-class _TinyNet(torch.nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean(dim=(2, 3)))
+class _TinyResNet(ResNet):
+    """The package's small torchvision-style ResNet, with timm's get_classifier()."""
 
     def get_classifier(self):
         return self.fc
@@ -284,9 +280,9 @@ def test_e2e_train_step_and_unavailable_variants(monkeypatch):
     from benchmarks import e2e
 
     fake = types.ModuleType("timm")
-    fake.create_model = lambda name, pretrained, num_classes: _TinyNet(num_classes)
+    fake.create_model = lambda name, pretrained, num_classes: _TinyResNet(num_classes=num_classes)
     monkeypatch.setitem(sys.modules, "timm", fake)
-    monkeypatch.setitem(e2e.PEFT_TARGETS, "swin_b", r"conv")  # the stand-in's one conv
+    monkeypatch.setitem(e2e.PEFT_TARGETS, "swin_b", r".*conv2")  # the stand-in's 3x3 convs
     cpu = torch.device("cpu")
     model, detail = e2e.build_model("resnet50", "full-ft", cpu)
     res = e2e.time_train_step(model, 2, cpu, image_size=8, num_classes=5, warmup=1, steps=2)
@@ -298,7 +294,7 @@ def test_e2e_train_step_and_unavailable_variants(monkeypatch):
             model, _ = e2e.build_model("swin_b", variant, cpu)
         except e2e.Unavailable as e:
             assert str(e)  # says why
-        else:  # inject (issue 5) or PEFT is importable here: the head trains, the rest not all
+        else:  # inject or PEFT is importable here: the head and the adapters train, not the rest
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             assert trainable and len(trainable) < len(list(model.parameters()))
 
