@@ -17,7 +17,10 @@ from .config import MSLoRAOptions, validate_backend
 
 
 class _Gate(nn.Module):
-    """One 1x1 conv D -> 1 per multi-scale path: ``weight`` (len(K), D, 1, 1), ``bias`` (len(K),)."""
+    """One 1x1 conv D -> 1 per multi-scale path.
+
+    ``weight`` is (len(K), D, 1, 1) and ``bias`` (len(K),), as SPEC's checkpoint table says.
+    """
 
     def __init__(self, paths: int, rank: int) -> None:
         super().__init__()
@@ -104,7 +107,8 @@ class MSLoRA(nn.Module):
         self.proj = _conv1x1(c, d, g)
         self.down = _conv1x1(c, d, g)
         self.dw = nn.ModuleList(
-            nn.Conv2d(d, d, k, padding=k // 2, groups=d, bias=False) for k in self.options.kernel_sizes
+            nn.Conv2d(d, d, k, padding=k // 2, groups=d, bias=False)
+            for k in self.options.kernel_sizes
         )
         self.pw = _conv1x1(d, d, 1)
         self.up = _conv1x1(d, c, g)

@@ -97,7 +97,11 @@ class IndependentMSLoRA(nn.Module):
 CASES = [dict(zip(OPTION_NAMES, flags)) for flags in itertools.product([False, True], repeat=5)]
 
 
-@pytest.mark.parametrize("opts", CASES, ids=lambda o: "+".join(k for k, v in o.items() if v) or "plain")
+def case_id(opts):
+    return "+".join(k for k, v in opts.items() if v) or "plain"
+
+
+@pytest.mark.parametrize("opts", CASES, ids=case_id)
 def test_matches_independent_formulation(opts):
     c, d, g, ks = 40, 24, 4, (3, 5, 7)
     m = randomize_(MSLoRA(c, d, g, ks, **opts, backend="reference")).double()

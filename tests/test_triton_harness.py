@@ -42,7 +42,8 @@ def test_gelu_gpu(dtype):
 def _run_check(*args, extra_path=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if extra_path is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH")) if p)
+        paths = (str(extra_path), env.get("PYTHONPATH"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return subprocess.run([sys.executable, "-m", "mslora_kernels.checks.triton_compile", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 

@@ -5,8 +5,8 @@
 Each kernel module under ``mslora_kernels.triton`` lists, in ``compile_cases()``, every
 configuration its launchers can pick. Each is compiled with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))``; the PTX then goes through Triton's own ptxas with ``-v`` for
-registers, spills and stack. Prints one row per (case, arch); any spill is a WARNING; any error
-makes the exit status 1.
+registers, spills and stack. Prints one row per (case, arch); any spill is a WARNING; any error,
+or shared memory beyond what one block can have on that arch, makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTXAS_ARCH = {90: "sm_90a", 80: "sm_80"}  # Triton targets sm_90a for capability 9.0
+# The most shared memory one block may opt in to (H100: 227 KiB, A100: 163 KiB): a kernel that
+# needs more compiles but cannot launch, so the check fails it.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 @dataclass
@@ -95,6 +98,9 @@ def compile_one(job) -> Result:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         rep = ptxas_report(k.asm["ptx"], arch)
+        if k.metadata.shared > SHARED_LIMIT[arch]:
+            raise RuntimeError(f"needs {k.metadata.shared} B of shared memory; sm_{arch} blocks "
+                               f"can have at most {SHARED_LIMIT[arch]} B")
         return Result(case_name, arch, True, shared=k.metadata.shared,
                       seconds=time.perf_counter() - t0, **rep)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then fails the run
@@ -128,8 +134,9 @@ def main(argv=None) -> int:
     print(f"{'kernel configuration':<{width}}  arch  regs  spill(st/ld)  stack  shared(B)  time(s)")
     for r in results:
         if r.ok:
-            print(f"{r.name:<{width}}  sm{r.arch}  {r.regs:4d}  {r.spill_stores:5d}/{r.spill_loads:<6d}"
-                  f"  {r.stack:5d}  {r.shared:9d}  {r.seconds:7.1f}")
+            print(f"{r.name:<{width}}  sm{r.arch}  {r.regs:4d}  "
+                  f"{r.spill_stores:5d}/{r.spill_loads:<6d}  {r.stack:5d}  {r.shared:9d}  "
+                  f"{r.seconds:7.1f}")
         else:
             print(f"{r.name:<{width}}  sm{r.arch}  ERROR {r.error}")
     failed = [r for r in results if not r.ok]

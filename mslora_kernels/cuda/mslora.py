@@ -183,11 +183,13 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
         u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
     dpix = _pixel_major(grad_out, o)
     cg, dg = c // g, d // g
+    ug = u.view(npix, g, cg)
     grads32 = {
-        "proj.weight": torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), u.view(npix, g, cg)),
-        "down.weight": torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), u.view(npix, g, cg)),
+        "proj.weight": torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug),
+        "down.weight": torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug),
         "pw.weight": ws["dt"].t() @ ws["s"],
-        "up.weight": torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg), ws["mp"].view(npix, g, dg)),
+        "up.weight": torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
+                                  ws["mp"].view(npix, g, dg)),
     }
     dwsum = part["part_dw"].sum(0)
     off = 0

@@ -1,4 +1,4 @@
-"""Helpers shared by the MSLoRA Triton kernel modules.
+"""Helpers shared by the Triton kernel modules (MSLoRA forward/backward, LoRA linear).
 
 ``fix_interpreter_for_numpy2()``: Triton's interpreter (3.6) turns a scalar kernel argument used
 as a loop bound (``for k in range(0, C, BLOCK)``) into a Python int with ``int(array)`` on a

@@ -22,40 +22,14 @@ products with a long reduction over M; they go to cuBLAS in the op layer.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import fix_interpreter_for_numpy2
 from ._compile import TRITON_DTYPE, CompileCase
 
-
-def _patch_interpreter_index() -> None:
-    """Let ``range(0, K, BLOCK)`` over a runtime K run under Triton 3.6's interpreter.
-
-    The interpreter wraps scalar arguments as 1-element numpy arrays and implements
-    ``__index__`` as ``int(array)``, which NumPy >= 2.4 refuses for arrays with ndim > 0. This
-    re-binds ``__index__`` to read the single element; it changes nothing in compiled kernels.
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover - a Triton without the interpreter module
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_mslora_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mslora_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_index()
+fix_interpreter_for_numpy2()
 
 # The widest concatenated rank the fused kernel takes (BLOCK_R's largest value).
 MAX_RANK = 64

@@ -56,13 +56,12 @@ per-path part in a kernel of its own) did not remove them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions
+from ._common import fix_interpreter_for_numpy2
 from ._compile import TRITON_DTYPE, CompileCase
 from .gelu import gelu_fp32
 
@@ -76,30 +75,7 @@ DET_PARTIAL_BUDGET = 1 << 23
 BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
 
 
-def _patch_interpreter_scalar_index() -> None:
-    """Make Triton 3.6's interpreter work with NumPy >= 2.4 in loops with runtime bounds.
-
-    The interpreter holds scalars as 1-element, 1-D arrays and converts them with ``int(array)``
-    in ``tensor.__index__`` (used by ``range(0, C, BLOCK)``); NumPy 2.4 made that a TypeError.
-    We add, through the interpreter's own patch scope (so it is undone after each launch), an
-    ``__index__`` that takes the one element. Only under TRITON_INTERPRET=1; idempotent.
-    """
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_mslora_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mslora_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_scalar_index()
+fix_interpreter_for_numpy2()
 
 # -------------------------------------------------------------------------------------------
 # jit helpers
