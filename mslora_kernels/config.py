@@ -77,6 +77,22 @@ def validate_backend(backend: str) -> None:
         raise ValueError(f"MSLoRA: unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def weight_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
+    """SPEC's parameter table for these options: checkpoint name -> shape, in the fused ops' order
+    (proj, down, dw.i, pw, up, then norm, enorm and gate when their option is on)."""
+    c, d, g, nk = o.channels, o.rank, o.groups, len(o.kernel_sizes)
+    s = {"proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1)}
+    s.update({f"dw.{i}.weight": (d, 1, k, k) for i, k in enumerate(o.kernel_sizes)})
+    s.update({"pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1)})
+    if o.prenorm:
+        s.update({"norm.weight": (c,), "norm.bias": (c,)})
+    if o.enhance:
+        s.update({"enorm.weight": (d,), "enorm.bias": (d,)})
+    if o.gate:
+        s.update({"gate.weight": (nk, d, 1, 1), "gate.bias": (nk,)})
+    return s
+
+
 def mslora_param_count(channels: int, rank: int = 128, groups: int = 4,
                        kernel_sizes=(3, 5, 7)) -> int:
     """Trainable parameters of one MSLoRA module without options (the paper's Eq. 3).

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import MSLoRAOptions
+from .config import MSLoRAOptions, weight_shapes
 from .triton._common import MAX_PATHS, MAX_RANK, normalize_layout
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,16 +50,7 @@ OPTION_FLAGS = ("prenorm", "enhance", "pool", "gate", "shuffle")
 # ------------------------------------------------------------------------------------------
 def weight_names(o: MSLoRAOptions) -> list[str]:
     """The checkpoint names of the weights the ops take, in the ops' order."""
-    names = ["proj.weight", "down.weight"]
-    names += [f"dw.{i}.weight" for i in range(len(o.kernel_sizes))]
-    names += ["pw.weight", "up.weight"]
-    if o.prenorm:
-        names += ["norm.weight", "norm.bias"]
-    if o.enhance:
-        names += ["enorm.weight", "enorm.bias"]
-    if o.gate:
-        names += ["gate.weight", "gate.bias"]
-    return names
+    return list(weight_shapes(o))
 
 
 def op_args(o: MSLoRAOptions) -> tuple:

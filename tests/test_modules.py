@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mslora_kernels import MSLoRA, available_backends, mslora_param_count
+from mslora_kernels.config import weight_shapes
 
 ALL_OPTS = dict(prenorm=True, enhance=True, pool=True, gate=True, shuffle=True)
 
@@ -24,6 +25,7 @@ def test_parameter_names_and_shapes_follow_spec():
         "gate.weight": (3, d, 1, 1), "gate.bias": (3,),
     }
     assert list(m.state_dict()) == list(shapes)  # no buffers: the state dict is the checkpoint
+    assert weight_shapes(m.options) == shapes  # the table the fused launchers check against
 
 
 def test_options_off_have_no_extra_parameters():

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..config import MSLoRAOptions
+from ..config import MSLoRAOptions, weight_shapes
 from ..reference import LN_EPS
 from . import _ext
 
@@ -212,21 +212,6 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
 # ------------------------------------------------------------------ the public launchers
 
 
-def expected_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
-    """Checkpoint names and shapes of SPEC's table for these options."""
-    c, d, g, nk = o.channels, o.rank, o.groups, len(o.kernel_sizes)
-    s = {"proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1),
-         "pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1)}
-    s.update({f"dw.{i}.weight": (d, 1, k, k) for i, k in enumerate(o.kernel_sizes)})
-    if o.prenorm:
-        s.update({"norm.weight": (c,), "norm.bias": (c,)})
-    if o.enhance:
-        s.update({"enorm.weight": (d,), "enorm.bias": (d,)})
-    if o.gate:
-        s.update({"gate.weight": (nk, d, 1, 1), "gate.bias": (nk,)})
-    return s
-
-
 def check_inputs(op: str, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
                  o: MSLoRAOptions, grad_out: torch.Tensor | None = None) -> None:
     """Everything the kernels assume, refused with a message naming the problem."""
@@ -249,7 +234,7 @@ def check_inputs(op: str, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
         if grad_out.shape != x.shape:
             raise ValueError(f"{op}: grad_out shape {tuple(grad_out.shape)} != x shape "
                              f"{tuple(x.shape)}")
-    want = expected_shapes(o)
+    want = weight_shapes(o)
     if set(weights) != set(want):
         raise ValueError(f"{op}: weights must have exactly the keys {sorted(want)}, got "
                          f"{sorted(weights)}")

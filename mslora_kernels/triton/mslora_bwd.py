@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import MSLoRAOptions
+from ..config import MSLoRAOptions, weight_shapes
 from ._common import fix_interpreter_for_numpy2
 from ._compile import TRITON_DTYPE, CompileCase
 from .gelu import gelu_fp32
@@ -560,31 +560,6 @@ def _layout(t: torch.Tensor, o: MSLoRAOptions) -> tuple[torch.Tensor, tuple[int,
     return t, (sn, sc, sh, sw)
 
 
-def _weight_names(o: MSLoRAOptions) -> list[str]:
-    names = ["proj.weight", "down.weight"]
-    names += [f"dw.{i}.weight" for i in range(len(o.kernel_sizes))]
-    names += ["pw.weight", "up.weight"]
-    if o.prenorm:
-        names += ["norm.weight", "norm.bias"]
-    if o.enhance:
-        names += ["enorm.weight", "enorm.bias"]
-    if o.gate:
-        names += ["gate.weight", "gate.bias"]
-    return names
-
-
-def _expected_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
-    c, d, g = o.channels, o.rank, o.groups
-    shapes = {"proj.weight": (d, c // g, 1, 1), "down.weight": (d, c // g, 1, 1),
-              "pw.weight": (d, d, 1, 1), "up.weight": (c, d // g, 1, 1),
-              "norm.weight": (c,), "norm.bias": (c,), "enorm.weight": (d,), "enorm.bias": (d,),
-              "gate.weight": (len(o.kernel_sizes), d, 1, 1),
-              "gate.bias": (len(o.kernel_sizes),)}
-    for i, k in enumerate(o.kernel_sizes):
-        shapes[f"dw.{i}.weight"] = (d, 1, k, k)
-    return shapes
-
-
 def _check(grad_out, x, weights, o, zmean) -> None:
     """Refuse, before any launch, inputs the kernels do not define."""
     if not isinstance(o, MSLoRAOptions):
@@ -607,8 +582,8 @@ def _check(grad_out, x, weights, o, zmean) -> None:
         raise ValueError(f"mslora_bwd: grad_out {tuple(grad_out.shape)} {grad_out.dtype} on "
                          f"{grad_out.device} must match x {tuple(x.shape)} {x.dtype} on "
                          f"{x.device}")
-    shapes = _expected_shapes(o)
-    for name in _weight_names(o):
+    shapes = weight_shapes(o)
+    for name in weight_shapes(o):
         if name not in weights:
             raise ValueError(f"mslora_bwd: weight {name!r} is missing")
         w = weights[name]
@@ -618,7 +593,7 @@ def _check(grad_out, x, weights, o, zmean) -> None:
         if w.dtype != x.dtype or w.device != x.device:
             raise ValueError(f"mslora_bwd: {name} is {w.dtype} on {w.device}; the weights must "
                              f"be in the compute dtype {x.dtype} on {x.device}")
-    extra = set(weights) - set(_weight_names(o))
+    extra = set(weights) - set(weight_shapes(o))
     if extra:
         raise ValueError(f"mslora_bwd: unexpected weights {sorted(extra)} for these options")
     if o.pool and zmean is not None:
@@ -642,7 +617,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         grad_out: dL/dout, x's shape and dtype (any of the three layouts).
         x: the input, (N, C, H, W) (contiguous or channels_last memory format) or (N, H, W, C)
             for ``o.data_format == "channels_last"``; fp32, fp16 or bf16.
-        weights: the checkpoint-named weights in x's dtype (see ``_weight_names``).
+        weights: the checkpoint-named weights in x's dtype (see ``config.weight_shapes``).
         o: the module's options.
         zmean: fp32 (N, D) mean over H, W of z, as the forward saved it (pool); when None under
             pool it is recomputed here.
@@ -748,7 +723,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
 
     flat = gbuf.sum(0) if deterministic else gbuf[0]
     grads = {}
-    for name in _weight_names(o):
+    for name in weight_shapes(o):
         wgt = weights[name]
         if name.startswith("dw."):
             i = int(name.split(".")[1])
