@@ -51,7 +51,8 @@ Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd`
 bf16/fp16 on sm_90, B2 compile without spills; B1 still spills about 0.55-0.9 KB per thread in
 bf16/fp16 on sm_90 (more on sm_80 and in fp32). The largest single cause was dR: a [D, D] fp32
 product plus its D^2 64-bit atomic addresses live at once; it is now done in blocks of 32 rows
-(dt's columns selected by a one-hot tl.dot: D*D*BLOCK_P more MMA work per tile, no extra bytes),
+(dt's columns selected by a one-hot tl.dot: D*D*BLOCK_P more MMA work per tile, no extra bytes;
+bf16/fp16 only, fp32 keeps the single product, where the blocked form spills more),
 which took B1 on sm_90 bf16 from 0.76-1.44 KB to 0.56-0.92 KB. The rest is spread over the
 forward recompute, dm and ds (removing any one part moves it little). Tried without gain:
 splitting B1 (the per-path part in a kernel of its own), splitting dt with tl.split, BLOCK_P=16
@@ -360,15 +361,19 @@ def _bwd_main_kernel(
         rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
                      boundary_check=(0, 1), padding_option="zero")
         ds = _mm(dt, rr, DT)
-        # dR in blocks of 32 rows: dt's columns r0.. picked out by a one-hot product (exact: the
-        # operand is dt in the compute dtype either way), so no [D, D] fp32 block and its D^2
-        # pointers are live at once (the main source of the spills)
-        for r0 in range(0, BLOCK_D, 32):
-            rows = r0 + tl.arange(0, 32)
-            sel = tl.where(dd[:, None] == rows[None, :], 1.0, 0.0)
-            dtr = _mm(dt, sel, DT)
-            _acc(gb + o_pw + rows[:, None] * D + dd[None, :], _mm(tl.trans(dtr), s, DT),
-                 (rows < D)[:, None] & dmask[None, :], DET)
+        if DT == tl.float32:  # fp32 (no tensor cores): the blocked form below spills more
+            _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
+                 dmask[:, None] & dmask[None, :], DET)
+        else:
+            # dR in blocks of 32 rows: dt's columns r0.. picked out by a one-hot product (exact:
+            # the operand is dt in the compute dtype either way), so no [D, D] fp32 block and
+            # its D^2 pointers are live at once (the main source of the spills)
+            for r0 in range(0, BLOCK_D, 32):
+                rows = r0 + tl.arange(0, 32)
+                sel = tl.where(dd[:, None] == rows[None, :], 1.0, 0.0)
+                dtr = _mm(dt, sel, DT)
+                _acc(gb + o_pw + rows[:, None] * D + dd[None, :], _mm(tl.trans(dtr), s, DT),
+                     (rows < D)[:, None] & dmask[None, :], DET)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
