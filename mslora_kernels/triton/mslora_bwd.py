@@ -48,10 +48,16 @@ block). Shuffle is folded into the up-projection's column index. Operands go to 
 compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
 
 Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``): B0 and, in
-bf16/fp16 on sm_90, B2 compile without spills; B1 spills about 0.8-1.4 KB per thread in
-bf16/fp16 on sm_90 (1.5-4 KB on sm_80, more in fp32): the forward recompute, dm and the [D, D]
-products of dR and R^T dt keep too many [BLOCK_P, D] blocks live. Splitting B1 (tried: the
-per-path part in a kernel of its own) did not remove them.
+bf16/fp16 on sm_90, B2 compile without spills; B1 still spills about 0.55-0.9 KB per thread in
+bf16/fp16 on sm_90 (more on sm_80 and in fp32). The largest single cause was dR: a [D, D] fp32
+product plus its D^2 64-bit atomic addresses live at once; it is now done in blocks of 32 rows
+(dt's columns selected by a one-hot tl.dot: D*D*BLOCK_P more MMA work per tile, no extra bytes;
+bf16/fp16 only, fp32 keeps the single product, where the blocked form spills more),
+which took B1 on sm_90 bf16 from 0.76-1.44 KB to 0.56-0.92 KB. The rest is spread over the
+forward recompute, dm and ds (removing any one part moves it little). Tried without gain:
+splitting B1 (the per-path part in a kernel of its own), splitting dt with tl.split, BLOCK_P=16
+(fewer spills at 16 warps, but twice the weight-gradient atomics per pixel), 8 or 4 warps,
+num_stages=1.
 """
 
 from __future__ import annotations
@@ -352,12 +358,22 @@ def _bwd_main_kernel(
         da = dm * t
         dt = dm * a
         # ds = R^T dt (R reloaded as [o, i], not kept live); dR[o, i] = sum_p dt[p, o] s[p, i]
-        rr_off = dd[:, None] * D + dd[None, :]
-        rr_msk = dmask[:, None] & dmask[None, :]
         rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
                      boundary_check=(0, 1), padding_option="zero")
         ds = _mm(dt, rr, DT)
-        _acc(gb + o_pw + rr_off, _mm(tl.trans(dt), s, DT), rr_msk, DET)
+        if DT == tl.float32:  # fp32 (no tensor cores): the blocked form below spills more
+            _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
+                 dmask[:, None] & dmask[None, :], DET)
+        else:
+            # dR in blocks of 32 rows: dt's columns r0.. picked out by a one-hot product (exact:
+            # the operand is dt in the compute dtype either way), so no [D, D] fp32 block and
+            # its D^2 pointers are live at once (the main source of the spills)
+            for r0 in range(0, BLOCK_D, 32):
+                rows = r0 + tl.arange(0, 32)
+                sel = tl.where(dd[:, None] == rows[None, :], 1.0, 0.0)
+                dtr = _mm(dt, sel, DT)
+                _acc(gb + o_pw + rows[:, None] * D + dd[None, :], _mm(tl.trans(dtr), s, DT),
+                     (rows < D)[:, None] & dmask[None, :], DET)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
