@@ -69,6 +69,7 @@ import triton.language as tl
 from ..config import MSLoRAOptions, weight_shapes
 from ._common import fix_interpreter_for_numpy2
 from ._compile import TRITON_DTYPE, CompileCase
+from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
 LN_EPS = 1e-6
@@ -118,27 +119,6 @@ def _acc_rows(ptr, lhs, rhs, row0, STEP: tl.constexpr, dd, D, DT: tl.constexpr,
     rows = row0 + STEP * tl.arange(0, BLOCK_D // STEP)
     msk = (rows < D)[:, None] & (dd < D)[None, :]
     _acc(ptr + rows[:, None] * D + dd[None, :], _mm(tl.trans(lhs), rhs, DT), msk, DET)
-
-
-@triton.jit
-def _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Mean and 1/std over C of x at the tile's pixels (two passes over C, fp32)."""
-    s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        msk = pm[:, None] & (cc < C)[None, :]
-        s1 += tl.sum(tl.load(x_ptr + xpix[:, None] + cc[None, :] * sxc, mask=msk,
-                             other=0.0).to(tl.float32), axis=1)
-    mean = s1 / C
-    s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        msk = pm[:, None] & (cc < C)[None, :]
-        xv = tl.load(x_ptr + xpix[:, None] + cc[None, :] * sxc, mask=msk, other=0.0)
-        xc = tl.where(msk, xv.to(tl.float32) - mean[:, None], 0.0)
-        s2 += tl.sum(xc * xc, axis=1)
-    rstd = 1.0 / tl.sqrt(s2 / C + 1e-6)
-    return mean, rstd
 
 
 @triton.jit
@@ -239,7 +219,7 @@ def _bwd_z_kernel(x_ptr, down_ptr, ng_ptr, nb_ptr, z_ptr,
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
     if PRENORM:
-        mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+        mean, rstd = ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
     z = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
@@ -302,7 +282,7 @@ def _bwd_main_kernel(
         mean = tl.zeros([BLOCK_P], dtype=tl.float32)
         rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
         if PRENORM:
-            mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+            mean, rstd = ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
         a = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
@@ -504,7 +484,7 @@ def _bwd_dz_kernel(
         m1 = tl.zeros([BLOCK_P], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
         if PRENORM:
-            mean, rstd = _ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
+            mean, rstd = ln_c_stats(x_ptr, xpix, pm, C, sxc, BLOCK_P, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             cm = cc < C

@@ -43,6 +43,7 @@ import triton.language as tl
 from ..config import MSLoRAOptions
 from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
+from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
 fix_interpreter_for_numpy2()
@@ -69,31 +70,6 @@ def _mma(a, b, acc, TF32X3: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc
-
-
-@triton.jit
-def _ln_stats(x_base, pix_off, pmask, C, sxc, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-pixel mean and 1/std over C of x (two-pass in fp32, biased variance, eps 1e-6).
-
-    ``x_base + pix_off[p] + c * sxc`` addresses x[p, c]; returns two fp32 [BLOCK_P] vectors.
-    """
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        c = k0 + kk
-        msk = pmask[:, None] & (c < C)[None, :]
-        xv = tl.load(x_base + pix_off[:, None] + c[None, :] * sxc, mask=msk, other=0.0)
-        acc += tl.sum(xv.to(tl.float32), axis=1)
-    mean = acc / C
-    acc2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        c = k0 + kk
-        msk = pmask[:, None] & (c < C)[None, :]
-        xv = tl.load(x_base + pix_off[:, None] + c[None, :] * sxc, mask=msk, other=0.0)
-        dv = tl.where(msk, xv.to(tl.float32) - mean[:, None], 0.0)
-        acc2 += tl.sum(dv * dv, axis=1)
-    rstd = 1.0 / tl.sqrt(acc2 / C + 1e-6)
-    return mean, rstd
 
 
 @triton.jit
@@ -196,7 +172,7 @@ def _mslora_f1_kernel(
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     rstd = tl.zeros([BLOCK_P], dtype=tl.float32)
     if PRENORM:
-        mean, rstd = _ln_stats(x_base, pix_off, pmask, C, sxc, BLOCK_P, BLOCK_K)
+        mean, rstd = ln_c_stats(x_base, pix_off, pmask, C, sxc, BLOCK_P, BLOCK_K)
         tl.store(stats_ptr + gidx * 2, mean, mask=pmask)
         tl.store(stats_ptr + gidx * 2 + 1, rstd, mask=pmask)
     z = _grouped_in_proj(x_base, pix_off, pmask, down_ptr, nw_ptr, nb_ptr, mean, rstd, C, D,
