@@ -280,6 +280,10 @@ def _ddp_worker(rank, world, port, out_dir, kind):
         F.cross_entropy(ddp(x[sl]), y[sl]).backward()
         if rank == 0:
             torch.save(grads(model), os.path.join(out_dir, "grads.pt"))
+        # Tear DDP down while its process group still exists: letting the reducer be destroyed
+        # after destroy_process_group() (when this frame unwinds) sometimes hung the worker.
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
