@@ -24,6 +24,7 @@ argument so that tests can run it on the CPU through the host build of the same 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 
 import torch
@@ -82,12 +83,22 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[st
     return out
 
 
-def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int) -> dict:
+def tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether the D x D pointwise products run on tensor cores (csrc/tc.cuh): for fp16 and
+    bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0`` (which gives
+    the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA cores."""
+    return dtype in (torch.float16, torch.bfloat16) and \
+        os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
+
+
+def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
+          dtype: torch.dtype) -> dict:
     """The ints every kernel gets: sizes, options, and tiles chosen to fit shared memory."""
     n, c, h, w = sizes
     ints = {"N": n, "C": c, "H": h, "W": w, "D": o.rank, "G": o.groups,
             "ks": list(o.kernel_sizes), "prenorm": int(o.prenorm), "enhance": int(o.enhance),
-            "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W}
+            "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W,
+            "tc": int(tensor_cores(dtype))}
     need = {}
     for kernel, chunk in (("fwd", CHUNK), ("bwd_tile", CHUNK), ("bwd_dz", CHUNK_DZ)):
         for th in TILE_ROWS:
@@ -113,6 +124,13 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int) -> di
     return ints
 
 
+def _pw_lowp(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions, ints: dict):
+    """pw.weight as a contiguous (D, D) tensor in the activations' dtype for the tensor-core
+    products (None when they are off)."""
+    return weights["pw.weight"].detach().reshape(o.rank, o.rank).contiguous() if ints["tc"] \
+        else None
+
+
 def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
@@ -126,14 +144,16 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     """(out, zmean) with the given kernel launcher; x already validated."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
-    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
+    pw_lp = _pw_lowp(weights, o, ints)
     z = _ws(n * h * w, o.rank, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
     out = torch.empty_like(xc)
-    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
+    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK},
+           _ptrs(x=xc, out=out, z=z, zmean=zmean, pw_lp=pw_lp, **w32))
     return out, zmean
 
 
@@ -149,7 +169,7 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
     npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
-    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     tiles = n * ints["tiles"]
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
@@ -166,7 +186,8 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
-    ptrs = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **ws, **part)
+    pw_lp = _pw_lowp(weights, o, ints)
+    ptrs = _ptrs(x=xc, dout=dc, zmean=zm, pw_lp=pw_lp, **w32, **ws, **part)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
     launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
     pool_dz = None
