@@ -10,7 +10,9 @@ TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +e
 from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
 (recompute s0, s, t, a; dm, da, dt, ds, ds0), ``bwd_dz`` (dz from ds0 with a halo and z with a
-double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). Saved for
+double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). For fp16 and
+bf16 the D x D pointwise products (t = pw(s), ds = pw^T(dt)) run on tensor cores
+(csrc/tc.cuh; :func:`tensor_cores`). Saved for
 backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
 fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
 per-tile partial sum reduced here in a fixed order. So the weight gradients are deterministic
@@ -175,7 +177,9 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
-    ws = {k: _ws(npix, d, x) for k in ("z", "s", "mp", "dt", "da", "ds0", "dz")}
+    # Workspaces in the order they die: s, mp and dt only feed the pw/up weight gradients,
+    # which are taken (and the three freed) before dz is allocated.
+    ws = {k: _ws(npix, d, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
     part = {"part_dw": _ws(tiles, d * ktot, x)}
     if o.pool:
         part["part_pool"] = _ws(tiles, d, x)
@@ -187,31 +191,33 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
     pw_lp = _pw_lowp(weights, o, ints)
-    ptrs = _ptrs(x=xc, dout=dc, zmean=zm, pw_lp=pw_lp, **w32, **ws, **part)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
-    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
+    common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(pw_lp=pw_lp, **ws)})
+
+    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
+    cg, dg = c // g, d // g
+    grads32 = {"pw.weight": ws.pop("dt").t() @ ws.pop("s")}
+    dpix = _pixel_major(grad_out, o)
+    grads32["up.weight"] = torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
+                                        ws.pop("mp").view(npix, g, dg))
+    del dpix
+    ws["dz"] = _ws(npix, d, x)
     pool_dz = None
     if o.pool:
         psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
         pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
-    launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ}, {**ptrs, **_ptrs(pool_dz=pool_dz)})
+    launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
+           {**common, **_ptrs(pool_dz=pool_dz, **ws)})
     dx = torch.empty_like(xc)
-    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**ptrs, **_ptrs(dx=dx)})
+    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
 
-    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
     u = _pixel_major(x, o)
     if o.prenorm:
         u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
-    dpix = _pixel_major(grad_out, o)
-    cg, dg = c // g, d // g
     ug = u.view(npix, g, cg)
-    grads32 = {
-        "proj.weight": torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug),
-        "down.weight": torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug),
-        "pw.weight": ws["dt"].t() @ ws["s"],
-        "up.weight": torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
-                                  ws["mp"].view(npix, g, dg)),
-    }
+    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug)
+    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug)
     dwsum = part["part_dw"].sum(0)
     off = 0
     for i, k in enumerate(o.kernel_sizes):
