@@ -81,7 +81,7 @@ RANKING_PATH = Path(__file__).with_name("auto_backend.json")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ranking(path: Path = RANKING_PATH) -> tuple[dict, ...]:
     if not path.is_file():
         return ()

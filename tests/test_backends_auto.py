@@ -54,10 +54,11 @@ def test_rank_cli_writes_the_file_and_refuses_empty_runs(tmp_path):
 
 def test_ranked_backend_takes_the_nearest_shape_of_the_same_dtype_and_layout():
     rows = tuple(rank_mod.rank(RESULTS, "r")["rows"])
-    assert backends.ranked_backend(torch.bfloat16, "channels_first", 64, 50, 60, 128, rows) == "cuda"
-    assert backends.ranked_backend(torch.bfloat16, "channels_first", 768, 7, 7, 128, rows) == "triton"
-    assert backends.ranked_backend(torch.float16, "channels_first", 64, 56, 56, 128, rows) is None
-    assert backends.ranked_backend(torch.bfloat16, "channels_last", 64, 56, 56, 128, rows) is None
+    bf16, cf = torch.bfloat16, "channels_first"
+    assert backends.ranked_backend(bf16, cf, 64, 50, 60, 128, rows) == "cuda"
+    assert backends.ranked_backend(bf16, cf, 768, 7, 7, 128, rows) == "triton"
+    assert backends.ranked_backend(torch.float16, cf, 64, 56, 56, 128, rows) is None
+    assert backends.ranked_backend(bf16, "channels_last", 64, 56, 56, 128, rows) is None
 
 
 def test_layout_names_match_the_benchmarks():
