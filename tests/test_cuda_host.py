@@ -216,3 +216,40 @@ def test_host_backward_is_deterministic(host):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_host_tensor_core_products_are_used_and_right(host, dtype, monkeypatch):
+    """fp16/bf16 run the D x D pointwise products through csrc/tc.cuh's block_mma (its host
+    loops here; WMMA on the GPU) over the staged, zero-padded operands: D=40 pads to 48 (three
+    k steps and n tiles), 13 x 9 leaves partial tiles. Right with and without
+    MSLORA_CUDA_TENSOR_CORES=0, and the two paths really differ (operands rounded to dtype)."""
+    from mslora_kernels.cuda.mslora import tensor_cores
+
+    n, c, h, w, d, g, ks = 2, 20, 13, 9, 40, 4, (3, 5)
+    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    o = m.options
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
+    base, base_grads = _grads(x, wt, o, gout)
+    launcher = _launcher(host, 227 * 1024)
+    ints = {"N": n, "C": c, "H": h, "W": w, "D": d, "G": g, "ks": list(ks), "TH": 8, "TW": 8,
+            "CH": 32, "enhance": 1}
+    assert host.mslora_smem_bytes("fwd", {**ints, "tc": 1}) > \
+        host.mslora_smem_bytes("fwd", {**ints, "tc": 0})
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", flag)
+        assert tensor_cores(dtype) == (flag == "1")
+        out, zmean = forward_impl(x, wt, o, *launcher)
+        check_close(f"out tc={flag}", out, ref, dtype, baseline=base)
+        dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
+        check_close(f"grad x tc={flag}", dx, grads64[0], dtype, baseline=base_grads[0])
+        for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
+            check_close(f"grad {name} tc={flag}", grads[name], gref, dtype, baseline=gbase)
+        results[flag] = (out, dx, grads["pw.weight"])
+    assert not torch.equal(results["1"][0], results["0"][0])
+    assert not torch.equal(results["1"][1], results["0"][1])
+    assert not tensor_cores(torch.float32)

@@ -20,7 +20,7 @@ whatever ``deterministic`` says (the flag is accepted for the common contract).
 
 The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
 argument so that tests can run it on the CPU through the host build of the same kernel bodies
-(tests/host/mslora_host.cpp): fp32 only there.
+(tests/host/mslora_host.cpp), in fp32, fp16 and bf16 (emulated bit for bit, tests/host/lowp_host.h).
 """
 
 from __future__ import annotations
