@@ -18,39 +18,39 @@ struct DeviceEx {
 };
 
 // Each kernel: p = all sizes/pointers (see Params); dynamic shared memory sized by
-// smem_floats(kernel, p). Tile kernels: grid (tiles of TH x TW per image, N); pixel kernels:
+// smem_floats(kernel, p), 128-byte aligned (tc.cuh's WMMA operands need 32). Tile kernels: grid (tiles of TH x TW per image, N); pixel kernels:
 // grid (ceil(N*H*W / PB)).
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_prep_kernel(Params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   prep_body<T, kNHWC>(p, int(blockIdx.x), sm, ex);
 }
 
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_fwd_kernel(Params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   fwd_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);
 }
 
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_bwd_tile_kernel(Params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   bwd_tile_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);
 }
 
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_bwd_dz_kernel(Params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   bwd_dz_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);
 }
 
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_bwd_dx_kernel(Params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   bwd_dx_body<T, kNHWC>(p, int(blockIdx.x), sm, ex);
 }

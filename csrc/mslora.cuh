@@ -30,6 +30,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "tc.cuh"
 
 namespace mslora {
 
@@ -48,6 +49,7 @@ struct Params {
   // tiling
   int TH, TW, CH;          // tile rows, cols, channel chunk (tile kernels)
   int PB;                  // pixels per block (prep / bwd_dx)
+  int tc;                  // fp16/bf16 only: the D x D pw products on tensor cores (tc.cuh)
   // activations (type T, layout per kNHWC)
   const void* x;
   void* out;
@@ -55,6 +57,7 @@ struct Params {
   void* dx;
   // fp32 weights, contiguous in their checkpoint shapes
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
+  const void* pw_lp;      // pw.weight (D, D) in the activations' 16-bit type (tc only)
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
@@ -163,8 +166,14 @@ MSLORA_HD int64_t tile_pixel(const Params& p, const Tile& t, int pl) {
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
-  int64_t zt, sig, stats, buf0, buf1, buf2, buf3, total;  // offsets and total
+  int64_t zt, sig, stats, buf0, buf1, buf2, buf3;  // offsets
+  // tensor-core operands (Params::tc): A (Mp x Dp) and R (Dp x Dp) in the 16-bit type, row
+  // stride ld; the fp32 product (Mp x Dp), row stride ldo. Offsets 32-byte aligned.
+  int Mp, Dp, ld, ldo;
+  int64_t tc_a, tc_b, tc_o;
+  int64_t total;
 };
+MSLORA_HD int64_t align8(int64_t v) { return (v + 7) / 8 * 8; }  // floats -> 32-byte multiple
 MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   TileSmem s;
   s.P = p.TH * p.TW;
@@ -177,7 +186,15 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.buf1 = s.buf0 + (bufs > 0 ? int64_t(s.P) * p.D : 0);
   s.buf2 = s.buf1 + (bufs > 1 ? int64_t(s.P) * p.D : 0);
   s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
-  s.total = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
+  const int64_t end = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
+  s.Mp = round16(s.P);
+  s.Dp = round16(p.D);
+  s.ld = tc_ld(p.D);
+  s.ldo = tc_ld_out(p.D);
+  s.tc_a = align8(end);
+  s.tc_b = s.tc_a + align8(int64_t(s.Mp) * s.ld / 2);  // 16-bit elements, 2 per float
+  s.tc_o = s.tc_b + align8(int64_t(s.Dp) * s.ld / 2);
+  s.total = p.tc ? s.tc_o + int64_t(s.Mp) * s.ldo : end;
   return s;
 }
 
@@ -316,6 +333,38 @@ MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
   return acc;
 }
 
+// The pointwise products on tensor cores (Params::tc, 16-bit T only; tc.cuh): tc_o (fp32,
+// Mp x ldo) = A R^T (kBT = true: t = pw(s)) or A R (kBT = false: ds = pw^T(dt)), where A is
+// `src` (fp32 [P][D] in shared memory) rounded to T, with rows of pixels outside the image and
+// all padding zero. R (pw.weight in T) is staged into tc_b when `stage_r` (it stays there for
+// a second product).
+template <typename T>
+MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
+
+template <typename T, bool kBT, class Ex>
+MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, const float* src,
+                     float* sm, bool stage_r, Ex& ex) {
+  T* a = reinterpret_cast<T*>(sm + L.tc_a);
+  T* b = reinterpret_cast<T*>(sm + L.tc_b);
+  ex.stage([&](int tid) {
+    for (int i = tid; i < L.Mp * L.ld; i += ex.nt) {
+      const int r = i / L.ld, k = i % L.ld;
+      const bool in = r < L.P && k < p.D && tile_pixel(p, t, r) >= 0;
+      a[i] = from_f32<T>(in ? src[int64_t(r) * p.D + k] : 0.0f);
+    }
+    if (stage_r) {
+      const T* w = static_cast<const T*>(p.pw_lp);
+      for (int i = tid; i < L.Dp * L.ld; i += ex.nt) {
+        const int e = i / L.ld, d = i % L.ld;
+        b[i] = (e < p.D && d < p.D) ? w[int64_t(e) * p.D + d] : from_f32<T>(0.0f);
+      }
+    }
+  });
+  ex.stage([&](int tid) {
+    block_mma<T, kBT>(a, L.ld, b, L.ld, sm + L.tc_o, L.ldo, L.Mp, L.Dp, L.Dp, tid, ex.nt);
+  });
+}
+
 // fwd: out = x + up(shuffle(proj(u) * pw(s))) on one TH x TW tile of image by.
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
@@ -324,6 +373,11 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   float *s = sm + L.buf0, *m = sm + L.buf1, *stats = sm + L.stats;
   const int P = L.P;
   branch_stages<T, kNHWC>(p, t, sm, L, s, s, ex);
+  const bool tc = use_tc<T>(p);
+  const float* tco = sm + L.tc_o;  // t on tensor cores: tco[pl * ldo + e]
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) tc_pw<T, true>(p, t, L, s, sm, true, ex);
+  }
   ex.stage([&](int tid) {  // m'[shuffle(e)] = a[e] * t[e]
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
@@ -331,7 +385,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
       if (q < 0) continue;
       const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
-      m[int64_t(pl) * p.D + k] = a * pw_row(p, s, pl, e);
+      m[int64_t(pl) * p.D + k] = a * (tc ? tco[pl * L.ldo + e] : pw_row(p, s, pl, e));
     }
   });
   ex.stage([&](int tid) {  // out[c] = x[c] + sum_j up[c][j] m'[g(c)*D/G + j]
@@ -361,13 +415,18 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
   const int64_t tile_id = int64_t(by) * tiles_per_image(p) + bx;
   const int64_t pix0 = int64_t(t.n) * hw(p);
   branch_stages<T, kNHWC>(p, t, sm, L, s0, s, ex);
+  const bool tc = use_tc<T>(p);
+  const float* tco = sm + L.tc_o;  // products on tensor cores: tco[pl * ldo + e]
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) tc_pw<T, true>(p, t, L, s, sm, true, ex);  // t = pw(s)
+  }
   ex.stage([&](int tid) {  // t, a; ws s and m'
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
       const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
-      const float tv = pw_row(p, s, pl, e);
+      const float tv = tc ? tco[pl * L.ldo + e] : pw_row(p, s, pl, e);
       tb[i] = tv;
       ab[i] = a;
       const int64_t row = (pix0 + q) * p.D;
@@ -394,10 +453,17 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       ab[i] = dtv;
     }
   });
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) tc_pw<T, false>(p, t, L, ab, sm, false, ex);  // ds = pw^T(dt); R staged above
+  }
   ex.stage([&](int tid) {  // ds[d] = sum_e pw[e][d] dt[e]  (into tb)
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, d = i % p.D;
       if (tile_pixel(p, t, pl) < 0) continue;
+      if (tc) {
+        tb[i] = tco[pl * L.ldo + d];
+        continue;
+      }
       const float* dtv = ab + int64_t(pl) * p.D;
       float acc = 0.f;
       for (int e = 0; e < p.D; ++e) acc += p.pw[int64_t(e) * p.D + d] * dtv[e];

@@ -7,8 +7,12 @@ import time.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -68,19 +72,69 @@ def available_backends(device: torch.device | str) -> list[str]:
     ]
 
 
-# "auto" on a CUDA device: the fused backends in the order the benchmarks rank them.
+# "auto" on a CUDA device: the fused backend that the committed benchmark ranking says is faster
+# for an input like this one (RANKING_PATH, written by ``python -m benchmarks.rank RUN_DIR`` from
+# a GPU run's results); without a ranking, or for a dtype and layout it does not cover, the
+# fused backends in this order.
 AUTO_ORDER_CUDA = ("triton", "cuda")
+RANKING_PATH = Path(__file__).with_name("auto_backend.json")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``reference``, ``triton`` or ``cuda``) for a call on ``device``."""
+@functools.cache
+def _ranking(path: Path = RANKING_PATH) -> tuple[dict, ...]:
+    if not path.is_file():
+        return ()
+    return tuple(json.loads(path.read_text())["rows"])
+
+
+def layout_name(x: torch.Tensor, data_format: str) -> str:
+    """The benchmark's name of x's layout: channels_first, channels_first_cl, channels_last."""
+    if data_format == "channels_last":
+        return "channels_last"
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return "channels_first_cl" if cl else "channels_first"
+
+
+def ranked_backend(dtype: torch.dtype, layout: str, c: int, h: int, w: int, d: int,
+                   rows: tuple[dict, ...] | None = None) -> str | None:
+    """The faster fused backend measured on the benchmark shape nearest to (C, H*W, D), among
+    those of the same dtype and layout (distance: sum of |log ratio| of C, H*W and D); None
+    when the ranking has no row for the dtype and layout."""
+    rows = _ranking() if rows is None else rows
+    name = _DTYPE_NAMES.get(dtype)
+    same = [r for r in rows if r["dtype"] == name and r["layout"] == layout]
+    if not same:
+        return None
+
+    def dist(r):
+        return (abs(math.log(r["C"] / c)) + abs(math.log(r["H"] * r["W"] / (h * w)))
+                + abs(math.log(r["D"] / d)))
+
+    return min(same, key=dist)["winner"]
+
+
+def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None,
+                    data_format: str = "channels_first", rank: int | None = None) -> str:
+    """The concrete backend (``reference``, ``triton`` or ``cuda``) for a call on ``device``.
+
+    For ``"auto"`` with the input ``x`` (and the module's ``data_format`` and ``rank``) given,
+    the benchmark ranking picks between the usable fused backends (see :func:`ranked_backend`).
+    """
     validate_backend(backend)
     if backend == "reference":
         return backend
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        for b in AUTO_ORDER_CUDA:
+        order = AUTO_ORDER_CUDA
+        if x is not None and x.dim() == 4 and rank is not None:
+            c, h, w = (x.shape[1:] if data_format == "channels_first"
+                       else (x.shape[3], x.shape[1], x.shape[2]))
+            best = ranked_backend(x.dtype, layout_name(x, data_format), c, h, w, rank)
+            if best is not None:
+                order = (best, *[b for b in AUTO_ORDER_CUDA if b != best])
+        for b in order:
             if fused_unavailable_reason(b, device) is None:
                 return b
         return "reference"

@@ -130,12 +130,13 @@ class MSLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.options, self.pw.weight)
-        backend = resolve_backend(self.backend, x.device)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         weights = {n: (p if p.dtype == dtype else p.to(dtype)) for n, p in self.named_parameters()}
         x = x if x.dtype == dtype else x.to(dtype)
+        o = self.options
+        backend = resolve_backend(self.backend, x.device, x, o.data_format, o.rank)
         with torch.autocast(x.device.type, enabled=False):
             if backend == "reference":
                 return reference.mslora(x, weights, self.options)

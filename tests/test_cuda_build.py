@@ -100,3 +100,36 @@ def test_cuda_compile_check_fails_on_broken_source(tmp_path):
 def test_cuda_compile_check_fails_on_empty_source(tmp_path):
     r = _compile_check("--source", str(tmp_path))
     assert r.returncode == 1 and "no .cu or .cpp files" in r.stderr
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_pointwise_products_use_tensor_cores(tmp_path, arch):
+    """The fp16/bf16 instantiations of the fwd and bwd_tile kernels contain MMA instructions
+    (csrc/tc.cuh's WMMA products), the fp32 ones none: the tensor-core path is really built."""
+    import re
+    import sysconfig
+
+    import pybind11
+
+    ptx = tmp_path / "mslora.ptx"
+    r = subprocess.run(
+        ["nvcc", "-ptx", str(ROOT / "csrc" / "mslora.cu"), "-o", str(ptx), "-std=c++17", "-O3",
+         f"-arch=sm_{arch}", f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
+         f"-I{pybind11.get_include()}"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    mma: dict[str, int] = {}
+    entry = None
+    for line in ptx.read_text().splitlines():
+        if m := re.match(r"\.visible \.entry (\S+)\(", line):
+            entry = m.group(1)
+            mma[entry] = 0
+        elif entry and re.search(r"\b(wmma\.mma|mma\.sync)\b", line):
+            mma[entry] += 1
+    for kernel in ("mslora_fwd_kernel", "mslora_bwd_tile_kernel"):
+        for dtype, lowp in (("If", False), ("I6__half", True), ("I13__nv_bfloat16", True)):
+            for layout in ("Lb0", "Lb1"):
+                (name,) = [k for k in mma if f"{kernel}{dtype}{layout}" in k]
+                assert (mma[name] > 0) == lowp, (name, mma[name])
+    others = [k for k in mma if "fwd_kernel" not in k and "bwd_tile_kernel" not in k]
+    assert others and all(mma[k] == 0 for k in others)

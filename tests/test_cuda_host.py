@@ -1,12 +1,15 @@
 """The CUDA MSLoRA kernels' bodies (csrc/mslora.cuh), built for the CPU with the host compiler
 and run through the real launcher orchestration (mslora_kernels.cuda.mslora.forward_impl /
 backward_impl), against the reference and its autograd: every option, both physical layouts,
-odd shapes, fp32. This checks the algorithm, the tiling, halos, shuffle and every gradient
+odd shapes, in fp32, fp16 and bf16 (the 2-byte storage types emulated bit for bit by
+tests/host/lowp_host.h, whose conversions are held against torch's own casts here). This checks
+the algorithm, the tiling, halos, shuffle, the low-precision loads/stores and every gradient
 without a GPU; the GPU tests (test_cuda_mslora.py) check the device build."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 from mslora_kernels import MSLoRA
+from mslora_kernels.cuda._ext import DTYPE_CODE
 from mslora_kernels.cuda.mslora import backward_impl, forward_impl
 from mslora_kernels.reference import mslora as reference
 from mslora_kernels.testing import check_close
@@ -31,6 +35,7 @@ def host(tmp_path_factory):
         pytest.skip("no host C++ compiler")
     pybind11 = pytest.importorskip("pybind11")
     out = tmp_path_factory.mktemp("host") / ("mslora_host" + sysconfig.get_config_var("EXT_SUFFIX"))
+    # -O2 without -ffast-math: the host float math must be IEEE, as the device's is.
     cmd = [CXX, "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{ROOT / 'csrc'}",
            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
            str(ROOT / "tests" / "host" / "mslora_host.cpp"), "-o", str(out)]
@@ -67,42 +72,134 @@ OPTION_SETS = [
     {"prenorm": True, "pool": True},
 ]
 LAYOUTS = ["nchw", "channels_last_memory", "nhwc"]
+SHAPES = [((2, 12, 11, 9, 8, 4, (3, 5)), 227 * 1024),  # odd, all tile kernels in one row
+          ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024)]  # small smem: smaller tiles, 3 paths
+# Every dtype x option set x layout x shape: 90 cases, about 17 s on 2 shared cores after the
+# ~10 s host compile (a case is well under a second).
+CASES = [(dt, o) for dt in (torch.float32, torch.float16, torch.bfloat16) for o in OPTION_SETS]
 
 
-@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
+def _grads(x, w, o, gout):
+    """Reference output and its gradients wrt x and every weight, in x's dtype."""
+    x = x.detach().requires_grad_(True)
+    w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+    out = reference(x, w, o)
+    return out.detach(), torch.autograd.grad(out, [x, *w.values()], gout)
+
+
+@pytest.mark.parametrize("dtype,opts", CASES,
+                         ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,smem", [((2, 12, 11, 9, 8, 4, (3, 5)), 227 * 1024),
-                                        ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024)],
-                         ids=["odd", "small-smem"])
-def test_host_kernels_match_reference(host, opts, layout, shape, smem):
+@pytest.mark.parametrize("shape,smem", SHAPES, ids=["odd", "small-smem"])
+def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
     n, c, h, w, d, g, ks = shape
     fmt = "channels_last" if layout == "nhwc" else "channels_first"
     m = _module(c, d, g, ks, opts, fmt)
     o = m.options
-    x64 = torch.randn(n, c, h, w, dtype=torch.float64)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
     if layout == "nhwc":
-        x64 = x64.permute(0, 2, 3, 1).contiguous()
+        x = x.permute(0, 2, 3, 1).contiguous()
     elif layout == "channels_last_memory":
-        x64 = x64.contiguous(memory_format=torch.channels_last)
-    x64.requires_grad_(True)
-    w64 = dict(m.named_parameters())
-    ref = reference(x64, w64, o)
-    gout = torch.randn_like(ref)
-    grads64 = torch.autograd.grad(ref, [x64, *w64.values()], gout)
+        x = x.contiguous(memory_format=torch.channels_last)
+    # The kernels' inputs in `dtype`; the float64 reference sees exactly the same values, so the
+    # comparison measures the computation, not the rounding of the inputs.
+    x = x.to(dtype)
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    assert x.stride() == gout.stride()
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
+    lowp = dtype != torch.float32
+    # SPEC's low-precision rule: the reference run in `dtype` (torch CPU has every op it uses in
+    # fp16 and bf16, backward included) is the baseline.
+    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
 
-    x = x64.detach().float()
-    w32 = {k: v.detach().float() for k, v in w64.items()}
     launcher = _launcher(host, smem)
-    out, zmean = forward_impl(x, w32, o, *launcher)
-    assert out.stride() == x.stride()
-    check_close("out", out, ref, torch.float32)
-    dx, grads = backward_impl(gout.float(), x, w32, o, zmean, *launcher)
-    assert dx.stride() == x.stride()
-    check_close("grad x", dx, grads64[0], torch.float32)
-    assert set(grads) == set(w64)
-    for (name, gref) in zip(w64, grads64[1:]):
-        assert grads[name].shape == gref.shape and grads[name].dtype == torch.float32
-        check_close(f"grad {name}", grads[name], gref, torch.float32)
+    out, zmean = forward_impl(x, wt, o, *launcher)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    check_close("out", out, ref, dtype, baseline=base)
+    dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    check_close("grad x", dx, grads64[0], dtype, baseline=base_grads[0])
+    assert set(grads) == set(wt)
+    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
+        assert grads[name].shape == gref.shape and grads[name].dtype == dtype
+        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gbase)
+
+
+# ------------------------------------------------------ the emulated storage conversions
+
+
+def _to_storage(host, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The host build's from_f32<T> (the kernels' store) applied to float32 ``v``."""
+    v = v.contiguous()
+    out = torch.empty(v.shape, dtype=dtype)
+    host.to_storage(DTYPE_CODE[dtype], v.data_ptr(), out.data_ptr(), v.numel())
+    return out
+
+
+def _from_storage(host, v: torch.Tensor) -> torch.Tensor:
+    """The host build's to_f32 (the kernels' load) applied to ``v`` (fp16 or bf16)."""
+    v = v.contiguous()
+    out = torch.empty(v.shape, dtype=torch.float32)
+    host.from_storage(DTYPE_CODE[v.dtype], v.data_ptr(), out.data_ptr(), v.numel())
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def _conversion_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """float32 values that exercise every rounding case of float32 -> ``dtype``."""
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(1234)
+    # Every float32 bit pattern class: random bits (NaNs, infs, subnormals, huge values).
+    raw = torch.randint(-2**31, 2**31, (200_000,), generator=gen, dtype=torch.int64)
+    rand_bits = raw.to(torch.int32).view(torch.float32)
+    # Moderate magnitudes over the whole range of ``dtype``, normals and subnormals.
+    lo, hi = math.log2(info.smallest_normal) - 12, math.log2(info.max) + 1
+    scale = torch.exp2(torch.empty(200_000, dtype=torch.float64).uniform_(lo, hi, generator=gen))
+    spread = (torch.randn(200_000, generator=gen, dtype=torch.float64) * scale).float()
+    # Exact ties halfway between neighbours of ``dtype`` (both parities of the lower one), and
+    # one float32 ulp either side of each tie.
+    every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)].double()
+    lower, upper = every.sort().values[:-1], every.sort().values[1:]
+    ties = ((lower + upper) / 2).float()
+    assert torch.equal(ties.double(), (lower + upper) / 2)  # exactly representable in float32
+    ties = ties[ties.double() != 0]
+    near = torch.cat([torch.nextafter(ties, torch.full_like(ties, math.inf)),
+                      torch.nextafter(ties, torch.full_like(ties, -math.inf))])
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, info.max,
+                            -info.max, info.tiny, info.smallest_normal / 2, 2.0**-149,
+                            torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max,
+                            65504.0, 65519.99, 65520.0, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0001,
+                            3.3895313892515355e38, 3.3961775292304e38], dtype=torch.float32)
+    return torch.cat([rand_bits, spread, ties, near, special])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_host_storage_conversions_match_torch(host, dtype):
+    """from_f32<T> rounds like torch's cast (round to nearest even, overflow to inf, NaN kept),
+    bit for bit; to_f32 is exact on every one of the 65536 bit patterns."""
+    v = _conversion_inputs(dtype)
+    got, want = _to_storage(host, v, dtype), v.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), "NaN must stay NaN and nothing else become NaN"
+    bad = (_bits(got) != _bits(want)) & ~nan
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {v.numel()} float32 -> {dtype} conversions differ from torch's, "
+        f"e.g. {v[bad][:5].tolist()} -> bits {_bits(got)[bad][:5].tolist()}, torch "
+        f"{_bits(want)[bad][:5].tolist()}")
+    # The cases above are all there: ties that round down and up, subnormal and overflow results.
+    w = want[~nan].float()
+    assert (w == 0).any() and torch.isinf(w).any() and (w.abs() < torch.finfo(dtype).tiny).any()
+
+    every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    back, want_back = _from_storage(host, every), every.float()
+    nan = torch.isnan(want_back)
+    assert torch.equal(torch.isnan(back), nan)
+    assert torch.equal(back.view(torch.int32)[~nan], want_back.view(torch.int32)[~nan])
 
 
 def test_host_backward_is_deterministic(host):
@@ -119,3 +216,40 @@ def test_host_backward_is_deterministic(host):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_host_tensor_core_products_are_used_and_right(host, dtype, monkeypatch):
+    """fp16/bf16 run the D x D pointwise products through csrc/tc.cuh's block_mma (its host
+    loops here; WMMA on the GPU) over the staged, zero-padded operands: D=40 pads to 48 (three
+    k steps and n tiles), 13 x 9 leaves partial tiles. Right with and without
+    MSLORA_CUDA_TENSOR_CORES=0, and the two paths really differ (operands rounded to dtype)."""
+    from mslora_kernels.cuda.mslora import tensor_cores
+
+    n, c, h, w, d, g, ks = 2, 20, 13, 9, 40, 4, (3, 5)
+    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    o = m.options
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
+    base, base_grads = _grads(x, wt, o, gout)
+    launcher = _launcher(host, 227 * 1024)
+    ints = {"N": n, "C": c, "H": h, "W": w, "D": d, "G": g, "ks": list(ks), "TH": 8, "TW": 8,
+            "CH": 32, "enhance": 1}
+    assert host.mslora_smem_bytes("fwd", {**ints, "tc": 1}) > \
+        host.mslora_smem_bytes("fwd", {**ints, "tc": 0})
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", flag)
+        assert tensor_cores(dtype) == (flag == "1")
+        out, zmean = forward_impl(x, wt, o, *launcher)
+        check_close(f"out tc={flag}", out, ref, dtype, baseline=base)
+        dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
+        check_close(f"grad x tc={flag}", dx, grads64[0], dtype, baseline=base_grads[0])
+        for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
+            check_close(f"grad {name} tc={flag}", grads[name], gref, dtype, baseline=gbase)
+        results[flag] = (out, dx, grads["pw.weight"])
+    assert not torch.equal(results["1"][0], results["0"][0])
+    assert not torch.equal(results["1"][1], results["0"][1])
+    assert not tensor_cores(torch.float32)

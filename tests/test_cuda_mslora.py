@@ -68,6 +68,20 @@ def _ref_grads(x, w, o, gout):
 @pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
 def test_cuda_launchers_match_reference(shape, opts, layout, dtype, no_tf32):
+    _check_launchers(shape, opts, layout, dtype)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["odd", "real"])
+def test_cuda_lowp_without_tensor_cores(shape, dtype, monkeypatch, no_tf32):
+    """MSLORA_CUDA_TENSOR_CORES=0 gives the CUDA-core pointwise products; also right."""
+    monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", "0")
+    _check_launchers(shape, OPTION_SETS[1], "nchw", dtype)
+
+
+def _check_launchers(shape, opts, layout, dtype):
     n, c, h, w, d, g, ks = shape
     o = MSLoRAOptions(c, d, g, ks, data_format="channels_last" if layout == "nhwc"
                       else "channels_first", **opts)

@@ -140,7 +140,7 @@ def test_module_deterministic_flag_reaches_the_op(monkeypatch):
         return x
 
     monkeypatch.setattr(ops, "mslora", fake_mslora)
-    monkeypatch.setattr("mslora_kernels.modules.resolve_backend", lambda b, d: "triton")
+    monkeypatch.setattr("mslora_kernels.modules.resolve_backend", lambda b, d, *a: "triton")
     x = torch.randn(1, 8, 3, 3)
     MSLoRA(8, 16, 2, backend="triton")(x)
     MSLoRA(8, 16, 2, backend="triton", deterministic=True)(x)

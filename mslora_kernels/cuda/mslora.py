@@ -10,7 +10,9 @@ TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +e
 from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
 (recompute s0, s, t, a; dm, da, dt, ds, ds0), ``bwd_dz`` (dz from ds0 with a halo and z with a
-double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). Saved for
+double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). For fp16 and
+bf16 the D x D pointwise products (t = pw(s), ds = pw^T(dt)) run on tensor cores
+(csrc/tc.cuh; :func:`tensor_cores`). Saved for
 backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
 fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
 per-tile partial sum reduced here in a fixed order. So the weight gradients are deterministic
@@ -18,12 +20,13 @@ whatever ``deterministic`` says (the flag is accepted for the common contract).
 
 The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
 argument so that tests can run it on the CPU through the host build of the same kernel bodies
-(tests/host/mslora_host.cpp): fp32 only there.
+(tests/host/mslora_host.cpp), in fp32, fp16 and bf16 (emulated bit for bit, tests/host/lowp_host.h).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 
 import torch
@@ -82,12 +85,22 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[st
     return out
 
 
-def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int) -> dict:
+def tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether the D x D pointwise products run on tensor cores (csrc/tc.cuh): for fp16 and
+    bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0`` (which gives
+    the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA cores."""
+    return dtype in (torch.float16, torch.bfloat16) and \
+        os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
+
+
+def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
+          dtype: torch.dtype) -> dict:
     """The ints every kernel gets: sizes, options, and tiles chosen to fit shared memory."""
     n, c, h, w = sizes
     ints = {"N": n, "C": c, "H": h, "W": w, "D": o.rank, "G": o.groups,
             "ks": list(o.kernel_sizes), "prenorm": int(o.prenorm), "enhance": int(o.enhance),
-            "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W}
+            "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W,
+            "tc": int(tensor_cores(dtype))}
     need = {}
     for kernel, chunk in (("fwd", CHUNK), ("bwd_tile", CHUNK), ("bwd_dz", CHUNK_DZ)):
         for th in TILE_ROWS:
@@ -113,6 +126,13 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int) -> di
     return ints
 
 
+def _pw_lowp(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions, ints: dict):
+    """pw.weight as a contiguous (D, D) tensor in the activations' dtype for the tensor-core
+    products (None when they are off)."""
+    return weights["pw.weight"].detach().reshape(o.rank, o.rank).contiguous() if ints["tc"] \
+        else None
+
+
 def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
@@ -126,14 +146,16 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     """(out, zmean) with the given kernel launcher; x already validated."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
-    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
+    pw_lp = _pw_lowp(weights, o, ints)
     z = _ws(n * h * w, o.rank, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
     out = torch.empty_like(xc)
-    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
+    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK},
+           _ptrs(x=xc, out=out, z=z, zmean=zmean, pw_lp=pw_lp, **w32))
     return out, zmean
 
 
@@ -149,13 +171,15 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
     npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
-    ints = _plan(o, sizes, smem_bytes, smem_limit)
+    ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     tiles = n * ints["tiles"]
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
-    ws = {k: _ws(npix, d, x) for k in ("z", "s", "mp", "dt", "da", "ds0", "dz")}
+    # Workspaces in the order they die: s, mp and dt only feed the pw/up weight gradients,
+    # which are taken (and the three freed) before dz is allocated.
+    ws = {k: _ws(npix, d, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
     part = {"part_dw": _ws(tiles, d * ktot, x)}
     if o.pool:
         part["part_pool"] = _ws(tiles, d, x)
@@ -166,31 +190,34 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
-    ptrs = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **ws, **part)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
-    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, ptrs)
+    pw_lp = _pw_lowp(weights, o, ints)
+    common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(pw_lp=pw_lp, **ws)})
+
+    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
+    cg, dg = c // g, d // g
+    grads32 = {"pw.weight": ws.pop("dt").t() @ ws.pop("s")}
+    dpix = _pixel_major(grad_out, o)
+    grads32["up.weight"] = torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
+                                        ws.pop("mp").view(npix, g, dg))
+    del dpix
+    ws["dz"] = _ws(npix, d, x)
     pool_dz = None
     if o.pool:
         psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
         pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
-    launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ}, {**ptrs, **_ptrs(pool_dz=pool_dz)})
+    launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
+           {**common, **_ptrs(pool_dz=pool_dz, **ws)})
     dx = torch.empty_like(xc)
-    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**ptrs, **_ptrs(dx=dx)})
+    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
 
-    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
     u = _pixel_major(x, o)
     if o.prenorm:
         u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
-    dpix = _pixel_major(grad_out, o)
-    cg, dg = c // g, d // g
     ug = u.view(npix, g, cg)
-    grads32 = {
-        "proj.weight": torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug),
-        "down.weight": torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug),
-        "pw.weight": ws["dt"].t() @ ws["s"],
-        "up.weight": torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
-                                  ws["mp"].view(npix, g, dg)),
-    }
+    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug)
+    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug)
     dwsum = part["part_dw"].sum(0)
     off = 0
     for i, k in enumerate(o.kernel_sizes):
