@@ -71,9 +71,16 @@ LAYOUTS = ["nchw", "channels_last_memory", "nhwc"]
 
 @pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
 @pytest.mark.parametrize("layout", LAYOUTS)
+# (N, C, H, W, D, G, kernel sizes), shared-memory limit. Edges of the depthwise runs and halo
+# loads: W not a multiple of the tile width; D % 4 == 0 (16-byte halo loads) and not; D not a
+# multiple of either channel chunk (32, 16); k = 1; k = 9 (not specialised); H, W smaller
+# than the halo.
 @pytest.mark.parametrize("shape,smem", [((2, 12, 11, 9, 8, 4, (3, 5)), 227 * 1024),
-                                        ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024)],
-                         ids=["odd", "small-smem"])
+                                        ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024),
+                                        ((1, 8, 6, 10, 36, 4, (5, 1)), 227 * 1024),
+                                        ((2, 6, 3, 4, 6, 2, (9, 3)), 227 * 1024),
+                                        ((1, 4, 2, 3, 20, 2, (7, 3)), 227 * 1024)],
+                         ids=["odd", "small-smem", "d36-k1", "k9-tiny", "d20-k7-tiny"])
 def test_host_kernels_match_reference(host, opts, layout, shape, smem):
     n, c, h, w, d, g, ks = shape
     fmt = "channels_last" if layout == "nhwc" else "channels_first"
@@ -103,6 +110,16 @@ def test_host_kernels_match_reference(host, opts, layout, shape, smem):
     for (name, gref) in zip(w64, grads64[1:]):
         assert grads[name].shape == gref.shape and grads[name].dtype == torch.float32
         check_close(f"grad {name}", grads[name], gref, torch.float32)
+
+
+@pytest.mark.parametrize("tile_w", [5, 12])  # one partial run of 8; a full and a partial run
+@pytest.mark.parametrize("ks", [(7, 3), (9, 1)], ids=["k7", "k9"])  # specialised, generic
+@pytest.mark.parametrize("opts", OPTION_SETS[1:3], ids=lambda o: "+".join(o))
+def test_host_kernels_other_tile_widths(host, opts, ks, tile_w, monkeypatch):
+    import mslora_kernels.cuda.mslora as launcher
+
+    monkeypatch.setattr(launcher, "TILE_W", tile_w)
+    test_host_kernels_match_reference(host, opts, "nchw", (2, 8, 7, 29, 12, 4, ks), 227 * 1024)
 
 
 def test_host_backward_is_deterministic(host):
