@@ -14,14 +14,17 @@
 // Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
 //   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
 //   fwd      (grid (tiles, N), TH x TW pixel tiles): multi-scale depthwise from a z halo tile
-//            in shared memory (channel chunks of CH), GELU, gate, pool, enhance, t = pw(s),
+//            in shared memory (channel chunks of CH; a thread computes a run of kRun outputs
+//            along W of one channel and row), GELU, gate, pool, enhance, t = pw(s),
 //            a = proj(u), m = a * t, shuffle by indexing, y = up(m'), out = x + y.  [F2]
 //   bwd_tile (same tiling): recomputes s0, s, t, a; from dout: dm, da, dt, ds, ds0 (enhance
 //            backward); writes ws s, m', dt, da, ds0 and per-tile partial sums for enorm and
 //            the pool path.                                                          [B1]
-//   bwd_dz   (same tiling): z with a double halo and ds0 with a halo per channel chunk;
-//            recomputes c_i on tile + halo, dc_i, then dz = sum_i flip(K_i) * dc_i + gate
-//            and pool terms -> ws dz; per-tile partial dK_i and gate weight/bias grads. [B2]
+//   bwd_dz   (same tiling): z with a double halo per channel chunk in shared memory;
+//            recomputes c_i on tile + halo (runs along W), dc_i = ds0 sig_i GELU'(c_i) (ds0
+//            read from ws), then dz = sum_i flip(K_i) * dc_i + gate and pool terms -> ws dz;
+//            per-tile partial dK_i (a thread: one kernel row, all its taps) and gate
+//            weight/bias grads (ds0 GELU(c_i) kept from the same pass, summed over channels). [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
 // The dense weight gradients (proj, down, pw, up) are fp32 GEMMs over the workspaces, done by
@@ -656,7 +659,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         const bool row_in = h >= 0 && h < p.H, row_tile = ty >= 0 && ty < p.TH;
         float* dcr = dc + (path * p.CH + ch) * L.dplane + hy * L.hw_ + x0;
         const float* sgr = sig + path * nh + hy * L.hw_ + x0;
-        float* glr = sm + L.gl + (path * p.CH + ch) * L.gplane + ty * p.TW - p.R;  // [hx]
+        const int64_t glr = L.gl + (path * p.CH + ch) * L.gplane + ty * p.TW - p.R;  // + hx
         MSLORA_UNROLL
         for (int o = 0; o < kRun; ++o) {
           if (o >= nout) continue;
@@ -664,7 +667,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
           const bool in = row_in && w >= 0 && w < p.W;
           const float ds = in ? dsimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
           dcr[o] = in ? ds * sgr[o] * gelu_grad(acc[o]) : 0.f;
-          if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW) glr[hx] = in ? ds * gelu(acc[o]) : 0.f;
+          if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW) sm[glr + hx] = in ? ds * gelu(acc[o]) : 0.f;
         }
       }
     });
@@ -698,8 +701,8 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
       // per-tile dK_i[d][dy][:] = sum over tile pixels of dc_i(q) z(q + (dy, :) - r): one item
       // = one channel (fastest) x one kernel row (path, dy); all k taps of the row at once,
       // along each tile row in runs. Pixels outside the image have dc = 0 and are skipped.
-      const int ksum = [&] { int s = 0; for (int j = 0; j < p.nk; ++j) s += p.ks[j]; return s; }();
-      const int n_dk = p.CH * ksum;
+      int n_dk = 0;  // CH x (kernel rows of all paths)
+      for (int j = 0; j < p.nk; ++j) n_dk += p.CH * p.ks[j];
       const int rows = p.H - t.h0 < p.TH ? p.H - t.h0 : p.TH, cols = p.W - t.w0 < p.TW ? p.W - t.w0 : p.TW;
       for (int i = first(done); i < n_dk; i += ex.nt) {
         const int ch = i % p.CH, d = c0 + ch;
