@@ -7,6 +7,10 @@
 namespace mslora {
 
 constexpr int kThreads = 256;
+// Tile kernels: at least 2 blocks per SM (so at most 128 registers a thread). Their shared
+// memory allows about 2 blocks per SM anyway; without this bound ptxas squeezes them into 64
+// registers and spills the depthwise runs' accumulators.
+constexpr int kTileMinBlocks = 2;
 
 struct DeviceEx {
   int nt;
@@ -28,21 +32,21 @@ __global__ void __launch_bounds__(kThreads) mslora_prep_kernel(Params p) {
 }
 
 template <typename T, bool kNHWC>
-__global__ void __launch_bounds__(kThreads) mslora_fwd_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks) mslora_fwd_kernel(Params p) {
   extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   fwd_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);
 }
 
 template <typename T, bool kNHWC>
-__global__ void __launch_bounds__(kThreads) mslora_bwd_tile_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks) mslora_bwd_tile_kernel(Params p) {
   extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   bwd_tile_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);
 }
 
 template <typename T, bool kNHWC>
-__global__ void __launch_bounds__(kThreads) mslora_bwd_dz_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks) mslora_bwd_dz_kernel(Params p) {
   extern __shared__ __align__(128) float sm[];
   DeviceEx ex{int(blockDim.x)};
   bwd_dz_body<T, kNHWC>(p, int(blockIdx.x), int(blockIdx.y), sm, ex);

@@ -14,14 +14,17 @@
 // Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
 //   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
 //   fwd      (grid (tiles, N), TH x TW pixel tiles): multi-scale depthwise from a z halo tile
-//            in shared memory (channel chunks of CH), GELU, gate, pool, enhance, t = pw(s),
+//            in shared memory (channel chunks of CH; a thread computes a run of kRun outputs
+//            along W of one channel and row), GELU, gate, pool, enhance, t = pw(s),
 //            a = proj(u), m = a * t, shuffle by indexing, y = up(m'), out = x + y.  [F2]
 //   bwd_tile (same tiling): recomputes s0, s, t, a; from dout: dm, da, dt, ds, ds0 (enhance
 //            backward); writes ws s, m', dt, da, ds0 and per-tile partial sums for enorm and
 //            the pool path.                                                          [B1]
-//   bwd_dz   (same tiling): z with a double halo and ds0 with a halo per channel chunk;
-//            recomputes c_i on tile + halo, dc_i, then dz = sum_i flip(K_i) * dc_i + gate
-//            and pool terms -> ws dz; per-tile partial dK_i and gate weight/bias grads. [B2]
+//   bwd_dz   (same tiling): z with a double halo per channel chunk in shared memory;
+//            recomputes c_i on tile + halo (runs along W), dc_i = ds0 sig_i GELU'(c_i) (ds0
+//            read from ws), then dz = sum_i flip(K_i) * dc_i + gate and pool terms -> ws dz;
+//            per-tile partial dK_i (a thread: one kernel row, all its taps) and gate
+//            weight/bias grads (ds0 GELU(c_i) kept from the same pass, summed over channels). [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
 // The dense weight gradients (proj, down, pw, up) are fp32 GEMMs over the workspaces, done by
@@ -133,15 +136,132 @@ MSLORA_HD int64_t dw_offset(const Params& p, int i) {
 }
 MSLORA_HD int dw_total(const Params& p) { return int(dw_offset(p, p.nk) / p.D); }  // sum k^2
 
-// Depthwise conv of path i, channel d, at a point of a shared tile `t` (one channel, row
-// stride `ld`) whose centre is (cy, cx): sum_{dy,dx} K_i[d][dy][dx] t[cy - r + dy][cx - r + dx].
-MSLORA_HD float dwconv(const Params& p, int i, int d, const float* t, int ld, int cy, int cx) {
-  const int k = p.ks[i], r = k / 2;
-  const float* K = p.dw + dw_offset(p, i) + int64_t(d) * k * k;
-  float acc = 0.f;
-  for (int dy = 0; dy < k; ++dy)
-    for (int dx = 0; dx < k; ++dx) acc += K[dy * k + dx] * t[(cy - r + dy) * ld + (cx - r + dx)];
-  return acc;
+// ------------------------------------------------------- depthwise rows (several outputs per thread)
+//
+// A thread computes a RUN of kRun consecutive outputs of one row of one channel: for each kernel
+// row dy it loads the kRun + k - 1 input values of the window once into registers and reuses
+// each for up to k outputs (k^2 shared-memory loads per output before, (kRun + k - 1) k / kRun
+// now). The common kernel sizes are compile-time specialisations (registers only); any other
+// odd k takes the generic path (same result, one shared load per tap and output).
+
+#ifdef __CUDACC__
+#define MSLORA_UNROLL _Pragma("unroll")
+#define MSLORA_NO_UNROLL _Pragma("unroll 1")
+#else
+#define MSLORA_UNROLL
+#define MSLORA_NO_UNROLL
+#endif
+
+constexpr int kRun = 8;  // outputs per thread along a row
+
+// Kernel tap (dy, dx) of a k x k kernel Kp, or of the flipped kernel (dz = correlation of dc
+// with flip(K)).
+MSLORA_HD float ktap(const float* Kp, int k, bool flip, int dy, int dx) {
+  return flip ? Kp[(k - 1 - dy) * k + (k - 1 - dx)] : Kp[dy * k + dx];
+}
+
+// acc[o] += sum_{dy, dx < KS} K(dy, dx) * src[dy * ld + o + dx] for o < kRun. Window columns
+// j >= nwin are not read (taken as 0): they only feed outputs o >= nwin - KS + 1, which the
+// caller discards.
+template <int KS>
+MSLORA_HD void conv_run_k(const float* src, int ld, int nwin, const float* Kp, bool flip,
+                          float (&acc)[kRun]) {
+  MSLORA_NO_UNROLL  // one kernel row's window live at a time (register pressure)
+  for (int dy = 0; dy < KS; ++dy) {
+    const float* row = src + dy * ld;
+    float kw[KS];
+    MSLORA_UNROLL
+    for (int dx = 0; dx < KS; ++dx) kw[dx] = ktap(Kp, KS, flip, dy, dx);
+    MSLORA_UNROLL
+    for (int j = 0; j < kRun + KS - 1; ++j) {  // input j feeds outputs o = j - dx
+      const float v = j < nwin ? row[j] : 0.f;
+      MSLORA_UNROLL
+      for (int o = 0; o < kRun; ++o)
+        if (j - o >= 0 && j - o < KS) acc[o] += kw[j - o] * v;
+    }
+  }
+}
+
+MSLORA_HD void conv_run_any(int k, const float* src, int ld, int nwin, const float* Kp, bool flip,
+                            float (&acc)[kRun]) {
+  for (int dy = 0; dy < k; ++dy) {
+    for (int dx = 0; dx < k; ++dx) {
+      const float kv = ktap(Kp, k, flip, dy, dx);
+      const float* s = src + dy * ld + dx;
+      MSLORA_UNROLL
+      for (int o = 0; o < kRun; ++o)
+        if (o + dx < nwin) acc[o] += kv * s[o];
+    }
+  }
+}
+
+// The depthwise conv of one k x k kernel Kp (flipped if `flip`) along a run of outputs: src is
+// the top-left input of output 0's window in a shared plane of row stride ld; nwin inputs of
+// each row are valid (nout + k - 1 for nout wanted outputs).
+MSLORA_HD void conv_run(int k, const float* src, int ld, int nwin, const float* Kp, bool flip,
+                        float (&acc)[kRun]) {
+  switch (k) {
+    case 1: conv_run_k<1>(src, ld, nwin, Kp, flip, acc); break;
+    case 3: conv_run_k<3>(src, ld, nwin, Kp, flip, acc); break;
+    case 5: conv_run_k<5>(src, ld, nwin, Kp, flip, acc); break;
+    case 7: conv_run_k<7>(src, ld, nwin, Kp, flip, acc); break;
+    default: conv_run_any(k, src, ld, nwin, Kp, flip, acc);
+  }
+}
+
+// dK row: acc[dx] += sum_{o < nout} a[o] * win[o + dx] for dx < KS, with a = a_row[0..nout)
+// and win = z_row[0 .. nout + KS - 1).
+template <int KS>
+MSLORA_HD void xcorr_run_k(const float* a_row, const float* z_row, int nout, float (&acc)[KS]) {
+  float a[kRun];
+  MSLORA_UNROLL
+  for (int o = 0; o < kRun; ++o) a[o] = o < nout ? a_row[o] : 0.f;
+  MSLORA_UNROLL
+  for (int j = 0; j < kRun + KS - 1; ++j) {  // z input j meets a[o] at tap dx = j - o
+    const float v = j < nout + KS - 1 ? z_row[j] : 0.f;
+    MSLORA_UNROLL
+    for (int dx = 0; dx < KS; ++dx)
+      if (j - dx >= 0 && j - dx < kRun) acc[dx] += a[j - dx] * v;
+  }
+}
+
+// 16-byte load of 4 consecutive fp32 values (src 16-byte aligned); a plain copy on the host.
+MSLORA_HD void load_f32x4(const float* src, float (&v)[4]) {
+#ifdef __CUDA_ARCH__
+  const float4 q = *reinterpret_cast<const float4*>(src);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+#else
+  for (int j = 0; j < 4; ++j) v[j] = src[j];
+#endif
+}
+
+// Halo tile of z channels [c0, c0 + CH): dst[ch * plane + y * cols + x] = z of image zimg
+// (pixel-major [H*W][D]) at (h0 + y, w0 + x, c0 + ch), 0 outside the image or for c0 + ch >= D;
+// y < rows, x < cols. One call per thread of a stage. With D % 4 == 0 (and zimg 16-byte
+// aligned) a thread moves 4 channels of one pixel with one 16-byte load; else one float.
+MSLORA_HD void load_z_halo(const Params& p, const float* zimg, int c0, int h0, int w0, int rows,
+                           int cols, int64_t plane, float* dst, int tid, int nt) {
+  const int n = rows * cols;
+  if (p.D % 4 == 0 && p.CH % 4 == 0 && (reinterpret_cast<std::uintptr_t>(zimg) & 15) == 0) {
+    const int nq = p.CH / 4;
+    for (int i = tid; i < nq * n; i += nt) {
+      const int cq = i % nq, px = i / nq, y = px / cols, x = px % cols;
+      const int h = h0 + y, w = w0 + x, d = c0 + 4 * cq;
+      float v[4] = {0.f, 0.f, 0.f, 0.f};
+      if (h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D)
+        load_f32x4(zimg + (int64_t(h) * p.W + w) * p.D + d, v);
+      float* o = dst + 4 * cq * plane + px;
+      MSLORA_UNROLL
+      for (int j = 0; j < 4; ++j) o[j * plane] = v[j];
+    }
+  } else {
+    for (int i = tid; i < p.CH * n; i += nt) {
+      const int ch = i % p.CH, px = i / p.CH, y = px / cols, x = px % cols;
+      const int h = h0 + y, w = w0 + x, d = c0 + ch;
+      const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
+      dst[ch * plane + px] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
+    }
+  }
 }
 
 // ------------------------------------------------------------------------- tile geometry
@@ -161,12 +281,18 @@ MSLORA_HD int64_t tile_pixel(const Params& p, const Tile& t, int pl) {
   return (h < p.H && w < p.W) ? int64_t(h) * p.W + w : -1;
 }
 
+// Per-channel plane stride of a shared tile of `n` floats per channel: odd, so that the 32 lanes
+// of a warp, which differ in channel, hit 32 different banks.
+MSLORA_HD int64_t plane_stride(int64_t n) { return n | 1; }
+
 // Shared-memory plan of the tile kernels, in floats. One place, used by the kernels (offsets)
-// and by the launcher (size, via smem_floats()).
+// and by the launcher (size, via smem_floats()). zt: z halo tile [CH][zplane], zplane =
+// hh * hw_ rounded up to odd (row y, column x of channel ch at ch * zplane + y * hw_ + x).
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
   int64_t zt, sig, stats, buf0, buf1, buf2, buf3;  // offsets
+  int64_t zplane;     // channel plane stride of zt
   // tensor-core operands (Params::tc): A (Mp x Dp) and R (Dp x Dp) in the 16-bit type, row
   // stride ld; the fp32 product (Mp x Dp), row stride ldo. Offsets 32-byte aligned.
   int Mp, Dp, ld, ldo;
@@ -179,8 +305,9 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.P = p.TH * p.TW;
   s.hh = p.TH + 2 * p.R;
   s.hw_ = p.TW + 2 * p.R;
+  s.zplane = plane_stride(int64_t(s.hh) * s.hw_);
   s.zt = 0;
-  s.sig = s.zt + int64_t(p.CH) * s.hh * s.hw_;
+  s.sig = s.zt + int64_t(p.CH) * s.zplane;
   s.stats = s.sig + int64_t(p.nk) * s.P;
   s.buf0 = s.stats + 4 * int64_t(s.P);
   s.buf1 = s.buf0 + (bufs > 0 ? int64_t(s.P) * p.D : 0);
@@ -198,11 +325,14 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   return s;
 }
 
-// bwd_dz: z with a double halo (2R), dc_i on tile + halo (R), sigmoid of the gates on tile + halo,
-// and the per-pixel gate sums dsig_i.
+// bwd_dz: z with a double halo (2R) [CH][zplane]; dc_i on tile + halo (R) [nk][CH][dplane];
+// sigmoid of the gates on tile + halo [nk][hh * hw_]; the per-pixel gate sums dsig_i [nk][P];
+// under gate, ds0 * GELU(c_i) on the tile [nk][CH][gplane] (summed over channels into dsig).
+// Plane strides odd (see plane_stride).
 struct DzSmem {
   int P, hh, hw_, zh, zw;
-  int64_t z2, dc, sig, dsig, total;
+  int64_t zplane, dplane, gplane;
+  int64_t z2, dc, sig, dsig, gl, total;
 };
 MSLORA_HD DzSmem dz_smem(const Params& p) {
   DzSmem s;
@@ -211,11 +341,15 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
   s.hw_ = p.TW + 2 * p.R;
   s.zh = p.TH + 4 * p.R;
   s.zw = p.TW + 4 * p.R;
+  s.zplane = plane_stride(int64_t(s.zh) * s.zw);
+  s.dplane = plane_stride(int64_t(s.hh) * s.hw_);
+  s.gplane = plane_stride(s.P);
   s.z2 = 0;
-  s.dc = s.z2 + int64_t(p.CH) * s.zh * s.zw;
-  s.sig = s.dc + int64_t(p.nk) * p.CH * s.hh * s.hw_;
+  s.dc = s.z2 + int64_t(p.CH) * s.zplane;
+  s.sig = s.dc + int64_t(p.nk) * p.CH * s.dplane;
   s.dsig = s.sig + int64_t(p.nk) * s.hh * s.hw_;
-  s.total = s.dsig + int64_t(p.nk) * s.P;
+  s.gl = s.dsig + int64_t(p.nk) * s.P;
+  s.total = s.gl + (p.gate ? int64_t(p.nk) * p.CH * s.gplane : 0);
   return s;
 }
 
@@ -279,26 +413,42 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
   });
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z halo tile of channels [c0, c0 + CH), zero outside the image
-      const int64_t n = int64_t(p.CH) * L.hh * L.hw_;
-      for (int64_t i = tid; i < n; i += ex.nt) {
-        const int ch = int(i % p.CH), hx = int((i / p.CH) % L.hw_), hy = int(i / p.CH / L.hw_);
-        const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx, d = c0 + ch;
-        const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
-        zt[(int64_t(ch) * L.hh + hy) * L.hw_ + hx] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
-      }
+      load_z_halo(p, zimg, c0, t.h0 - p.R, t.w0 - p.R, L.hh, L.hw_, L.zplane, zt, tid, ex.nt);
     });
+    // s0 = sum_i GELU(K_i * z) (* sig_i) (+ GELU(zmean)): one item = one channel (fastest, so
+    // a warp's lanes read 32 channel planes: odd plane stride, no bank conflicts) x one tile
+    // row x one run of kRun columns.
     ex.stage([&](int tid) {
-      for (int i = tid; i < P * p.CH; i += ex.nt) {
-        const int ch = i % p.CH, pl = i / p.CH, d = c0 + ch;
+      const int runs = int(cdiv(p.TW, kRun)), n = p.CH * p.TH * runs;
+      for (int i = tid; i < n; i += ex.nt) {
+        const int ch = i % p.CH, run = (i / p.CH) % runs, ty = i / p.CH / runs, d = c0 + ch;
         if (d >= p.D) continue;
-        const float* zc = zt + int64_t(ch) * L.hh * L.hw_;
-        float acc = 0.f;
+        const int x0 = run * kRun, nout = p.TW - x0 < kRun ? p.TW - x0 : kRun;
+        const float* zc = zt + ch * L.zplane;
+        float tot[kRun];
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o) tot[o] = 0.f;
         for (int path = 0; path < p.nk; ++path) {
-          const float e = gelu(dwconv(p, path, d, zc, L.hw_, pl / p.TW + p.R, pl % p.TW + p.R));
-          acc += p.gate ? e * sig[path * P + pl] : e;
+          const int k = p.ks[path], off = p.R - k / 2;
+          float acc[kRun];
+          MSLORA_UNROLL
+          for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
+          conv_run(k, zc + (ty + off) * L.hw_ + x0 + off, L.hw_, nout + k - 1,
+                   p.dw + dw_offset(p, path) + int64_t(d) * k * k, false, acc);
+          const float* sg = sig + path * P + ty * p.TW + x0;
+          MSLORA_UNROLL
+          for (int o = 0; o < kRun; ++o) {
+            if (o < nout) {
+              const float e = gelu(acc[o]);
+              tot[o] += p.gate ? e * sg[o] : e;
+            }
+          }
         }
-        if (p.pool) acc += gelu(p.zmean[int64_t(t.n) * p.D + d]);
-        s0[int64_t(pl) * p.D + d] = acc;
+        const float pool = p.pool ? gelu(p.zmean[int64_t(t.n) * p.D + d]) : 0.f;
+        float* dst = s0 + (ty * p.TW + x0) * p.D + d;
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o, dst += p.D)
+          if (o < nout) *dst = tot[o] + pool;
       }
     });
   }
@@ -553,74 +703,119 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   });
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
-      const int64_t n = int64_t(p.CH) * L.zh * L.zw;
-      for (int64_t i = tid; i < n; i += ex.nt) {
-        const int ch = int(i % p.CH), zx = int((i / p.CH) % L.zw), zy = int(i / p.CH / L.zw);
-        const int h = t.h0 - 2 * p.R + zy, w = t.w0 - 2 * p.R + zx, d = c0 + ch;
-        const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
-        z2[(int64_t(ch) * L.zh + zy) * L.zw + zx] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
-      }
+      load_z_halo(p, zimg, c0, t.h0 - 2 * p.R, t.w0 - 2 * p.R, L.zh, L.zw, L.zplane, z2, tid, ex.nt);
     });
-    ex.stage([&](int tid) {  // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside)
-      const int64_t n = int64_t(p.nk) * p.CH * nh;
-      for (int64_t i = tid; i < n; i += ex.nt) {
-        const int hx = int(i % L.hw_), hy = int((i / L.hw_) % L.hh);
-        const int ch = int((i / nh) % p.CH), path = int(i / nh / p.CH), d = c0 + ch;
-        const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx;
-        float v = 0.f;
-        if (d < p.D && h >= 0 && h < p.H && w >= 0 && w < p.W) {
-          const float c = dwconv(p, path, d, z2 + int64_t(ch) * L.zh * L.zw, L.zw, hy + p.R, hx + p.R);
-          v = dsimg[(int64_t(h) * p.W + w) * p.D + d] * sig[path * nh + hy * L.hw_ + hx] * gelu_grad(c);
+    // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside the image); under gate also
+    // ds0 * GELU(c_i) on the tile (gl). One item = one channel (fastest) x one halo row x one
+    // run of kRun columns, for one path.
+    ex.stage([&](int tid) {
+      const int runs = int(cdiv(L.hw_, kRun)), n = p.nk * p.CH * L.hh * runs;
+      for (int i = tid; i < n; i += ex.nt) {
+        const int ch = i % p.CH, run = (i / p.CH) % runs, hy = (i / p.CH / runs) % L.hh;
+        const int path = i / p.CH / runs / L.hh, d = c0 + ch;
+        if (d >= p.D) continue;
+        const int x0 = run * kRun, nout = L.hw_ - x0 < kRun ? L.hw_ - x0 : kRun;
+        const int k = p.ks[path], off = p.R - k / 2;  // window offset in z2 (double halo)
+        float acc[kRun];
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
+        conv_run(k, z2 + ch * L.zplane + (hy + off) * L.zw + x0 + off, L.zw, nout + k - 1,
+                 p.dw + dw_offset(p, path) + int64_t(d) * k * k, false, acc);
+        const int h = t.h0 - p.R + hy, ty = hy - p.R;
+        const bool row_in = h >= 0 && h < p.H, row_tile = ty >= 0 && ty < p.TH;
+        float* dcr = dc + (path * p.CH + ch) * L.dplane + hy * L.hw_ + x0;
+        const float* sgr = sig + path * nh + hy * L.hw_ + x0;
+        const int64_t glr = L.gl + (path * p.CH + ch) * L.gplane + ty * p.TW - p.R;  // + hx
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o) {
+          if (o >= nout) continue;
+          const int hx = x0 + o, w = t.w0 - p.R + hx;
+          const bool in = row_in && w >= 0 && w < p.W;
+          const float ds = in ? dsimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
+          dcr[o] = in ? ds * sgr[o] * gelu_grad(acc[o]) : 0.f;
+          if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW) sm[glr + hx] = in ? ds * gelu(acc[o]) : 0.f;
         }
-        dc[i] = v;
       }
     });
     ex.stage([&](int tid) {
-      // dz on the tile (correlation with the flipped kernels) -> ws dz
-      for (int i = tid; i < P * p.CH; i += ex.nt) {
-        const int ch = i % p.CH, pl = i / p.CH, d = c0 + ch;
-        const int64_t q = tile_pixel(p, t, pl);
-        if (d >= p.D || q < 0) continue;
-        const int ly = pl / p.TW + p.R, lx = pl % p.TW + p.R;  // halo coordinates
-        float acc = 0.f;
+      // Work of this stage, as one list: dz items, then dK items, then dsig items; each loop
+      // starts where the previous one left the threads (balance).
+      int done = 0;
+      auto first = [&](int n_before) { return ((tid - n_before) % ex.nt + ex.nt) % ex.nt; };
+      // dz on the tile: correlation of dc_i with the flipped kernels -> ws dz. One item = one
+      // channel (fastest) x one tile row x one run.
+      const int runs = int(cdiv(p.TW, kRun)), n_dz = p.CH * p.TH * runs;
+      for (int i = tid; i < n_dz; i += ex.nt) {
+        const int ch = i % p.CH, run = (i / p.CH) % runs, ty = i / p.CH / runs, d = c0 + ch;
+        const int h = t.h0 + ty;
+        if (d >= p.D || h >= p.H) continue;
+        const int x0 = run * kRun, nout = p.TW - x0 < kRun ? p.TW - x0 : kRun;
+        float acc[kRun];
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
         for (int path = 0; path < p.nk; ++path) {
-          const int k = p.ks[path], r = k / 2;
-          const float* K = p.dw + dw_offset(p, path) + int64_t(d) * k * k;
-          const float* dcc = dc + (int64_t(path) * p.CH + ch) * nh;
-          for (int dy = 0; dy < k; ++dy)
-            for (int dx = 0; dx < k; ++dx)
-              acc += K[dy * k + dx] * dcc[(ly + r - dy) * L.hw_ + (lx + r - dx)];
+          const int k = p.ks[path], off = p.R - k / 2;
+          conv_run(k, dc + (path * p.CH + ch) * L.dplane + (ty + off) * L.hw_ + x0 + off, L.hw_,
+                   nout + k - 1, p.dw + dw_offset(p, path) + int64_t(d) * k * k, true, acc);
         }
-        p.dz[(pix0 + q) * p.D + d] = acc;
+        float* dst = p.dz + (pix0 + int64_t(h) * p.W + t.w0 + x0) * p.D + d;
+        MSLORA_UNROLL
+        for (int o = 0; o < kRun; ++o)
+          if (o < nout && t.w0 + x0 + o < p.W) dst[int64_t(o) * p.D] = acc[o];
       }
-      // per-tile dK_i[d][tap] = sum over tile pixels of dc_i(q) z(q + offset)
-      for (int64_t i = tid; i < int64_t(p.CH) * ktot; i += ex.nt) {
-        const int ch = int(i % p.CH), d = c0 + ch;
-        int tap = int(i / p.CH), path = 0;
-        while (tap >= p.ks[path] * p.ks[path]) tap -= p.ks[path] * p.ks[path], ++path;
+      done += n_dz;
+      // per-tile dK_i[d][dy][:] = sum over tile pixels of dc_i(q) z(q + (dy, :) - r): one item
+      // = one channel (fastest) x one kernel row (path, dy); all k taps of the row at once,
+      // along each tile row in runs. Pixels outside the image have dc = 0 and are skipped.
+      int n_dk = 0;  // CH x (kernel rows of all paths)
+      for (int j = 0; j < p.nk; ++j) n_dk += p.CH * p.ks[j];
+      const int rows = p.H - t.h0 < p.TH ? p.H - t.h0 : p.TH, cols = p.W - t.w0 < p.TW ? p.W - t.w0 : p.TW;
+      for (int i = first(done); i < n_dk; i += ex.nt) {
+        const int ch = i % p.CH, d = c0 + ch;
+        int dy = i / p.CH, path = 0;
+        while (dy >= p.ks[path]) dy -= p.ks[path], ++path;
         if (d >= p.D) continue;
-        const int k = p.ks[path], r = k / 2, dy = tap / k, dx = tap % k;
-        const float* dcc = dc + (int64_t(path) * p.CH + ch) * nh;
-        const float* zc = z2 + int64_t(ch) * L.zh * L.zw;
-        float acc = 0.f;
-        for (int pl = 0; pl < P; ++pl) {
-          if (tile_pixel(p, t, pl) < 0) continue;
-          const int ly = pl / p.TW, lx = pl % p.TW;
-          acc += dcc[(ly + p.R) * L.hw_ + lx + p.R] * zc[(ly + 2 * p.R - r + dy) * L.zw + (lx + 2 * p.R - r + dx)];
+        const int k = p.ks[path], zoff = 2 * p.R - k / 2;
+        const float* dcc = dc + (path * p.CH + ch) * L.dplane + p.R * L.hw_ + p.R;
+        const float* zc = z2 + ch * L.zplane + (zoff + dy) * L.zw + zoff;
+        float* dst = p.part_dw + tile_id * p.D * ktot + dw_offset(p, path) + (int64_t(d) * k + dy) * k;
+        switch (k) {
+#define MSLORA_DK_CASE(KS)                                                                    \
+  case KS: {                                                                                  \
+    float acc[KS];                                                                            \
+    MSLORA_UNROLL                                                                             \
+    for (int dx = 0; dx < KS; ++dx) acc[dx] = 0.f;                                            \
+    for (int ty = 0; ty < rows; ++ty)                                                         \
+      for (int x0 = 0; x0 < cols; x0 += kRun)                                                 \
+        xcorr_run_k<KS>(dcc + ty * L.hw_ + x0, zc + ty * L.zw + x0,                           \
+                        cols - x0 < kRun ? cols - x0 : kRun, acc);                            \
+    MSLORA_UNROLL                                                                             \
+    for (int dx = 0; dx < KS; ++dx) dst[dx] = acc[dx];                                        \
+  } break;
+          MSLORA_DK_CASE(1)
+          MSLORA_DK_CASE(3)
+          MSLORA_DK_CASE(5)
+          MSLORA_DK_CASE(7)
+#undef MSLORA_DK_CASE
+          default:  // any other odd k: one tap at a time
+            for (int dx = 0; dx < k; ++dx) {
+              float acc = 0.f;
+              for (int ty = 0; ty < rows; ++ty)
+                for (int x = 0; x < cols; ++x) acc += dcc[ty * L.hw_ + x] * zc[ty * L.zw + x + dx];
+              dst[dx] = acc;
+            }
         }
-        p.part_dw[tile_id * p.D * ktot + dw_offset(p, path) + int64_t(d) * k * k + tap] = acc;
       }
-      // gate: dsig_i(pl) += sum_d ds0 * GELU(c_i) over this chunk
+      done += n_dk;
+      // gate: dsig_i(pl) += sum_d ds0 * GELU(c_i) over this chunk's channels (from gl)
       if (p.gate) {
-        for (int i = tid; i < p.nk * P; i += ex.nt) {
+        const int nch = p.D - c0 < p.CH ? p.D - c0 : p.CH;
+        for (int i = first(done); i < p.nk * P; i += ex.nt) {
           const int path = i / P, pl = i % P;
-          const int64_t q = tile_pixel(p, t, pl);
-          if (q < 0) continue;
-          const int ly = pl / p.TW + 2 * p.R, lx = pl % p.TW + 2 * p.R;
+          if (tile_pixel(p, t, pl) < 0) continue;
+          const float* g = sm + L.gl + path * p.CH * L.gplane + pl;
           float acc = 0.f;
-          for (int ch = 0; ch < p.CH && c0 + ch < p.D; ++ch)
-            acc += dsimg[q * p.D + c0 + ch] *
-                   gelu(dwconv(p, path, c0 + ch, z2 + int64_t(ch) * L.zh * L.zw, L.zw, ly, lx));
+          for (int ch = 0; ch < nch; ++ch) acc += g[ch * L.gplane];
           dsig[i] += acc;
         }
       }

@@ -72,10 +72,18 @@ OPTION_SETS = [
     {"prenorm": True, "pool": True},
 ]
 LAYOUTS = ["nchw", "channels_last_memory", "nhwc"]
+# (N, C, H, W, D, G, kernel sizes), shared-memory limit. Besides odd sizes and small tiles, the
+# edges of the depthwise runs and halo loads: W not a multiple of the tile width; D % 4 == 0
+# (16-byte halo loads) and not; D not a multiple of either channel chunk (32, 16); k = 1; k = 9
+# (not specialised); H, W smaller than the halo.
 SHAPES = [((2, 12, 11, 9, 8, 4, (3, 5)), 227 * 1024),  # odd, all tile kernels in one row
-          ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024)]  # small smem: smaller tiles, 3 paths
-# Every dtype x option set x layout x shape: 90 cases, about 17 s on 2 shared cores after the
-# ~10 s host compile (a case is well under a second).
+          ((1, 6, 5, 13, 6, 3, (3, 7, 1)), 40 * 1024),  # small smem: smaller tiles, 3 paths
+          ((1, 8, 6, 10, 36, 4, (5, 1)), 227 * 1024),
+          ((2, 6, 3, 4, 6, 2, (9, 3)), 227 * 1024),
+          ((1, 4, 2, 3, 20, 2, (7, 3)), 227 * 1024)]
+SHAPE_IDS = ["odd", "small-smem", "d36-k1", "k9-tiny", "d20-k7-tiny"]
+# Every dtype x option set x layout x shape: 225 cases, each well under a second, after the
+# ~10 s host compile.
 CASES = [(dt, o) for dt in (torch.float32, torch.float16, torch.bfloat16) for o in OPTION_SETS]
 
 
@@ -90,7 +98,7 @@ def _grads(x, w, o, gout):
 @pytest.mark.parametrize("dtype,opts", CASES,
                          ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,smem", SHAPES, ids=["odd", "small-smem"])
+@pytest.mark.parametrize("shape,smem", SHAPES, ids=SHAPE_IDS)
 def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
     n, c, h, w, d, g, ks = shape
     fmt = "channels_last" if layout == "nhwc" else "channels_first"
@@ -200,6 +208,18 @@ def test_host_storage_conversions_match_torch(host, dtype):
     nan = torch.isnan(want_back)
     assert torch.equal(torch.isnan(back), nan)
     assert torch.equal(back.view(torch.int32)[~nan], want_back.view(torch.int32)[~nan])
+
+
+@pytest.mark.parametrize("tile_w", [5, 12])  # one partial run of 8; a full and a partial run
+@pytest.mark.parametrize("ks", [(7, 3), (9, 1)], ids=["k7", "k9"])  # specialised, generic
+@pytest.mark.parametrize("opts", OPTION_SETS[1:3], ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_host_kernels_other_tile_widths(host, dtype, opts, ks, tile_w, monkeypatch):
+    import mslora_kernels.cuda.mslora as launcher
+
+    monkeypatch.setattr(launcher, "TILE_W", tile_w)
+    test_host_kernels_match_reference(host, dtype, opts, "nchw", (2, 8, 7, 29, 12, 4, ks),
+                                      227 * 1024)
 
 
 def test_host_backward_is_deterministic(host):
