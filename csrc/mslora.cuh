@@ -293,8 +293,9 @@ struct TileSmem {
   int hh, hw_;        // halo tile rows / cols (radius R)
   int64_t zt, sig, stats, buf0, buf1, buf2, buf3;  // offsets
   int64_t zplane;     // channel plane stride of zt
-  // tensor-core operands (Params::tc): A (Mp x Dp) and R (Dp x Dp) in the 16-bit type, row
-  // stride ld; the fp32 product (Mp x Dp), row stride ldo. Offsets 32-byte aligned.
+  // tensor-core operands (Params::tc): A (Mp x Dp, twice: its rounding to the 16-bit type and
+  // the remainder's, tc.cuh) and R (Dp x Dp) in the 16-bit type, row stride ld; the fp32
+  // product (Mp x Dp), row stride ldo. Offsets 32-byte aligned.
   int Mp, Dp, ld, ldo;
   int64_t tc_a, tc_b, tc_o;
   int64_t total;
@@ -319,7 +320,7 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.ld = tc_ld(p.D);
   s.ldo = tc_ld_out(p.D);
   s.tc_a = align8(end);
-  s.tc_b = s.tc_a + align8(int64_t(s.Mp) * s.ld / 2);  // 16-bit elements, 2 per float
+  s.tc_b = s.tc_a + 2 * align8(int64_t(s.Mp) * s.ld / 2);  // hi, lo; 2 elements per float
   s.tc_o = s.tc_b + align8(int64_t(s.Dp) * s.ld / 2);
   s.total = p.tc ? s.tc_o + int64_t(s.Mp) * s.ldo : end;
   return s;
@@ -485,8 +486,8 @@ MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
 
 // The pointwise products on tensor cores (Params::tc, 16-bit T only; tc.cuh): tc_o (fp32,
 // Mp x ldo) = A R^T (kBT = true: t = pw(s)) or A R (kBT = false: ds = pw^T(dt)), where A is
-// `src` (fp32 [P][D] in shared memory) rounded to T, with rows of pixels outside the image and
-// all padding zero. R (pw.weight in T) is staged into tc_b when `stage_r` (it stays there for
+// `src` (fp32 [P][D] in shared memory) split into hi + lo in T (tc.cuh), with rows of pixels
+// outside the image and all padding zero. R (pw.weight in T) is staged into tc_b when `stage_r` (it stays there for
 // a second product).
 template <typename T>
 MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
@@ -495,12 +496,16 @@ template <typename T, bool kBT, class Ex>
 MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, const float* src,
                      float* sm, bool stage_r, Ex& ex) {
   T* a = reinterpret_cast<T*>(sm + L.tc_a);
+  T* a_lo = reinterpret_cast<T*>(sm + L.tc_a + align8(int64_t(L.Mp) * L.ld / 2));
   T* b = reinterpret_cast<T*>(sm + L.tc_b);
   ex.stage([&](int tid) {
     for (int i = tid; i < L.Mp * L.ld; i += ex.nt) {
       const int r = i / L.ld, k = i % L.ld;
       const bool in = r < L.P && k < p.D && tile_pixel(p, t, r) >= 0;
-      a[i] = from_f32<T>(in ? src[int64_t(r) * p.D + k] : 0.0f);
+      const float v = in ? src[int64_t(r) * p.D + k] : 0.0f;
+      const T hi = from_f32<T>(v);
+      a[i] = hi;
+      a_lo[i] = from_f32<T>(v - to_f32(hi));
     }
     if (stage_r) {
       const T* w = static_cast<const T*>(p.pw_lp);
@@ -511,7 +516,7 @@ MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, const fl
     }
   });
   ex.stage([&](int tid) {
-    block_mma<T, kBT>(a, L.ld, b, L.ld, sm + L.tc_o, L.ldo, L.Mp, L.Dp, L.Dp, tid, ex.nt);
+    block_mma<T, kBT>(a, a_lo, L.ld, b, L.ld, sm + L.tc_o, L.ldo, L.Mp, L.Dp, L.Dp, tid, ex.nt);
   });
 }
 

@@ -32,7 +32,10 @@ MSLORA_HD int tc_ld(int cols) { return round16(cols) + 8; }
 MSLORA_HD int tc_ld_out(int cols) { return round16(cols) + 4; }
 
 // out = A * B over padded sizes Mp x Np x Kp (multiples of 16), fp32 accumulation:
-//   A: a[i * lda + k], row-major, type T;
+//   A: a[i * lda + k] + a_lo[i * lda + k], row-major, type T: an fp32 operand split into its
+//      rounding to T and the rounding of the remainder, so that the product keeps about twice
+//      T's mantissa (B, the weights, is exact in T): the tensor-core result is then as
+//      accurate as the fp32 CUDA-core product, at twice the (small) MMA work;
 //   B: kBT ? b[n * ldb + k] (b holds B's columns as rows: out = A b^T)
 //          : b[k * ldb + n] (row-major: out = A b);
 //   out: out[i * ldo + n], fp32.
@@ -40,8 +43,8 @@ MSLORA_HD int tc_ld_out(int cols) { return round16(cols) + 4; }
 // warp w computes the 16x16 output tiles w, w + nt/32, ... All pointers are 32-byte aligned and
 // lda, ldb are multiples of 8, ldo a multiple of 4 (WMMA's load/store rules).
 template <typename T, bool kBT>
-MSLORA_HD void block_mma(const T* a, int lda, const T* b, int ldb, float* out, int ldo, int Mp,
-                         int Np, int Kp, int tid, int nt) {
+MSLORA_HD void block_mma(const T* a, const T* a_lo, int lda, const T* b, int ldb, float* out,
+                         int ldo, int Mp, int Np, int Kp, int tid, int nt) {
   const int warp = tid / 32, nwarps = nt / 32, tn = Np / 16, tiles = (Mp / 16) * tn;
   for (int tile = warp; tile < tiles; tile += nwarps) {
     const int i0 = (tile / tn) * 16, j0 = (tile % tn) * 16;
@@ -53,8 +56,10 @@ MSLORA_HD void block_mma(const T* a, int lda, const T* b, int ldb, float* out, i
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.0f);
     for (int k0 = 0; k0 < Kp; k0 += 16) {
-      wmma::load_matrix_sync(fa, a + i0 * lda + k0, lda);
       wmma::load_matrix_sync(fb, kBT ? b + j0 * ldb + k0 : b + k0 * ldb + j0, ldb);
+      wmma::load_matrix_sync(fa, a + i0 * lda + k0, lda);
+      wmma::mma_sync(acc, fa, fb, acc);
+      wmma::load_matrix_sync(fa, a_lo + i0 * lda + k0, lda);
       wmma::mma_sync(acc, fa, fb, acc);
     }
     wmma::store_matrix_sync(out + i0 * ldo + j0, acc, ldo, wmma::mem_row_major);
@@ -64,7 +69,8 @@ MSLORA_HD void block_mma(const T* a, int lda, const T* b, int ldb, float* out, i
       for (int j = j0; j < j0 + 16; ++j) {
         float acc = 0.0f;
         for (int k = 0; k < Kp; ++k)
-          acc += to_f32(a[i * lda + k]) * to_f32(kBT ? b[j * ldb + k] : b[k * ldb + j]);
+          acc += (to_f32(a[i * lda + k]) + to_f32(a_lo[i * lda + k])) *
+                 to_f32(kBT ? b[j * ldb + k] : b[k * ldb + j]);
         out[i * ldo + j] = acc;
       }
     }
