@@ -273,3 +273,23 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, monkeypatch):
     assert not torch.equal(results["1"][0], results["0"][0])
     assert not torch.equal(results["1"][1], results["0"][1])
     assert not tensor_cores(torch.float32)
+
+
+def test_host_odd_strides_give_the_fake_impls_strides(host):
+    """A channels_last tensor sliced along W: out and dx have the strides the ops' fake impls
+    promise (normalize_layout's rule, shared with the Triton launchers), values right."""
+    from mslora_kernels.triton._common import normalize_layout
+
+    m = _module(8, 8, 2, (3, 5), {"gate": True}, "channels_first")
+    x = torch.randn(2, 8, 9, 14).contiguous(memory_format=torch.channels_last)[:, :, :, ::2]
+    want = torch.empty_like(normalize_layout(x, "channels_first")).stride()
+    w64 = {k: v.detach() for k, v in m.named_parameters()}
+    gout = torch.randn(x.shape)
+    ref, grads64 = _grads(x.double(), w64, m.options, gout.double())
+    w = {k: v.float() for k, v in w64.items()}
+    launcher = _launcher(host, 227 * 1024)
+    out, zmean = forward_impl(x, w, m.options, *launcher)
+    dx, _ = backward_impl(gout, x, w, m.options, zmean, *launcher)
+    assert out.stride() == want and dx.stride() == want
+    check_close("out", out, ref, torch.float32)
+    check_close("grad x", dx, grads64[0], torch.float32)

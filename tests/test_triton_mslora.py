@@ -168,6 +168,26 @@ def test_non_dense_input_interpreter():
 
 
 @pytest.mark.interpreter
+@pytest.mark.skipif(not HAS_BWD, reason="no Triton backward in this tree")
+def test_odd_strides_give_the_fake_impls_strides_interpreter():
+    """A channels_last tensor sliced along W (stride(1) == 1, not dense): the launchers' out and
+    grad_x have exactly the strides the ops' fake impls promise (normalize_layout's rule), and
+    the values are right."""
+    from mslora_kernels.triton.mslora_bwd import mslora_bwd
+    from mslora_kernels.triton.mslora_fwd import mslora_fwd
+
+    m = make_module({"gate": True, "pool": True}, "channels_first", c=8, d=16, g=2)
+    x = torch.randn(2, 8, 9, 14).contiguous(memory_format=torch.channels_last)[:, :, :, ::2]
+    assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    want = torch.empty_like(normalize_layout(x, "channels_first")).stride()
+    w = {k: v.detach() for k, v in m.named_parameters()}
+    out, zmean = mslora_fwd(x, w, m.options)
+    dx, _ = mslora_bwd(torch.randn_like(out), x, w, m.options, zmean)
+    assert out.stride() == want and dx.stride() == want
+    check_gradients(m, x)
+
+
+@pytest.mark.interpreter
 def test_compile_fullgraph_traces_interpreter():
     """Dynamo traces the module and the op (fake impl) without a graph break, also under
     autocast (Inductor itself cannot compile interpreted kernels; the GPU test covers it)."""

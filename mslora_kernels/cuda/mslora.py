@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..config import MSLoRAOptions, weight_shapes
 from ..reference import LN_EPS
+from ..triton._common import normalize_layout
 from . import _ext
 
 MAX_PATHS = 8     # kMaxPaths in csrc/mslora.cuh
@@ -54,8 +55,9 @@ def _physical(t: torch.Tensor, o: MSLoRAOptions, nhwc: bool | None = None):
         n, h, w, c = t.shape
         return t.contiguous(), True, (n, c, h, w)
     n, c, h, w = t.shape
-    if nhwc is None:
-        nhwc = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    if nhwc is None:  # the layout rule of the Triton launchers and the ops' fake impls
+        t = normalize_layout(t, o.data_format)
+        nhwc = not t.is_contiguous()
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     return t.contiguous(memory_format=fmt), nhwc, (n, c, h, w)
 

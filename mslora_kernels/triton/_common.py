@@ -49,3 +49,12 @@ def normalize_layout(x, data_format: str):
     if x.dim() == 4 and x.stride(1) == 1:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+def nchw_strides(x, data_format: str) -> tuple[int, int, int, int]:
+    """Element strides of x in (n, c, h, w) order, for either ``data_format``."""
+    if data_format == "channels_last":
+        sn, sh, sw, sc = x.stride()
+    else:
+        sn, sc, sh, sw = x.stride()
+    return sn, sc, sh, sw

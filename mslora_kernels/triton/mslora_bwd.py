@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
-from ._common import fix_interpreter_for_numpy2
+from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -544,18 +544,6 @@ def _blocks(d: int, sm90: bool) -> tuple[int, int, int]:
     return bp, bd, warps
 
 
-def _layout(t: torch.Tensor, o: MSLoRAOptions) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """The tensor in one of the three supported layouts, and its (n, c, h, w) element strides."""
-    if o.data_format == "channels_last":
-        t = t.contiguous()
-        sn, sh, sw, sc = t.stride()
-        return t, (sn, sc, sh, sw)
-    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        t = t.contiguous()
-    sn, sc, sh, sw = t.stride()
-    return t, (sn, sc, sh, sw)
-
-
 def _check(grad_out, x, weights, o, zmean) -> None:
     """Refuse, before any launch, inputs the kernels do not define."""
     if not isinstance(o, MSLoRAOptions):
@@ -625,8 +613,11 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     ``weights``, each in its weight's shape and dtype (accumulated in fp32).
     """
     _check(grad_out, x, weights, o, zmean)
-    x, sx = _layout(x, o)
-    grad_out, sg = _layout(grad_out, o)
+    # The one layout rule (normalize_layout) of the forward and the ops' fake impls, so that
+    # grad_x's strides are the ones the fake impl promises.
+    x = normalize_layout(x, o.data_format)
+    grad_out = normalize_layout(grad_out, o.data_format)
+    sx, sg = nchw_strides(x, o.data_format), nchw_strides(grad_out, o.data_format)
     if o.data_format == "channels_last":
         n, h, w, c = x.shape
     else:
@@ -670,10 +661,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     dcbuf = torch.empty((nk, nhw, d), dtype=x.dtype, device=dev)
     dubuf = torch.empty((nhw, c), dtype=f32, device=dev)
     grad_x = torch.empty_like(x)
-    if o.data_format == "channels_last":
-        sgx = (grad_x.stride(0), grad_x.stride(3), grad_x.stride(1), grad_x.stride(2))
-    else:
-        sgx = grad_x.stride()
+    sgx = nchw_strides(grad_x, o.data_format)
 
     wt = weights
     dummy = wt["pw.weight"]

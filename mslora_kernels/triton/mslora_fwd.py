@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions
-from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, normalize_layout
+from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -372,15 +372,6 @@ def use_tf32x3(dtype: torch.dtype, enhance: bool = False) -> bool:
     return dtype == torch.float32 and enhance
 
 
-def _strides(x: torch.Tensor, o: MSLoRAOptions) -> tuple[int, int, int, int]:
-    """Element strides of x in (n, c, h, w) order."""
-    if o.data_format == "channels_last":
-        sn, sh, sw, sc = x.stride()
-    else:
-        sn, sc, sh, sw = x.stride()
-    return sn, sc, sh, sw
-
-
 def check_supported(x: torch.Tensor, o: MSLoRAOptions) -> None:
     """Refuse, before any launch, what these kernels do not cover."""
     if x.dtype not in TRITON_DTYPE:
@@ -411,8 +402,8 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     dev, dt = x.device, x.dtype
     wt = {k: v.contiguous() for k, v in weights.items()}
     out = torch.empty_like(x)
-    sxn, sxc, sxh, sxw = _strides(x, o)
-    son, soc, soh, sow = _strides(out, o)
+    sxn, sxc, sxh, sxw = nchw_strides(x, o.data_format)
+    son, soc, soh, sow = nchw_strides(out, o.data_format)
     hw = h * w
 
     cfg1 = f1_config(d, dt)
