@@ -52,7 +52,7 @@ struct Params {
   // tiling
   int TH, TW, CH;          // tile rows, cols, channel chunk (tile kernels)
   int PB;                  // pixels per block (prep / bwd_dx)
-  int tc;                  // fp16/bf16 only: the D x D pw products on tensor cores (tc.cuh)
+  int tc;                  // fp16/bf16 only: the channel products on tensor cores (tc.cuh)
   // activations (type T, layout per kNHWC)
   const void* x;
   void* out;
@@ -60,7 +60,6 @@ struct Params {
   void* dx;
   // fp32 weights, contiguous in their checkpoint shapes
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
-  const void* pw_lp;      // pw.weight (D, D) in the activations' 16-bit type (tc only)
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
@@ -285,44 +284,64 @@ MSLORA_HD int64_t tile_pixel(const Params& p, const Tile& t, int pl) {
 // of a warp, which differ in channel, hit 32 different banks.
 MSLORA_HD int64_t plane_stride(int64_t n) { return n | 1; }
 
+MSLORA_HD int64_t align8(int64_t v) { return (v + 7) / 8 * 8; }  // floats -> 32-byte multiple
+
+// Tensor-core operands of a kernel's channel products (Params::tc; tc.cuh, tc_gemm below), in
+// floats from the kernel's shared memory, offsets 32-byte aligned: A (Mp x lda: kTcK columns per
+// group, twice: its rounding to the 16-bit type and the remainder's), B^T (width x ldb) in the
+// 16-bit type, and the fp32 product (Mp x ldo). `width` bounds the product's columns (all groups
+// together): at least D padded (the D x D products), every group's D / G padded (the grouped
+// C -> D products), and 64, the chunk of C columns of the grouped D -> C products.
+struct TcSmem {
+  int Mp, lda, ldb, ldo, width;
+  int64_t a, a_lo, b, out, end;
+};
+MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
+  TcSmem s;
+  s.Mp = round16(rows);
+  s.lda = p.G * kTcK + 8;  // + 16 bytes: the rows of a fragment fall in different banks
+  s.ldb = kTcK + 8;
+  const int w = round16(p.D) > p.G * round16(p.D / p.G) ? round16(p.D) : p.G * round16(p.D / p.G);
+  s.width = w > 64 ? w : 64;
+  s.ldo = s.width + 4;
+  s.a = align8(base);
+  s.a_lo = s.a + align8(int64_t(s.Mp) * s.lda / 2);  // 2 elements per float
+  s.b = s.a_lo + align8(int64_t(s.Mp) * s.lda / 2);
+  s.out = s.b + align8(int64_t(s.width) * s.ldb / 2);
+  s.end = s.out + int64_t(s.Mp) * s.ldo;
+  return s;
+}
+
 // Shared-memory plan of the tile kernels, in floats. One place, used by the kernels (offsets)
-// and by the launcher (size, via smem_floats()). zt: z halo tile [CH][zplane], zplane =
-// hh * hw_ rounded up to odd (row y, column x of channel ch at ch * zplane + y * hw_ + x).
+// and by the launcher (size, via smem_floats()). stats [P][4]; bufs x [P][D]; then the
+// multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
+// column x of channel ch at ch * zplane + y * hw_ + x) and gate sigmoids sig [nk][P], which
+// share their space with the tensor-core operands: the products only start once the sum is
+// done.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
-  int64_t zt, sig, stats, buf0, buf1, buf2, buf3;  // offsets
+  int64_t stats, buf0, buf1, buf2, buf3, zt, sig;  // offsets
   int64_t zplane;     // channel plane stride of zt
-  // tensor-core operands (Params::tc): A (Mp x Dp, twice: its rounding to the 16-bit type and
-  // the remainder's, tc.cuh) and R (Dp x Dp) in the 16-bit type, row stride ld; the fp32
-  // product (Mp x Dp), row stride ldo. Offsets 32-byte aligned.
-  int Mp, Dp, ld, ldo;
-  int64_t tc_a, tc_b, tc_o;
+  TcSmem tc;
   int64_t total;
 };
-MSLORA_HD int64_t align8(int64_t v) { return (v + 7) / 8 * 8; }  // floats -> 32-byte multiple
 MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   TileSmem s;
   s.P = p.TH * p.TW;
   s.hh = p.TH + 2 * p.R;
   s.hw_ = p.TW + 2 * p.R;
   s.zplane = plane_stride(int64_t(s.hh) * s.hw_);
-  s.zt = 0;
-  s.sig = s.zt + int64_t(p.CH) * s.zplane;
-  s.stats = s.sig + int64_t(p.nk) * s.P;
+  s.stats = 0;
   s.buf0 = s.stats + 4 * int64_t(s.P);
   s.buf1 = s.buf0 + (bufs > 0 ? int64_t(s.P) * p.D : 0);
   s.buf2 = s.buf1 + (bufs > 1 ? int64_t(s.P) * p.D : 0);
   s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
-  const int64_t end = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
-  s.Mp = round16(s.P);
-  s.Dp = round16(p.D);
-  s.ld = tc_ld(p.D);
-  s.ldo = tc_ld_out(p.D);
-  s.tc_a = align8(end);
-  s.tc_b = s.tc_a + 2 * align8(int64_t(s.Mp) * s.ld / 2);  // hi, lo; 2 elements per float
-  s.tc_o = s.tc_b + align8(int64_t(s.Dp) * s.ld / 2);
-  s.total = p.tc ? s.tc_o + int64_t(s.Mp) * s.ldo : end;
+  s.zt = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
+  s.sig = s.zt + int64_t(p.CH) * s.zplane;
+  const int64_t end = s.sig + int64_t(p.nk) * s.P;
+  s.tc = tc_smem(p, s.P, s.zt);
+  s.total = p.tc && s.tc.end > end ? s.tc.end : end;
   return s;
 }
 
@@ -354,9 +373,133 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
   return s;
 }
 
-// prep / bwd_dx: per-pixel-block buffers.
+// prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][C], then the
+// tensor-core operands (Params::tc).
+MSLORA_HD TcSmem pixel_tc_smem(const Params& p, bool dx) {
+  return tc_smem(p, p.PB, 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0));
+}
 MSLORA_HD int64_t pixel_smem_floats(const Params& p, bool dx) {
-  return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0);
+  const int64_t end = 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0);
+  return p.tc ? pixel_tc_smem(p, dx).end : end;
+}
+
+// ------------------------------------------------------------ channel products on tensor cores
+// (Params::tc, 16-bit T only; tc.cuh). Each product streams its reduction through shared memory
+// in chunks of kTcK columns per group (two stages a chunk: stage the operands, multiply) and
+// leaves its fp32 result in the kernel's TcSmem out, which a following stage reads back.
+template <typename T>
+MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
+
+// out[r * ldo + g * round16(N) + n] = sum_{k < K} fa(r, g, k) * fb(g, n, k) for rows r < M,
+// groups g < groups (groups * round16(N) <= L.width), columns n < N.
+//   fa(r, g, k): fp32 A value of row r (callers give 0 for a pixel outside the image); split
+//     into hi + lo in T (tc.cuh) unless `exact_a` (A is representable in T: x, dout);
+//   fb(g, n, k): the weight, representable in T (the weights have the activations' dtype);
+//   rows_fastest: stage A over rows first (activations of NCHW layout: neighbouring pixels are
+//     neighbours in memory) instead of over k;
+//   stage_a = false: A is still staged from the previous call (same fa, K <= kTcK).
+template <typename T, class Ex, class FA, class FB>
+MSLORA_HD void tc_gemm(const TcSmem& L, float* sm, int M, int groups, int N, int K, bool exact_a,
+                       bool rows_fastest, bool stage_a, FA&& fa, FB&& fb, Ex& ex) {
+  T* a = reinterpret_cast<T*>(sm + L.a);
+  T* a_lo = reinterpret_cast<T*>(sm + L.a_lo);
+  T* b = reinterpret_cast<T*>(sm + L.b);
+  const int Np = round16(N), ka = groups * kTcK;
+  for (int k0 = 0; k0 < K; k0 += kTcK) {
+    const int kn = K - k0 < kTcK ? K - k0 : kTcK;
+    ex.stage([&](int tid) {
+      for (int i = tid; stage_a && i < L.Mp * ka; i += ex.nt) {
+        const int r = rows_fastest ? i % L.Mp : i / ka, c = rows_fastest ? i / L.Mp : i % ka;
+        const int g = c / kTcK, k = c % kTcK;
+        const float v = r < M && k < kn ? fa(r, g, k0 + k) : 0.0f;
+        const T hi = from_f32<T>(v);
+        a[r * L.lda + c] = hi;
+        if (!exact_a) a_lo[r * L.lda + c] = from_f32<T>(v - to_f32(hi));
+      }
+      for (int i = tid; i < groups * Np * kTcK; i += ex.nt) {
+        const int row = i / kTcK, k = i % kTcK, g = row / Np, n = row % Np;
+        b[row * L.ldb + k] = from_f32<T>(n < N && k < kn ? fb(g, n, k0 + k) : 0.0f);
+      }
+    });
+    ex.stage([&](int tid) {
+      block_mma<T>(MmaArgs<T>{a, exact_a ? nullptr : a_lo, L.lda, b, L.ldb, sm + L.out, L.ldo,
+                              L.Mp, Np, round16(kn), groups, k0 > 0},
+                   tid, ex.nt);
+    });
+  }
+}
+
+// Column of D-channel e in the out of a grouped C -> D product (groups padded to 16 columns).
+MSLORA_HD int tc_col(const Params& p, int e) {
+  const int dg = p.D / p.G;
+  return e / dg * round16(dg) + e % dg;
+}
+
+// Where row r of a product lives: image n, pixel q (q < 0: outside the image, A row 0).
+struct RowPix {
+  int n;
+  int64_t q;
+};
+
+// out[r][tc_col(e)] = sum_j w[e][j] u[g(e) C/G + j] at row r's pixel (grouped_in on tensor
+// cores): a = proj(u), z = down(u). stats[sstride * r + 0/1]: LN_C mean / rstd (prenorm).
+template <typename T, bool kNHWC, class Ex, class Pix>
+MSLORA_HD void tc_grouped_in(const Params& p, const TcSmem& L, float* sm, int M, Pix&& pix,
+                             const float* w, const float* stats, int sstride, Ex& ex) {
+  const int cg = p.C / p.G, dg = p.D / p.G;
+  tc_gemm<T>(
+      L, sm, M, p.G, dg, cg, !p.prenorm, !kNHWC, true,
+      [&](int r, int g, int k) {
+        const RowPix rp = pix(r);
+        return rp.q < 0 ? 0.0f
+                        : load_u<T, kNHWC>(p, rp.n, g * cg + k, rp.q, stats[sstride * r],
+                                           stats[sstride * r + 1]);
+      },
+      [&](int g, int n, int k) { return w[int64_t(g * dg + n) * cg + k]; }, ex);
+}
+
+// The D x D pointwise product of a tile on tensor cores: dst[pl][e] = sum_d R(e, d) src[pl][d]
+// with R(e, d) = pw[e][d] (t = pw(s)) or, `transposed`, pw[d][e] (ds = pw^T(dt)); dst may be
+// src. Pixels outside the image give 0.
+template <typename T, class Ex>
+MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, float* sm,
+                     const float* src, float* dst, bool transposed, Ex& ex) {
+  tc_gemm<T>(
+      L.tc, sm, L.P, 1, p.D, p.D, false, false, true,
+      [&](int r, int, int k) { return tile_pixel(p, t, r) < 0 ? 0.0f : src[int64_t(r) * p.D + k]; },
+      [&](int, int n, int k) {
+        return transposed ? p.pw[int64_t(k) * p.D + n] : p.pw[int64_t(n) * p.D + k];
+      },
+      ex);
+  const float* out = sm + L.tc.out;
+  ex.stage([&](int tid) {
+    for (int i = tid; i < L.P * p.D; i += ex.nt) dst[i] = out[(i / p.D) * L.tc.ldo + i % p.D];
+  });
+}
+
+// The grouped D -> C products on tensor cores, in chunks of the C channels of every group:
+// for each chunk, y(r, c) = sum_{k < K} fa(r, g, k) fb(g, c, k) (c = g C/G + j over the chunk's
+// columns, fb given the channel c), then sink(r, c, y) from one stage. up (K = D/G) in fwd,
+// proj^T / down^T (K = 2 D/G) in bwd_dx. nhwc_order: the sink stage runs channels fastest (else
+// rows fastest), for coalesced activation stores.
+template <typename T, class Ex, class FA, class FB, class Sink>
+MSLORA_HD void tc_grouped_out(const Params& p, const TcSmem& L, float* sm, int M, int K,
+                              bool nhwc_order, FA&& fa, FB&& fb, Sink&& sink, Ex& ex) {
+  const int cg = p.C / p.G, nc = L.width / p.G / 16 * 16;
+  const float* out = sm + L.out;
+  for (int j0 = 0; j0 < cg; j0 += nc) {
+    const int nn = cg - j0 < nc ? cg - j0 : nc, np = round16(nn);
+    tc_gemm<T>(L, sm, M, p.G, nn, K, false, false, j0 == 0 || K > kTcK, fa,
+               [&](int g, int n, int k) { return fb(g, g * cg + j0 + n, k); }, ex);
+    ex.stage([&](int tid) {
+      const int cols = p.G * nn;
+      for (int i = tid; i < M * cols; i += ex.nt) {
+        const int r = nhwc_order ? i / cols : i % M, col = nhwc_order ? i % cols : i / M;
+        const int g = col / nn, n = col % nn;
+        sink(r, g * cg + j0 + n, out[r * L.ldo + g * np + n]);
+      }
+    });
+  }
 }
 
 // ------------------------------------------------------------------------------- kernels
@@ -374,13 +517,27 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       }
     });
   }
+  const bool tc = use_tc<T>(p);
+  const TcSmem L = pixel_tc_smem(p, false);
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) {
+      tc_grouped_in<T, kNHWC>(
+          p, L, sm, p.PB,
+          [&](int r) {
+            const int64_t pix = pix0 + r;
+            return pix < npix ? RowPix{int(pix / hw(p)), pix % hw(p)} : RowPix{0, -1};
+          },
+          p.down, stats, 2, ex);
+    }
+  }
   ex.stage([&](int tid) {
     for (int64_t i = tid; i < int64_t(p.PB) * p.D; i += ex.nt) {
       const int pl = int(i / p.D), e = int(i % p.D);
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      p.z[pix * p.D + e] = grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
+      p.z[pix * p.D + e] = tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
+                              : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
     }
   });
 }
@@ -484,79 +641,60 @@ MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
   return acc;
 }
 
-// The pointwise products on tensor cores (Params::tc, 16-bit T only; tc.cuh): tc_o (fp32,
-// Mp x ldo) = A R^T (kBT = true: t = pw(s)) or A R (kBT = false: ds = pw^T(dt)), where A is
-// `src` (fp32 [P][D] in shared memory) split into hi + lo in T (tc.cuh), with rows of pixels
-// outside the image and all padding zero. R (pw.weight in T) is staged into tc_b when `stage_r` (it stays there for
-// a second product).
-template <typename T>
-MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
-
-template <typename T, bool kBT, class Ex>
-MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, const float* src,
-                     float* sm, bool stage_r, Ex& ex) {
-  T* a = reinterpret_cast<T*>(sm + L.tc_a);
-  T* a_lo = reinterpret_cast<T*>(sm + L.tc_a + align8(int64_t(L.Mp) * L.ld / 2));
-  T* b = reinterpret_cast<T*>(sm + L.tc_b);
-  ex.stage([&](int tid) {
-    for (int i = tid; i < L.Mp * L.ld; i += ex.nt) {
-      const int r = i / L.ld, k = i % L.ld;
-      const bool in = r < L.P && k < p.D && tile_pixel(p, t, r) >= 0;
-      const float v = in ? src[int64_t(r) * p.D + k] : 0.0f;
-      const T hi = from_f32<T>(v);
-      a[i] = hi;
-      a_lo[i] = from_f32<T>(v - to_f32(hi));
-    }
-    if (stage_r) {
-      const T* w = static_cast<const T*>(p.pw_lp);
-      for (int i = tid; i < L.Dp * L.ld; i += ex.nt) {
-        const int e = i / L.ld, d = i % L.ld;
-        b[i] = (e < p.D && d < p.D) ? w[int64_t(e) * p.D + d] : from_f32<T>(0.0f);
-      }
-    }
-  });
-  ex.stage([&](int tid) {
-    block_mma<T, kBT>(a, a_lo, L.ld, b, L.ld, sm + L.tc_o, L.ldo, L.Mp, L.Dp, L.Dp, tid, ex.nt);
-  });
-}
-
 // fwd: out = x + up(shuffle(proj(u) * pw(s))) on one TH x TW tile of image by.
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   const Tile t = tile_of(p, bx, by);
   const TileSmem L = tile_smem(p, 2);
   float *s = sm + L.buf0, *m = sm + L.buf1, *stats = sm + L.stats;
-  const int P = L.P;
+  const int P = L.P, dg = p.D / p.G, cg = p.C / p.G;
   branch_stages<T, kNHWC>(p, t, sm, L, s, s, ex);
   const bool tc = use_tc<T>(p);
-  const float* tco = sm + L.tc_o;  // t on tensor cores: tco[pl * ldo + e]
+  const float* tco = sm + L.tc.out;  // a = proj(u) on tensor cores: tco[pl * ldo + tc_col(e)]
   if constexpr (kTensorCoreType<T>) {
-    if (tc) tc_pw<T, true>(p, t, L, s, sm, true, ex);
+    if (tc) {
+      tc_pw<T>(p, t, L, sm, s, s, false, ex);  // s <- t = pw(s)
+      tc_grouped_in<T, kNHWC>(p, L.tc, sm, P, [&](int r) { return RowPix{t.n, tile_pixel(p, t, r)}; },
+                              p.proj, stats, 4, ex);
+    }
   }
   ex.stage([&](int tid) {  // m'[shuffle(e)] = a[e] * t[e]
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
-      const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const float a = tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
+                         : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
-      m[int64_t(pl) * p.D + k] = a * (tc ? tco[pl * L.ldo + e] : pw_row(p, s, pl, e));
+      m[int64_t(pl) * p.D + k] = a * (tc ? s[i] : pw_row(p, s, pl, e));
     }
   });
-  ex.stage([&](int tid) {  // out[c] = x[c] + sum_j up[c][j] m'[g(c)*D/G + j]
-    const int dg = p.D / p.G, cg = p.C / p.G;
-    for (int i = tid; i < P * p.C; i += ex.nt) {
-      // NHWC: channel fastest; NCHW: pixel fastest (coalesced stores either way).
-      const int pl = kNHWC ? i / p.C : i % P, c = kNHWC ? i % p.C : i / P;
-      const int64_t q = tile_pixel(p, t, pl);
-      if (q < 0) continue;
-      const float* w = p.up + int64_t(c) * dg;
-      const float* mv = m + int64_t(pl) * p.D + (c / cg) * dg;
-      float y = 0.f;
-      for (int j = 0; j < dg; ++j) y += w[j] * mv[j];
-      store_act<T, kNHWC>(p, p.out, t.n, c, q, load_act<T, kNHWC>(p, p.x, t.n, c, q) + y);
+  // out[c] = x[c] + y[c], y[c] = sum_j up[c][j] m'[g(c)*D/G + j]
+  auto store = [&](int pl, int c, float y) {
+    const int64_t q = tile_pixel(p, t, pl);
+    if (q >= 0) store_act<T, kNHWC>(p, p.out, t.n, c, q, load_act<T, kNHWC>(p, p.x, t.n, c, q) + y);
+  };
+  if (tc) {
+    if constexpr (kTensorCoreType<T>) {
+      tc_grouped_out<T>(
+          p, L.tc, sm, P, dg, kNHWC,
+          [&](int r, int g, int k) { return tile_pixel(p, t, r) < 0 ? 0.0f : m[int64_t(r) * p.D + g * dg + k]; },
+          [&](int, int c, int k) { return p.up[int64_t(c) * dg + k]; }, store, ex);
     }
-  });
+  } else {
+    ex.stage([&](int tid) {
+      for (int i = tid; i < P * p.C; i += ex.nt) {
+        // NHWC: channel fastest; NCHW: pixel fastest (coalesced stores either way).
+        const int pl = kNHWC ? i / p.C : i % P, c = kNHWC ? i % p.C : i / P;
+        if (tile_pixel(p, t, pl) < 0) continue;
+        const float* w = p.up + int64_t(c) * dg;
+        const float* mv = m + int64_t(pl) * p.D + (c / cg) * dg;
+        float y = 0.f;
+        for (int j = 0; j < dg; ++j) y += w[j] * mv[j];
+        store(pl, c, y);
+      }
+    });
+  }
 }
 
 // bwd_tile (B1): see the file comment. Buffers: b0 = s0, b1 = s, b2 = t then ds, b3 = a then dt.
@@ -571,17 +709,22 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
   const int64_t pix0 = int64_t(t.n) * hw(p);
   branch_stages<T, kNHWC>(p, t, sm, L, s0, s, ex);
   const bool tc = use_tc<T>(p);
-  const float* tco = sm + L.tc_o;  // products on tensor cores: tco[pl * ldo + e]
+  const float* tco = sm + L.tc.out;  // grouped products on tensor cores: tco[pl * ldo + tc_col]
   if constexpr (kTensorCoreType<T>) {
-    if (tc) tc_pw<T, true>(p, t, L, s, sm, true, ex);  // t = pw(s)
+    if (tc) {
+      tc_pw<T>(p, t, L, sm, s, tb, false, ex);  // tb = t = pw(s)
+      tc_grouped_in<T, kNHWC>(p, L.tc, sm, P, [&](int r) { return RowPix{t.n, tile_pixel(p, t, r)}; },
+                              p.proj, stats, 4, ex);  // a
+    }
   }
   ex.stage([&](int tid) {  // t, a; ws s and m'
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
-      const float a = grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
-      const float tv = tc ? tco[pl * L.ldo + e] : pw_row(p, s, pl, e);
+      const float a = tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
+                         : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const float tv = tc ? tb[i] : pw_row(p, s, pl, e);
       tb[i] = tv;
       ab[i] = a;
       const int64_t row = (pix0 + q) * p.D;
@@ -589,6 +732,17 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       p.mp[row + (p.shuffle ? shuffle_dst(e, p.D, p.G) : e)] = a * tv;
     }
   });
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) {  // dm'[g dg + j] = sum_cc up[g cg + cc][j] dout[g cg + cc] (dout exact in T)
+      tc_gemm<T>(
+          L.tc, sm, P, p.G, dg, cg, true, !kNHWC, true,
+          [&](int r, int g, int k) {
+            const int64_t q = tile_pixel(p, t, r);
+            return q < 0 ? 0.0f : load_act<T, kNHWC>(p, p.dout, t.n, g * cg + k, q);
+          },
+          [&](int g, int n, int k) { return p.up[int64_t(g * cg + k) * dg + n]; }, ex);
+    }
+  }
   ex.stage([&](int tid) {  // dm = unshuffle(up^T dout); da = dm * t; dt = dm * a (into ab)
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
@@ -597,9 +751,13 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;  // dm[e] = dm'[k]
       const int g = k / dg, j = k % dg;
       float dm = 0.f;
-      for (int cc = 0; cc < cg; ++cc) {
-        const int c = g * cg + cc;
-        dm += p.up[int64_t(c) * dg + j] * load_act<T, kNHWC>(p, p.dout, t.n, c, q);
+      if (tc) {
+        dm = tco[pl * L.tc.ldo + tc_col(p, k)];
+      } else {
+        for (int cc = 0; cc < cg; ++cc) {
+          const int c = g * cg + cc;
+          dm += p.up[int64_t(c) * dg + j] * load_act<T, kNHWC>(p, p.dout, t.n, c, q);
+        }
       }
       const int64_t row = (pix0 + q) * p.D;
       p.da[row + e] = dm * tb[i];
@@ -608,23 +766,20 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       ab[i] = dtv;
     }
   });
-  if constexpr (kTensorCoreType<T>) {
-    if (tc) tc_pw<T, false>(p, t, L, ab, sm, false, ex);  // ds = pw^T(dt); R staged above
-  }
-  ex.stage([&](int tid) {  // ds[d] = sum_e pw[e][d] dt[e]  (into tb)
-    for (int i = tid; i < P * p.D; i += ex.nt) {
-      const int pl = i / p.D, d = i % p.D;
-      if (tile_pixel(p, t, pl) < 0) continue;
-      if (tc) {
-        tb[i] = tco[pl * L.ldo + d];
-        continue;
+  if (tc) {  // ds = pw^T(dt) into tb
+    if constexpr (kTensorCoreType<T>) tc_pw<T>(p, t, L, sm, ab, tb, true, ex);
+  } else {
+    ex.stage([&](int tid) {  // ds[d] = sum_e pw[e][d] dt[e]  (into tb)
+      for (int i = tid; i < P * p.D; i += ex.nt) {
+        const int pl = i / p.D, d = i % p.D;
+        if (tile_pixel(p, t, pl) < 0) continue;
+        const float* dtv = ab + int64_t(pl) * p.D;
+        float acc = 0.f;
+        for (int e = 0; e < p.D; ++e) acc += p.pw[int64_t(e) * p.D + d] * dtv[e];
+        tb[i] = acc;
       }
-      const float* dtv = ab + int64_t(pl) * p.D;
-      float acc = 0.f;
-      for (int e = 0; e < p.D; ++e) acc += p.pw[int64_t(e) * p.D + d] * dtv[e];
-      tb[i] = acc;
-    }
-  });
+    });
+  }
   if (p.enhance) {
     // v = xhat * gamma + beta, s = GELU(v): dv = ds * GELU'(v); dxhat = dv * gamma;
     // ds0 = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). stats[4pl+0/1] are free
@@ -865,12 +1020,13 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
   float *stats = sm, *du = sm + 4 * p.PB;  // stats [PB][4]: x mean, rstd, m1, m2
   const int cg = p.C / p.G, dg = p.D / p.G;
+  const bool tc = use_tc<T>(p);
   ex.stage([&](int tid) {
     for (int pl = tid; pl < p.PB; pl += ex.nt) {
       const int64_t pix = pix0 + pl;
       if (pix < npix && p.prenorm) x_stats<T, kNHWC>(p, int(pix / hw(p)), pix % hw(p), &stats[4 * pl], &stats[4 * pl + 1]);
     }
-    for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
+    for (int64_t i = tid; !tc && i < int64_t(p.PB) * p.C; i += ex.nt) {
       const int pl = int(i / p.C), c = int(i % p.C);
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
@@ -884,6 +1040,23 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
       du[i] = acc;
     }
   });
+  if constexpr (kTensorCoreType<T>) {
+    if (tc) {  // du on tensor cores: A = [da | dz] of the group (K = 2 D/G), B = [proj; down]
+      tc_grouped_out<T>(
+          p, pixel_tc_smem(p, true), sm, p.PB, 2 * dg, false,
+          [&](int r, int g, int k) {
+            const int64_t pix = pix0 + r;
+            if (pix >= npix) return 0.0f;
+            return k < dg ? p.da[pix * p.D + g * dg + k] : p.dz[pix * p.D + g * dg + k - dg];
+          },
+          [&](int g, int c, int k) {
+            const int j = c - g * cg;
+            return k < dg ? p.proj[int64_t(g * dg + k) * cg + j]
+                          : p.down[int64_t(g * dg + k - dg) * cg + j];
+          },
+          [&](int r, int c, float y) { du[int64_t(r) * p.C + c] = y; }, ex);
+    }
+  }
   if (p.prenorm) {
     ex.stage([&](int tid) {
       for (int pl = tid; pl < p.PB; pl += ex.nt) {

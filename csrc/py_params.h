@@ -33,7 +33,6 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.TH = I("TH"); p.TW = I("TW"); p.CH = I("CH"); p.PB = I("PB"); p.tc = I("tc");
   p.x = P("x"); p.out = P("out"); p.dout = P("dout"); p.dx = P("dx");
   p.proj = F("proj"); p.down = F("down"); p.dw = F("dw"); p.pw = F("pw"); p.up = F("up");
-  p.pw_lp = P("pw_lp");
   p.norm_w = F("norm_w"); p.norm_b = F("norm_b"); p.enorm_w = F("enorm_w");
   p.enorm_b = F("enorm_b"); p.gate_w = F("gate_w"); p.gate_b = F("gate_b");
   p.zmean = F("zmean"); p.pool_dz = F("pool_dz");

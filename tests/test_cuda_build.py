@@ -104,9 +104,10 @@ def test_cuda_compile_check_fails_on_empty_source(tmp_path):
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
 @pytest.mark.parametrize("arch", [80, 90])
-def test_pointwise_products_use_tensor_cores(tmp_path, arch):
-    """The fp16/bf16 instantiations of the fwd and bwd_tile kernels contain MMA instructions
-    (csrc/tc.cuh's WMMA products), the fp32 ones none: the tensor-core path is really built."""
+def test_channel_products_use_tensor_cores(tmp_path, arch):
+    """The fp16/bf16 instantiations of the kernels with channel products (prep, fwd, bwd_tile,
+    bwd_dx) contain MMA instructions (csrc/tc.cuh's WMMA products), the fp32 ones and bwd_dz
+    (depthwise only) none: the tensor-core paths are really built."""
     import re
     import sysconfig
 
@@ -126,10 +127,8 @@ def test_pointwise_products_use_tensor_cores(tmp_path, arch):
             mma[entry] = 0
         elif entry and re.search(r"\b(wmma\.mma|mma\.sync)\b", line):
             mma[entry] += 1
-    for kernel in ("mslora_fwd_kernel", "mslora_bwd_tile_kernel"):
+    for kernel in ("prep", "fwd", "bwd_tile", "bwd_dz", "bwd_dx"):
         for dtype, lowp in (("If", False), ("I6__half", True), ("I13__nv_bfloat16", True)):
             for layout in ("Lb0", "Lb1"):
-                (name,) = [k for k in mma if f"{kernel}{dtype}{layout}" in k]
-                assert (mma[name] > 0) == lowp, (name, mma[name])
-    others = [k for k in mma if "fwd_kernel" not in k and "bwd_tile_kernel" not in k]
-    assert others and all(mma[k] == 0 for k in others)
+                (name,) = [k for k in mma if f"mslora_{kernel}_kernel{dtype}{layout}" in k]
+                assert (mma[name] > 0) == (lowp and kernel != "bwd_dz"), (name, mma[name])

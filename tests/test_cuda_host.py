@@ -238,27 +238,39 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+# Shapes for the tensor-core products (N, C, H, W, D, G, kernel sizes): D=40 pads to 48 (three
+# k steps and n tiles) and 13 x 9 leaves partial tiles; C/G = 75 streams the grouped C -> D
+# products in three K chunks (the last partial) and the D -> C ones in three column chunks
+# (32, 32, 11), bwd_dx's K = 2 D/G = 40 straddles da | dz across two chunks; D/G = 36 > 32 gives
+# the up product two K chunks (restaging A per column chunk).
+TC_SHAPES = [(2, 20, 13, 9, 40, 4, (3, 5)), (1, 150, 7, 9, 40, 2, (3,)),
+             (1, 66, 5, 11, 72, 2, (3, 5))]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=["d40", "c-chunks", "dg36"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_host_tensor_core_products_are_used_and_right(host, dtype, monkeypatch):
-    """fp16/bf16 run the D x D pointwise products through csrc/tc.cuh's block_mma (its host
-    loops here; WMMA on the GPU) over the staged, zero-padded operands: D=40 pads to 48 (three
-    k steps and n tiles), 13 x 9 leaves partial tiles. Right with and without
-    MSLORA_CUDA_TENSOR_CORES=0, and the two paths really differ (operands rounded to dtype)."""
+def test_host_tensor_core_products_are_used_and_right(host, dtype, shape, layout, monkeypatch):
+    """fp16/bf16 run the channel products (D x D and grouped) through csrc/tc.cuh's block_mma
+    (its host loops here; WMMA on the GPU) over staged, zero-padded operands, in chunks (see
+    TC_SHAPES). Right with and without MSLORA_CUDA_TENSOR_CORES=0, and the two paths really
+    differ (operands rounded to dtype)."""
     from mslora_kernels.cuda.mslora import tensor_cores
 
-    n, c, h, w, d, g, ks = 2, 20, 13, 9, 40, 4, (3, 5)
-    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    n, c, h, w, d, g, ks = shape
+    m = _module(c, d, g, ks, OPTION_SETS[1], layout)
     o = m.options
-    x = torch.randn(n, c, h, w).to(dtype)
+    x = torch.randn(*((n, c, h, w) if layout == "channels_first" else (n, h, w, c))).to(dtype)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
     ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
     base, base_grads = _grads(x, wt, o, gout)
     launcher = _launcher(host, 227 * 1024)
     ints = {"N": n, "C": c, "H": h, "W": w, "D": d, "G": g, "ks": list(ks), "TH": 8, "TW": 8,
-            "CH": 32, "enhance": 1}
-    assert host.mslora_smem_bytes("fwd", {**ints, "tc": 1}) > \
-        host.mslora_smem_bytes("fwd", {**ints, "tc": 0})
+            "CH": 32, "PB": 32, "enhance": 1}
+    for kernel in ("prep", "fwd", "bwd_tile", "bwd_dx"):  # tensor-core operands are planned
+        assert host.mslora_smem_bytes(kernel, {**ints, "tc": 1}) > \
+            host.mslora_smem_bytes(kernel, {**ints, "tc": 0}), kernel
     results = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", flag)
@@ -269,9 +281,9 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, monkeypatch):
         check_close(f"grad x tc={flag}", dx, grads64[0], dtype, baseline=base_grads[0])
         for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
             check_close(f"grad {name} tc={flag}", grads[name], gref, dtype, baseline=gbase)
-        results[flag] = (out, dx, grads["pw.weight"])
-    assert not torch.equal(results["1"][0], results["0"][0])
-    assert not torch.equal(results["1"][1], results["0"][1])
+        results[flag] = (out, dx)
+    for a, b in zip(results["1"], results["0"]):
+        assert not torch.equal(a, b)
     assert not tensor_cores(torch.float32)
 
 
@@ -293,3 +305,4 @@ def test_host_odd_strides_give_the_fake_impls_strides(host):
     assert out.stride() == want and dx.stride() == want
     check_close("out", out, ref, torch.float32)
     check_close("grad x", dx, grads64[0], torch.float32)
+

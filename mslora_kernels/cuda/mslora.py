@@ -11,8 +11,9 @@ from one z halo tile in shared memory, pw, proj, the product, the shuffle by ind
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
 (recompute s0, s, t, a; dm, da, dt, ds, ds0), ``bwd_dz`` (dz from ds0 with a halo and z with a
 double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx). For fp16 and
-bf16 the D x D pointwise products (t = pw(s), ds = pw^T(dt)) run on tensor cores
-(csrc/tc.cuh; :func:`tensor_cores`). Saved for
+bf16 the channel products run on tensor cores (csrc/tc.cuh; :func:`tensor_cores`): the D x D
+pointwise ones (t = pw(s), ds = pw^T(dt)) and the grouped ones between C and D channels (z =
+down(u), a = proj(u), y = up(m'), up^T(dout), proj^T(da) + down^T(dz)). Saved for
 backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
 fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
 per-tile partial sum reduced here in a fixed order. So the weight gradients are deterministic
@@ -88,7 +89,7 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[st
 
 
 def tensor_cores(dtype: torch.dtype) -> bool:
-    """Whether the D x D pointwise products run on tensor cores (csrc/tc.cuh): for fp16 and
+    """Whether the channel products (D x D and grouped) run on tensor cores (csrc/tc.cuh): for fp16 and
     bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0`` (which gives
     the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA cores."""
     return dtype in (torch.float16, torch.bfloat16) and \
@@ -128,13 +129,6 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
     return ints
 
 
-def _pw_lowp(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions, ints: dict):
-    """pw.weight as a contiguous (D, D) tensor in the activations' dtype for the tensor-core
-    products (None when they are off)."""
-    return weights["pw.weight"].detach().reshape(o.rank, o.rank).contiguous() if ints["tc"] \
-        else None
-
-
 def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
@@ -151,13 +145,12 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
-    pw_lp = _pw_lowp(weights, o, ints)
     z = _ws(n * h * w, o.rank, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
     out = torch.empty_like(xc)
     launch("fwd", dt, nhwc, {**ints, "CH": CHUNK},
-           _ptrs(x=xc, out=out, z=z, zmean=zmean, pw_lp=pw_lp, **w32))
+           _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
     return out, zmean
 
 
@@ -192,10 +185,9 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
-    pw_lp = _pw_lowp(weights, o, ints)
     common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
-    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(pw_lp=pw_lp, **ws)})
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(**ws)})
 
     # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
     cg, dg = c // g, d // g
