@@ -306,3 +306,23 @@ def test_host_odd_strides_give_the_fake_impls_strides(host):
     check_close("out", out, ref, torch.float32)
     check_close("grad x", dx, grads64[0], torch.float32)
 
+
+def test_tile_rows_prefer_two_blocks_per_sm():
+    """The planner takes the largest tile whose block fits twice in an SM's shared memory, else
+    the largest that fits once, else refuses with a message naming the kernel and the sizes."""
+    from mslora_kernels.config import MSLoRAOptions
+    from mslora_kernels.cuda.mslora import TILE_ROWS, _tile_rows
+
+    o = MSLoRAOptions(channels=16, rank=8, groups=2)
+    per_row = 10_000  # bytes per tile row of a made-up kernel
+
+    def smem(kernel, ints):
+        assert kernel == "fwd" and ints["CH"] == 32
+        return 1_000 + per_row * ints["TH"]
+
+    # 8 rows need 81 kB: fits once in 100 kB but not twice; 4 rows (41 kB) fit twice.
+    assert _tile_rows("fwd", 32, {}, o, smem, 100_000) == 4
+    assert _tile_rows("fwd", 32, {}, o, smem, 200_000) == TILE_ROWS[0] == 8
+    assert _tile_rows("fwd", 32, {}, o, smem, 12_000) == 1  # fits once only
+    with pytest.raises(ValueError, match="fwd kernel even with one-row tiles"):
+        _tile_rows("fwd", 32, {}, o, smem, 10_000)

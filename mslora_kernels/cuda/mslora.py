@@ -96,6 +96,24 @@ def tensor_cores(dtype: torch.dtype) -> bool:
         os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
 
 
+def _tile_rows(kernel: str, chunk: int, ints: dict, o: MSLoRAOptions, smem_bytes: SmemBytes,
+               smem_limit: int) -> int:
+    """Tile rows of a tile kernel: the largest of TILE_ROWS whose block fits twice in an SM's
+    shared memory (two resident blocks of 256 threads, as the kernels' __launch_bounds__
+    assume, hide each other's stage barriers), else the largest that fits once. An SM holds
+    about the per-block limit plus 1 KB, and reserves 1 KB per block."""
+    sizes = {th: smem_bytes(kernel, {**ints, "TH": th, "CH": chunk}) for th in TILE_ROWS}
+    fits = [th for th in TILE_ROWS if sizes[th] <= smem_limit]
+    if not fits:
+        raise ValueError(
+            f"MSLoRA CUDA backend: rank {o.rank} with kernel sizes {o.kernel_sizes} needs "
+            f"{sizes[TILE_ROWS[-1]]} bytes of shared memory per block in its {kernel} kernel even "
+            f"with one-row tiles; this GPU allows {smem_limit}. Use the Triton or reference "
+            f"backend.")
+    twice = [th for th in fits if sizes[th] <= (smem_limit - 2048) // 2]
+    return (twice or fits)[0]
+
+
 def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
           dtype: torch.dtype) -> dict:
     """The ints every kernel gets: sizes, options, and tiles chosen to fit shared memory."""
@@ -104,20 +122,12 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
             "ks": list(o.kernel_sizes), "prenorm": int(o.prenorm), "enhance": int(o.enhance),
             "pool": int(o.pool), "gate": int(o.gate), "shuffle": int(o.shuffle), "TW": TILE_W,
             "tc": int(tensor_cores(dtype))}
-    need = {}
-    for kernel, chunk in (("fwd", CHUNK), ("bwd_tile", CHUNK), ("bwd_dz", CHUNK_DZ)):
-        for th in TILE_ROWS:
-            b = smem_bytes(kernel, {**ints, "TH": th, "CH": chunk})
-            if b <= smem_limit:
-                need[kernel] = th
-                break
-        else:
-            raise ValueError(
-                f"MSLoRA CUDA backend: rank {o.rank} with kernel sizes {o.kernel_sizes} needs "
-                f"{b} bytes of shared memory per block in its {kernel} kernel even with one-row "
-                f"tiles; this GPU allows {smem_limit}. Use the Triton or reference backend.")
-    # One tile shape for all tile kernels: the partial-sum buffers are indexed by tile.
-    ints["TH"] = min(need.values())
+    need = {kernel: _tile_rows(kernel, chunk, ints, o, smem_bytes, smem_limit)
+            for kernel, chunk in (("fwd", CHUNK), ("bwd_tile", CHUNK), ("bwd_dz", CHUNK_DZ))}
+    # One tile shape for the backward's tile kernels: their partial-sum buffers are indexed by
+    # tile. The forward's own.
+    ints["TH"] = min(need["bwd_tile"], need["bwd_dz"])
+    ints["TH_fwd"] = need["fwd"]
     for pb in PIXEL_BLOCKS:
         if smem_bytes("bwd_dx", {**ints, "PB": pb}) <= smem_limit:
             ints["PB"] = pb
@@ -149,7 +159,7 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
     out = torch.empty_like(xc)
-    launch("fwd", dt, nhwc, {**ints, "CH": CHUNK},
+    launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
     return out, zmean
 
