@@ -76,9 +76,23 @@ def test_cuda_launchers_match_reference(shape, opts, layout, dtype, no_tf32):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["odd", "real"])
 def test_cuda_lowp_without_tensor_cores(shape, dtype, monkeypatch, no_tf32):
-    """MSLORA_CUDA_TENSOR_CORES=0 gives the CUDA-core pointwise products; also right."""
+    """MSLORA_CUDA_TENSOR_CORES=0 gives the CUDA-core channel products; also right."""
     monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", "0")
     _check_launchers(shape, OPTION_SETS[1], "nchw", dtype)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 200, 11, 13, 40, 2, (3, 5)), (1, 132, 9, 7, 72, 2, (3,))],
+                         ids=["c-chunks", "dg36"])
+def test_cuda_tensor_core_chunks(shape, layout, dtype, no_tf32):
+    """The WMMA products over several K chunks (C/G = 100: four, the last partial), column
+    chunks (32, 32, 32, 4 of C/G), bwd_dx's K = 2 D/G = 40 across the da | dz boundary, and
+    D/G = 36 > 32 (the up product restages A per column chunk); see test_cuda_host.py's
+    TC_SHAPES for the same on the CPU."""
+    _check_launchers(shape, OPTION_SETS[1], layout, dtype)
 
 
 def _check_launchers(shape, opts, layout, dtype):
