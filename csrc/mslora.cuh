@@ -20,11 +20,14 @@
 //   bwd_tile (same tiling): recomputes s0, s, t, a; from dout: dm, da, dt, ds, ds0 (enhance
 //            backward); writes ws s, m', dt, da, ds0 and per-tile partial sums for enorm and
 //            the pool path.                                                          [B1]
-//   bwd_dz   (same tiling): z with a double halo per channel chunk in shared memory;
-//            recomputes c_i on tile + halo (runs along W), dc_i = ds0 sig_i GELU'(c_i) (ds0
-//            read from ws), then dz = sum_i flip(K_i) * dc_i + gate and pool terms -> ws dz;
-//            per-tile partial dK_i (a thread: one kernel row, all its taps) and gate
-//            weight/bias grads (ds0 GELU(c_i) kept from the same pass, summed over channels). [B2]
+//   bwd_dz   (same tiling, persistent: 1-D grid of Params::dz_blocks blocks, block b takes
+//            tiles b, b + dz_blocks, ... in that order): z with a double halo per channel chunk
+//            in shared memory; recomputes c_i on tile + halo (runs along W), dc_i = ds0 sig_i
+//            GELU'(c_i) (ds0 read from ws), then dz = sum_i flip(K_i) * dc_i + gate and pool
+//            terms -> ws dz; dK_i (a thread: one kernel row, all its taps) and gate weight/bias
+//            grads (ds0 GELU(c_i) kept from the same pass, summed over channels) summed over the
+//            block's tiles into ONE partial row per block (so the partials' size does not grow
+//            with N*H*W).                                                             [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
 // The dense weight gradients (proj, down, pw, up) are fp32 GEMMs over the workspaces, done by
@@ -67,9 +70,11 @@ struct Params {
   float *z, *s, *mp, *dt, *da, *ds0, *dz;
   // fp32 per-tile / per-block partial sums, (blocks, ...)
   float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
-  float *part_dw;                                       // (tiles, D * sum k^2)
-  float *part_gate_w, *part_gate_b;                     // (tiles, nk * D), (tiles, nk)
+  float *part_dw;                                       // (dz_blocks, D * sum k^2)
+  float *part_gate_w, *part_gate_b;                     // (dz_blocks, nk * D), (dz_blocks, nk)
   float *part_norm_w, *part_norm_b;                     // (blocks, C)
+  // bwd_dz: number of blocks (= partial rows); the launcher's bound, at most N * tiles/image
+  int dz_blocks;
 };
 
 // ---------------------------------------------------------------- small per-element helpers
@@ -836,14 +841,22 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
   });
 }
 
-// bwd_dz (B2): see the file comment.
+// A block's partial row of bwd_dz, summed over its tiles: the block's first tile stores, the
+// later ones add. The row is this block's alone and stages (barriers) separate its tiles, so
+// there is no race, and the tiles' order is fixed: deterministic.
+MSLORA_HD void add_partial(float* dst, float v, bool first) { *dst = first ? v : *dst + v; }
+
+// bwd_dz (B2) on one tile (global index `tile` = n * tiles/image + tile in image), adding its
+// dK / gate partials into partial row `row` (`first_tile`: the row's first tile). See the file
+// comment.
 template <typename T, bool kNHWC, class Ex>
-MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
-  const Tile t = tile_of(p, bx, by);
+MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool first_tile,
+                           float* sm, Ex& ex) {
+  const int tpi = tiles_per_image(p);
+  const Tile t = tile_of(p, int(tile % tpi), int(tile / tpi));
   const DzSmem L = dz_smem(p);
   float *z2 = sm + L.z2, *dc = sm + L.dc, *sig = sm + L.sig, *dsig = sm + L.dsig;
   const int P = L.P, nh = L.hh * L.hw_, ktot = dw_total(p);
-  const int64_t tile_id = int64_t(by) * tiles_per_image(p) + bx;
   const int64_t pix0 = int64_t(t.n) * hw(p);
   const float* zimg = p.z + pix0 * p.D;
   const float* dsimg = p.ds0 + pix0 * p.D;
@@ -924,7 +937,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
           if (o < nout && t.w0 + x0 + o < p.W) dst[int64_t(o) * p.D] = acc[o];
       }
       done += n_dz;
-      // per-tile dK_i[d][dy][:] = sum over tile pixels of dc_i(q) z(q + (dy, :) - r): one item
+      // the tile's dK_i[d][dy][:] = sum over tile pixels of dc_i(q) z(q + (dy, :) - r): one item
       // = one channel (fastest) x one kernel row (path, dy); all k taps of the row at once,
       // along each tile row in runs. Pixels outside the image have dc = 0 and are skipped.
       int n_dk = 0;  // CH x (kernel rows of all paths)
@@ -938,7 +951,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         const int k = p.ks[path], zoff = 2 * p.R - k / 2;
         const float* dcc = dc + (path * p.CH + ch) * L.dplane + p.R * L.hw_ + p.R;
         const float* zc = z2 + ch * L.zplane + (zoff + dy) * L.zw + zoff;
-        float* dst = p.part_dw + tile_id * p.D * ktot + dw_offset(p, path) + (int64_t(d) * k + dy) * k;
+        float* dst = p.part_dw + row * p.D * ktot + dw_offset(p, path) + (int64_t(d) * k + dy) * k;
         switch (k) {
 #define MSLORA_DK_CASE(KS)                                                                    \
   case KS: {                                                                                  \
@@ -950,7 +963,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         xcorr_run_k<KS>(dcc + ty * L.hw_ + x0, zc + ty * L.zw + x0,                           \
                         cols - x0 < kRun ? cols - x0 : kRun, acc);                            \
     MSLORA_UNROLL                                                                             \
-    for (int dx = 0; dx < KS; ++dx) dst[dx] = acc[dx];                                        \
+    for (int dx = 0; dx < KS; ++dx) add_partial(dst + dx, acc[dx], first_tile);               \
   } break;
           MSLORA_DK_CASE(1)
           MSLORA_DK_CASE(3)
@@ -962,7 +975,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
               float acc = 0.f;
               for (int ty = 0; ty < rows; ++ty)
                 for (int x = 0; x < cols; ++x) acc += dcc[ty * L.hw_ + x] * zc[ty * L.zw + x + dx];
-              dst[dx] = acc;
+              add_partial(dst + dx, acc, first_tile);
             }
         }
       }
@@ -996,7 +1009,7 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
       if (p.pool) acc += p.pool_dz[int64_t(t.n) * p.D + d];
       p.dz[(pix0 + q) * p.D + d] += acc;
     }
-    if (p.gate) {  // per-tile gate grads: dw_i[d] = sum dg_i z[d], db_i = sum dg_i
+    if (p.gate) {  // the tile's gate grads: dw_i[d] = sum dg_i z[d], db_i = sum dg_i
       for (int i = tid; i < p.nk * (p.D + 1); i += ex.nt) {
         const int path = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the bias
         float acc = 0.f;
@@ -1007,11 +1020,21 @@ MSLORA_HD void bwd_dz_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
           const float dg = dsig[path * P + pl] * sg * (1.f - sg);
           acc += d < p.D ? dg * zimg[q * p.D + d] : dg;
         }
-        if (d < p.D) p.part_gate_w[tile_id * p.nk * p.D + path * p.D + d] = acc;
-        else p.part_gate_b[tile_id * p.nk + path] = acc;
+        add_partial(d < p.D ? p.part_gate_w + row * p.nk * p.D + path * p.D + d
+                            : p.part_gate_b + row * p.nk + path, acc, first_tile);
       }
     }
   });
+}
+
+// bwd_dz (B2), persistent: block `block` of p.dz_blocks runs tiles block, block + dz_blocks, ...
+// of all N * tiles/image, in that order, into partial row `block`. Each tile re-stages its own
+// halos (bwd_dz_tile's first stages); the only value carried across tiles is the partial row.
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void bwd_dz_body(const Params& p, int block, float* sm, Ex& ex) {
+  const int64_t tiles = int64_t(p.N) * tiles_per_image(p);
+  for (int64_t tile = block; tile < tiles; tile += p.dz_blocks)
+    bwd_dz_tile<T, kNHWC>(p, tile, block, tile == block, sm, ex);
 }
 
 // bwd_dx (B3): du = proj^T da + down^T dz (grouped); dx = dout + du, or LN_C backward.

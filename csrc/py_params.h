@@ -42,12 +42,14 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.part_pool = F("part_pool"); p.part_dw = F("part_dw"); p.part_gate_w = F("part_gate_w");
   p.part_gate_b = F("part_gate_b"); p.part_norm_w = F("part_norm_w");
   p.part_norm_b = F("part_norm_b");
+  p.dz_blocks = I("dz_blocks");
   return p;
 }
 
 // Grid of a kernel: (x, y).
 inline std::pair<int64_t, int64_t> grid_of(int kernel, const Params& p) {
   if (kernel == kPrep || kernel == kBwdDx) return {cdiv(int64_t(p.N) * p.H * p.W, p.PB), 1};
+  if (kernel == kBwdDz) return {p.dz_blocks, 1};  // persistent: each block a run of tiles
   return {tiles_per_image(p), p.N};
 }
 

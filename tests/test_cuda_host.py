@@ -326,3 +326,91 @@ def test_tile_rows_prefer_two_blocks_per_sm():
     assert _tile_rows("fwd", 32, {}, o, smem, 12_000) == 1  # fits once only
     with pytest.raises(ValueError, match="fwd kernel even with one-row tiles"):
         _tile_rows("fwd", 32, {}, o, smem, 10_000)
+
+
+def _run_recording(host, case, slots, monkeypatch):
+    """backward_impl with every workspace NaN-filled (a partial row or pixel no kernel writes
+    poisons the result) and the bwd_dz launch recorded: (dx, grads, {name: shape} of the
+    partial buffers bwd_dz got, its ints)."""
+    import mslora_kernels.cuda.mslora as launcher
+
+    o, w, x, gout, _ = case
+    made = []
+
+    def nan_ws(rows, cols, like):
+        made.append(torch.full((rows, cols), math.nan))
+        return made[-1]
+
+    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    launch, smem_bytes, limit = _launcher(host, 227 * 1024)
+    seen = {}
+
+    def recording(kernel, dtype, nhwc, ints, ptrs):
+        if kernel == "bwd_dz":
+            by_ptr = {t.data_ptr(): tuple(t.shape) for t in made}
+            seen["shapes"] = {k: by_ptr[v] for k, v in ptrs.items() if k.startswith("part_")}
+            seen["ints"] = dict(ints)
+        launch(kernel, dtype, nhwc, ints, ptrs)
+
+    out, zmean = forward_impl(x, w, o, launch, smem_bytes, limit)
+    dx, grads = backward_impl(gout, x, w, o, zmean, recording, smem_bytes, limit, slots=slots)
+    return dx, grads, seen["shapes"], seen["ints"]
+
+
+def _dz_case(n):
+    """(options, fp32 weights, x, grad_out, float64 reference gradients) with every bwd_dz
+    partial (dK, gate) plus pool and enhance; x is (n, 8, 13, 9): 2 x 2 tiles of 8 x 8 per image."""
+    m = _module(8, 8, 2, (3, 5), {"gate": True, "pool": True, "enhance": True}, "channels_first")
+    w = {k: v.detach().float() for k, v in m.named_parameters()}
+    x = torch.randn(n, 8, 13, 9)
+    gout = torch.randn_like(x)
+    _, grads64 = _grads(x.double(), {k: v.double() for k, v in w.items()}, m.options,
+                        gout.double())
+    return m.options, w, x, gout, grads64
+
+
+def _check_grads(case, dx, grads):
+    _, w, _, _, grads64 = case
+    check_close("grad x", dx, grads64[0], torch.float32)
+    for name, gref in zip(w, grads64[1:]):
+        check_close(f"grad {name}", grads[name], gref, torch.float32)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 5, 100])
+def test_host_bwd_dz_blocks_take_several_tiles(host, slots, monkeypatch):
+    """bwd_dz with fewer blocks than tiles (8 here): one block for all, 3 and 5 blocks (which do
+    not divide 8: blocks of 3 and 2 tiles, of 2 and 1), and more slots than tiles (capped: one
+    tile a block). Every gradient right; each bwd_dz partial buffer has one row per block, and
+    every row is written (NaN-filled buffers)."""
+    case = _dz_case(2)
+    dx, grads, shapes, ints = _run_recording(host, case, slots, monkeypatch)
+    blocks = min(slots, 2 * 4)
+    d, nk, ktot = 8, 2, 3 * 3 + 5 * 5
+    assert ints["dz_blocks"] == blocks
+    assert shapes["part_dw"] == (blocks, d * ktot)
+    assert shapes["part_gate_w"] == (blocks, nk * d) and shapes["part_gate_b"] == (blocks, nk)
+    _check_grads(case, dx, grads)
+
+
+def test_host_bwd_dz_partial_rows_do_not_grow_with_batch(host, monkeypatch):
+    """With the default bound (dz_slots: DZ_SLOTS_HOST on the CPU) the dK / gate partial buffers
+    have that many rows whether the batch has 4 or 28 tiles (before: one row per tile);
+    gradients right in both."""
+    from mslora_kernels.cuda.mslora import DZ_SLOTS_HOST, dz_slots
+
+    assert dz_slots(torch.device("cpu")) == DZ_SLOTS_HOST
+    for n in (1, 7):
+        case = _dz_case(n)
+        dx, grads, shapes, ints = _run_recording(host, case, None, monkeypatch)
+        assert n * 4 > DZ_SLOTS_HOST and ints["dz_blocks"] == DZ_SLOTS_HOST
+        assert shapes["part_dw"][0] == shapes["part_gate_w"][0] == DZ_SLOTS_HOST
+        assert shapes["part_pool"][0] == n * 4  # bwd_tile's partials stay per tile
+        _check_grads(case, dx, grads)
+
+
+def test_host_backward_refuses_zero_slots(host):
+    o, w, x, gout, _ = _dz_case(1)
+    launcher = _launcher(host, 227 * 1024)
+    out, zmean = forward_impl(x, w, o, *launcher)
+    with pytest.raises(ValueError, match="slots"):
+        backward_impl(gout, x, w, o, zmean, *launcher, slots=0)

@@ -153,6 +153,52 @@ def test_cuda_and_triton_agree(opts, no_tf32):
         check_close(f"grad {k} cuda vs triton", g_c[k], g_t[k].double(), torch.float32)
 
 
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("slots", [None, 7], ids=["default", "7"])
+def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
+    """bwd_dz with more tiles (12 images x 8 x 8 tiles = 768) than blocks (dz_slots: 4 per SM,
+    or 7, which does not divide 768): its dK / gate partial buffers have one row per block, every
+    row written (NaN-filled workspaces), gradients right and bitwise equal run to run."""
+    import mslora_kernels.cuda.mslora as launcher
+
+    o = MSLoRAOptions(40, 24, 4, gate=True, pool=True, enhance=True)
+    w64 = {k: v.double() for k, v in _weights(o, "cuda").items()}
+    x64 = torch.randn(12, 40, 64, 64, device="cuda", dtype=torch.float64)
+    gout64 = torch.randn_like(x64)
+    _, g64 = _ref_grads(x64, w64, o, gout64)
+    x, w, gout = x64.float(), {k: v.float() for k, v in w64.items()}, gout64.float()
+
+    made, seen = [], {}
+
+    def nan_ws(rows, cols, like):
+        made.append(torch.full((rows, cols), float("nan"), device=like.device))
+        return made[-1]
+
+    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    launch, smem_bytes, limit = launcher._gpu(x.device)
+
+    def recording(kernel, dtype, nhwc, ints, ptrs):
+        if kernel == "bwd_dz":
+            by_ptr = {t.data_ptr(): tuple(t.shape) for t in made}
+            seen["rows"] = {k: by_ptr[v][0] for k, v in ptrs.items()
+                            if k in ("part_dw", "part_gate_w", "part_gate_b")}
+            seen["blocks"], seen["tiles"] = ints["dz_blocks"], ints["tiles"] * ints["N"]
+        launch(kernel, dtype, nhwc, ints, ptrs)
+
+    out, zmean = mslora_fwd(x, w, o)
+    runs = [launcher.backward_impl(gout, x, w, o, zmean, recording, smem_bytes, limit,
+                                   slots=slots) for _ in range(2)]
+    bound = slots or launcher.dz_slots(x.device)
+    assert seen["tiles"] == 768 and seen["blocks"] == min(bound, 768)
+    assert set(seen["rows"].values()) == {seen["blocks"]}
+    (dx, grads), (dx2, grads2) = runs
+    check_close("grad x", dx, g64[0], torch.float32)
+    for name, gref in zip(w64, g64[1:]):
+        check_close(f"grad {name}", grads[name], gref, torch.float32)
+    assert torch.equal(dx, dx2) and all(torch.equal(grads[k], grads2[k]) for k in w)
+
+
 def test_cuda_launcher_refuses_cpu_input():
     o = MSLoRAOptions(8, 4, 2)
     w = _weights(o, "cpu")

@@ -16,7 +16,8 @@ pointwise ones (t = pw(s), ds = pw^T(dt)) and the grouped ones between C and D c
 down(u), a = proj(u), y = up(m'), up^T(dout), proj^T(da) + down^T(dz)). Saved for
 backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
 fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
-per-tile partial sum reduced here in a fixed order. So the weight gradients are deterministic
+per-tile (bwd_tile) or per-block (bwd_dz: a bounded number of blocks, each a fixed run of tiles)
+partial sum reduced here in a fixed order. So the weight gradients are deterministic
 whatever ``deterministic`` says (the flag is accepted for the common contract).
 
 The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
@@ -44,6 +45,8 @@ TILE_ROWS = (8, 4, 2, 1)   # candidate tile rows, largest that fits in shared me
 CHUNK = 32        # channel chunk of the z halo tile (fwd, bwd_tile)
 CHUNK_DZ = 16     # channel chunk of bwd_dz (two halo tiles per path)
 PIXEL_BLOCKS = (32, 16, 8, 4, 2, 1)  # pixels per block of prep / bwd_dx
+DZ_SLOTS_PER_SM = 4   # bwd_dz blocks (= partial-sum rows) per SM on a GPU
+DZ_SLOTS_HOST = 3     # ... on the CPU (host build): small, so that blocks take several tiles
 
 # launch(kernel, dtype_code, nhwc, ints, ptrs) runs one kernel or raises.
 Launch = Callable[[str, int, bool, dict, dict], None]
@@ -139,6 +142,15 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
     return ints
 
 
+def dz_slots(device: torch.device) -> int:
+    """The most blocks of the persistent bwd_dz kernel, so the most rows of its dK / gate
+    partial sums, whatever N*H*W: DZ_SLOTS_PER_SM per SM on a GPU (a couple of waves of resident
+    blocks), DZ_SLOTS_HOST on the CPU (the host build of the tests)."""
+    if device.type == "cuda":
+        return DZ_SLOTS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return DZ_SLOTS_HOST
+
+
 def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
@@ -170,14 +182,20 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
 
 
 def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
-                  smem_bytes: SmemBytes, smem_limit: int):
-    """(grad_x, grads) with the given kernel launcher; inputs already validated."""
+                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
+    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
+    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
     npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     tiles = n * ints["tiles"]
+    if slots is not None and slots < 1:
+        raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
+    # bwd_dz is persistent: dz_blocks blocks, each summing the dK / gate partials of its tiles
+    # into one row, so those buffers do not grow with N*H*W.
+    ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
@@ -185,13 +203,14 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     # Workspaces in the order they die: s, mp and dt only feed the pw/up weight gradients,
     # which are taken (and the three freed) before dz is allocated.
     ws = {k: _ws(npix, d, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
-    part = {"part_dw": _ws(tiles, d * ktot, x)}
+    part = {"part_dw": _ws(ints["dz_blocks"], d * ktot, x)}
     if o.pool:
         part["part_pool"] = _ws(tiles, d, x)
     if o.enhance:
         part["part_enorm_w"], part["part_enorm_b"] = _ws(tiles, d, x), _ws(tiles, d, x)
     if o.gate:
-        part["part_gate_w"], part["part_gate_b"] = _ws(tiles, nk * d, x), _ws(tiles, nk, x)
+        part["part_gate_w"] = _ws(ints["dz_blocks"], nk * d, x)
+        part["part_gate_b"] = _ws(ints["dz_blocks"], nk, x)
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)

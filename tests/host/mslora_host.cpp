@@ -50,7 +50,7 @@ static void run_block(int k, const Params& p, int x, int y, float* sm, HostEx& e
     case kPrep: prep_body<T, kNHWC>(p, x, sm, ex); break;
     case kFwd: fwd_body<T, kNHWC>(p, x, y, sm, ex); break;
     case kBwdTile: bwd_tile_body<T, kNHWC>(p, x, y, sm, ex); break;
-    case kBwdDz: bwd_dz_body<T, kNHWC>(p, x, y, sm, ex); break;
+    case kBwdDz: bwd_dz_body<T, kNHWC>(p, x, sm, ex); break;
     case kBwdDx: bwd_dx_body<T, kNHWC>(p, x, sm, ex); break;
   }
 }
