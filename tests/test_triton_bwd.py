@@ -149,6 +149,21 @@ def test_bwd_tiny_and_wide_shapes_fp32():
     check_all(gx, grads, ref_gx, ref_grads, torch.float32)
 
 
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_bwd_half_tile_fp32(deterministic):
+    """D = 72 -> BLOCK_D = 128, where fp32 takes tiles of 16 pixels (``_blocks``): the other
+    tile size's path, with every option on and a pixel count (117) not a multiple of 16."""
+    from mslora_kernels.triton.mslora_bwd import _blocks
+
+    assert _blocks(72, torch.float32, False)[0] == 16
+    o, x, weights, grad_out = case(n=2, c=40, h=13, w=9, d=72, g=4, ks=(3, 5), layout="nhwc",
+                                   **ALL_ON)
+    ref_gx, ref_grads = reference_grads(x, weights, o, grad_out)
+    gx, grads = run_bwd(x, weights, o, grad_out, torch.float32, deterministic=deterministic)
+    check_all(gx, grads, ref_gx, ref_grads, torch.float32)
+
 @pytest.mark.interpreter
 def test_bwd_mixed_and_strided_layouts_fp32():
     """grad_out in another memory format than x (as autograd may hand it), and a strided view

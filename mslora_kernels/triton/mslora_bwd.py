@@ -47,7 +47,8 @@ tensor-core time is not the limit here; it keeps every D-sized tensor one [BLOCK
 block). Shuffle is folded into the up-projection's column index. Operands go to ``tl.dot`` in the
 compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
 
-Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``): B0 and, in
+Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``; tile sizes,
+warps and the register cap per dtype in ``_blocks``): B0 and, in
 bf16/fp16 on sm_90, B2 compile without spills; B1 still spills about 0.55-0.9 KB per thread in
 bf16/fp16 on sm_90 (more on sm_80 and in fp32). The largest single cause was dR: a [D, D] fp32
 product plus its D^2 64-bit atomic addresses live at once; it is now done in blocks of 32 rows
@@ -530,18 +531,26 @@ def _bwd_dz_kernel(
 # -------------------------------------------------------------------------------------------
 
 
-def _blocks(d: int, sm90: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16),
-    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64). From BLOCK_D = 128 up: 16 warps on
-    sm_90 and newer, 8 before (what spills least in the compile check: at 16 warps ptxas gives
-    the sm_80 build of the main kernel only 64 registers)."""
+def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_D, num_warps, maxnreg) for rank d and compute dtype.
+
+    BLOCK_D = next power of two >= max(d, 16); BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and
+    64), except in fp32 from BLOCK_D = 128 up: 2048, i.e. 16 pixels at D = 128 (fp32 products
+    run on CUDA cores with both operands in registers; the halved tile takes the fp32 spills of
+    B1 from 1-14 KB to 1-5 KB per thread and B2's from 0.1-2.4 KB to 0-0.8 KB, at twice the
+    weight-gradient updates per pixel). From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8
+    before (what spills least in the compile check). maxnreg: the register file (64K) over the
+    threads, at most 255, so that ptxas uses all of it (left alone it may take half and spill
+    more: fp32 det B1 got 64 registers at 16 warps); one program per SM at D = 128 either way.
+    """
     bd = max(16, triton.next_power_of_2(d))
-    bp = max(16, min(64, 4096 // bd))
+    elems = 2048 if dtype == torch.float32 and bd >= 128 else 4096
+    bp = max(16, min(64, elems // bd))
     if bd >= 128:
         warps = 16 if sm90 else 8
     else:
         warps = 8 if bd == 64 else 4
-    return bp, bd, warps
+    return bp, bd, warps, min(255, 65536 // (32 * warps))
 
 
 def _check(grad_out, x, weights, o, zmean) -> None:
@@ -630,7 +639,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     dev = x.device
     f32 = torch.float32
     sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    bp, bd, warps = _blocks(d, sm90)
+    bp, bd, warps, maxnreg = _blocks(d, x.dtype, sm90)
     tiles_per_img = triton.cdiv(hw, bp)
     ntiles = n * tiles_per_img
 
@@ -676,7 +685,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     wrap = torch.library.wrap_triton
     wrap(_bwd_z_kernel)[(ntiles,)](
         x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
+        maxnreg=maxnreg)
     if o.pool and zm is None:
         zm = zbuf.view(n, hw, d).float().mean(1)
 
@@ -689,7 +699,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         offs["pool"], total,
         n, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
         BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
-        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps)
+        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
+        maxnreg=maxnreg)
 
     if o.pool:
         pool_sum = gbuf[:, offs["pool"]:offs["pool"] + n * d].sum(0).view(n, d)
@@ -703,7 +714,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
         n, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
         BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
-        DET=deterministic, num_warps=warps)
+        DET=deterministic, num_warps=warps,
+        maxnreg=maxnreg)
 
     flat = gbuf.sum(0) if deterministic else gbuf[0]
     grads = {}
@@ -741,15 +753,18 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
 
     Layouts are not separate cases: all three are the same kernels with runtime element strides.
     Kernel sizes are runtime values (loops over the packed taps), so K does not enter the
-    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D and num_warps follow D and
-    the GPU generation (``_blocks``): both warp counts are listed (each compiled for both archs).
+    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D, num_warps and maxnreg follow
+    D, the dtype and the GPU generation (``_blocks``): the configurations of both generations are
+    listed (each compiled for both archs).
     """
     cases = []
     i32 = "i32"
-    for d, warps in sorted({(d, _blocks(d, sm90)[2]) for d in ranks for sm90 in (False, True)}):
-        bp, bd, _ = _blocks(d, False)
-        blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
-        for dt in TRITON_DTYPE.values():
+    for d, sm90 in ((d, sm90) for d in ranks for sm90 in (False, True)):
+        for torch_dt, dt in TRITON_DTYPE.items():
+            if sm90 and _blocks(d, torch_dt, True) == _blocks(d, torch_dt, False):
+                continue  # the same configuration as before sm_90
+            bp, bd, warps, maxnreg = _blocks(d, torch_dt, sm90)
+            blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
             for prenorm in (False, True):
                 sig = {nm: f"*{dt}" for nm in ("x_ptr", "down_ptr", "ng_ptr", "nb_ptr")}
                 sig["z_ptr"] = f"*{dt}"
@@ -759,7 +774,8 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
                     f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
-                    _bwd_z_kernel, sig, cx, num_warps=warps))
+                    _bwd_z_kernel, sig, cx, num_warps=warps,
+                    maxnreg=maxnreg))
             for opts in _OPTION_SETS:
                 for det in (False, True):
                     tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
@@ -785,7 +801,7 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, **opts, DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_main[{tag}]", _bwd_main_kernel, sig,
-                                             cx, num_warps=warps))
+                                             cx, num_warps=warps, maxnreg=maxnreg))
 
                     sig = {nm: f"*{dt}" for nm in ("x_ptr", "go_ptr", "gx_ptr")}
                     for nm in ("z_ptr", "dc_ptr"):
@@ -807,5 +823,5 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, PRENORM=opts["PRENORM"], POOL=opts["POOL"], DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
-                                             num_warps=warps))
+                                             num_warps=warps, maxnreg=maxnreg))
     return cases
