@@ -539,9 +539,10 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     run on CUDA cores with both operands in registers; the halved tile takes the fp32 spills of
     B1 from 1-14 KB to 1-5 KB per thread and B2's from 0.1-2.4 KB to 0-0.8 KB, at twice the
     weight-gradient updates per pixel). From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8
-    before (what spills least in the compile check). maxnreg: the register file (64K) over the
-    threads, at most 255, so that ptxas uses all of it (left alone it may take half and spill
-    more: fp32 det B1 got 64 registers at 16 warps); one program per SM at D = 128 either way.
+    before (what spills least in the compile check). maxnreg (fp32 B1/B2 only): the register
+    file (64K) over the threads, at most 255, so that ptxas uses all of it (left alone it took
+    64 registers for fp32 det B1 at 16 warps and spilled 8 KB); in fp16/bf16 ptxas already takes
+    it all, and B0 does not spill (None: ptxas chooses).
     """
     bd = max(16, triton.next_power_of_2(d))
     elems = 2048 if dtype == torch.float32 and bd >= 128 else 4096
@@ -550,7 +551,8 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
         warps = 16 if sm90 else 8
     else:
         warps = 8 if bd == 64 else 4
-    return bp, bd, warps, min(255, 65536 // (32 * warps))
+    maxnreg = min(255, 65536 // (32 * warps)) if dtype == torch.float32 else None
+    return bp, bd, warps, maxnreg
 
 
 def _check(grad_out, x, weights, o, zmean) -> None:
@@ -685,8 +687,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     wrap = torch.library.wrap_triton
     wrap(_bwd_z_kernel)[(ntiles,)](
         x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
-        maxnreg=maxnreg)
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
     if o.pool and zm is None:
         zm = zbuf.view(n, hw, d).float().mean(1)
 
@@ -774,8 +775,7 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
                     f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
-                    _bwd_z_kernel, sig, cx, num_warps=warps,
-                    maxnreg=maxnreg))
+                    _bwd_z_kernel, sig, cx, num_warps=warps))
             for opts in _OPTION_SETS:
                 for det in (False, True):
                     tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
