@@ -535,18 +535,19 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     """(BLOCK_P, BLOCK_D, num_warps, maxnreg) for rank d and compute dtype.
 
     BLOCK_D = next power of two >= max(d, 16); BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and
-    64), except in fp32 from BLOCK_D = 128 up: 2048, i.e. 16 pixels at D = 128 (fp32 products
-    run on CUDA cores with both operands in registers; the halved tile takes the fp32 spills of
-    B1 from 1-14 KB to 1-5 KB per thread and B2's from 0.1-2.4 KB to 0-0.8 KB, at twice the
-    weight-gradient updates per pixel). From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8
-    before (what spills least in the compile check). maxnreg (fp32 B1/B2 only): the register
+    64) below BLOCK_D = 128, 16 pixels (tl.dot's minimum) from 128 up: halving the tile at
+    D = 128 took the spills of B1 from 0.55-1.4 KB to 0.4-0.9 KB per thread in fp16/bf16 and
+    from 1.3-14 KB to 1-5 KB in fp32, B2's to 0-0.8 KB, at twice the weight-gradient updates
+    per pixel (fp32 products run on CUDA cores with both operands in registers; the MMA
+    operands of the K = D products t = R s and ds = R^T dt are the largest share in 16 bits).
+    From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8 before (what spills least in the
+    compile check). maxnreg (fp32 B1/B2 only): the register
     file (64K) over the threads, at most 255, so that ptxas uses all of it (left alone it took
     64 registers for fp32 det B1 at 16 warps and spilled 8 KB); in fp16/bf16 ptxas already takes
     it all, and B0 does not spill (None: ptxas chooses).
     """
     bd = max(16, triton.next_power_of_2(d))
-    elems = 2048 if dtype == torch.float32 and bd >= 128 else 4096
-    bp = max(16, min(64, elems // bd))
+    bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
     if bd >= 128:
         warps = 16 if sm90 else 8
     else:
