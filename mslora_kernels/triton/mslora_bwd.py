@@ -81,6 +81,7 @@ DET_PROGRAMS = 264
 # the shape only, never of the machine.
 DET_PARTIAL_BUDGET = 1 << 23
 BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
+BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
 
 
 fix_interpreter_for_numpy2()
@@ -101,6 +102,31 @@ def _gelu_grad(x):
 def _mm(a, b, DT: tl.constexpr):
     """[M, K] @ [K, N] on tensor cores: operands in the compute dtype DT, fp32 accumulation."""
     return tl.dot(a.to(DT), b.to(DT), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _mm_staged(a, buf_ptr, rows, pm, w_ptr, sk, sn, D, DT: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a @ W for a register tile a [BLOCK_P, BLOCK_D] and a (D, D) weight, W[k, n] at
+    ``w_ptr + k sk + n sn`` (zero beyond D), fp32 accumulation. a is staged in the compute dtype
+    (what ``_mm`` rounds it to anyway) through the program's ``rows`` of a (rows, D) scratch
+    buffer and read back in K chunks of BLOCK_K, so that no MMA operand spans K = D (those were
+    the largest share of B1's spills). Barriers: the stores are visible to every thread before
+    the reads, and the rows are free again when it returns."""
+    dd = tl.arange(0, BLOCK_D)
+    tl.store(buf_ptr + rows[:, None] * D + dd[None, :], a.to(DT),
+             mask=pm[:, None] & (dd < D)[None, :])
+    tl.debug_barrier()
+    acc = tl.zeros([a.shape[0], BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        ak = tl.load(buf_ptr + rows[:, None] * D + kk[None, :],
+                     mask=pm[:, None] & (kk < D)[None, :], other=0.0)
+        wk = tl.load(w_ptr + kk[:, None] * sk + dd[None, :] * sn,
+                     mask=(kk < D)[:, None] & (dd < D)[None, :], other=0.0)
+        acc += _mm(ak, wk, DT)
+    tl.debug_barrier()
+    return acc
 
 
 @triton.jit
@@ -316,10 +342,9 @@ def _bwd_main_kernel(
             s = gelu_fp32(v)
         else:
             s = s0
-        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]
-        rt = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (1, D), (0, 0), (BLOCK_D, BLOCK_D), (0, 1)),
-                     boundary_check=(0, 1), padding_option="zero")
-        t = _mm(s, rt, DT)
+        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]; staged through this tile's rows of dc_0,
+        # which the per-path loop below writes last
+        t = _mm_staged(s, dc_ptr, zrow, pm, pw_ptr, 1, D, D, DT, BLOCK_K, BLOCK_D)
 
         # ---- dU = sum_p d (x) m (one C loop), dm = U^T d (unshuffled, a second C loop) ----
         m = a * t
@@ -338,10 +363,8 @@ def _bwd_main_kernel(
             dm += _mm(gch, tl.load(up_ptr + off, mask=msk, other=0.0), DT)
         da = dm * t
         dt = dm * a
-        # ds = R^T dt (R reloaded as [o, i], not kept live); dR[o, i] = sum_p dt[p, o] s[p, i]
-        rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
-                     boundary_check=(0, 1), padding_option="zero")
-        ds = _mm(dt, rr, DT)
+        # ds = R^T dt (staged like t); dR[o, i] = sum_p dt[p, o] s[p, i]
+        ds = _mm_staged(dt, dc_ptr, zrow, pm, pw_ptr, D, 1, D, DT, BLOCK_K, BLOCK_D)
         if DT == tl.float32:  # fp32 (no tensor cores): the blocked form below spills more
             _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
                  dmask[:, None] & dmask[None, :], DET)
