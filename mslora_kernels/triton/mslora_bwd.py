@@ -105,26 +105,44 @@ def _mm(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _mm_staged(a, buf_ptr, rows, pm, w_ptr, sk, sn, D, DT: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """a @ W for a register tile a [BLOCK_P, BLOCK_D] and a (D, D) weight, W[k, n] at
-    ``w_ptr + k sk + n sn`` (zero beyond D), fp32 accumulation. a is staged in the compute dtype
-    (what ``_mm`` rounds it to anyway) through the program's ``rows`` of a (rows, D) scratch
-    buffer and read back in K chunks of BLOCK_K, so that no MMA operand spans K = D (those were
-    the largest share of B1's spills). Barriers: the stores are visible to every thread before
-    the reads, and the rows are free again when it returns."""
+def _stage(a, buf_ptr, rows, pm, D, DT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a register tile a [BLOCK_P, BLOCK_D] in the compute dtype (what ``_mm`` rounds its
+    operands to anyway) into the program's ``rows`` of a (rows, D) scratch buffer, then a
+    barrier: read back in K chunks (``_staged_chunk``), it feeds the products whose K is D
+    without an MMA operand spanning all of D (those were the largest share of B1's spills)."""
     dd = tl.arange(0, BLOCK_D)
     tl.store(buf_ptr + rows[:, None] * D + dd[None, :], a.to(DT),
              mask=pm[:, None] & (dd < D)[None, :])
     tl.debug_barrier()
+
+
+@triton.jit
+def _staged_chunk(buf_ptr, rows, pm, kk, D):
+    """Columns kk of a staged tile (zero outside the tile and beyond D)."""
+    return tl.load(buf_ptr + rows[:, None] * D + kk[None, :],
+                   mask=pm[:, None] & (kk < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _w_chunk(w_ptr, kk, dd, sk, sn, D):
+    """Rows kk of a (D, D) weight seen as W[k, n] at ``w_ptr + k sk + n sn`` (zero beyond D)."""
+    return tl.load(w_ptr + kk[:, None] * sk + dd[None, :] * sn,
+                   mask=(kk < D)[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _mm_staged(a, buf_ptr, rows, pm, w_ptr, sk, sn, D, DT: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a @ W, fp32 accumulation, for a register tile a [BLOCK_P, BLOCK_D] and a (D, D) weight
+    (``_w_chunk``), with a staged (``_stage``) and taken in K chunks of BLOCK_K. The staging
+    rows are free again when it returns."""
+    _stage(a, buf_ptr, rows, pm, D, DT, BLOCK_D)
+    dd = tl.arange(0, BLOCK_D)
     acc = tl.zeros([a.shape[0], BLOCK_D], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        ak = tl.load(buf_ptr + rows[:, None] * D + kk[None, :],
-                     mask=pm[:, None] & (kk < D)[None, :], other=0.0)
-        wk = tl.load(w_ptr + kk[:, None] * sk + dd[None, :] * sn,
-                     mask=(kk < D)[:, None] & (dd < D)[None, :], other=0.0)
-        acc += _mm(ak, wk, DT)
+        acc += _mm(_staged_chunk(buf_ptr, rows, pm, kk, D), _w_chunk(w_ptr, kk, dd, sk, sn, D),
+                   DT)
     tl.debug_barrier()
     return acc
 
@@ -363,21 +381,18 @@ def _bwd_main_kernel(
             dm += _mm(gch, tl.load(up_ptr + off, mask=msk, other=0.0), DT)
         da = dm * t
         dt = dm * a
-        # ds = R^T dt (staged like t); dR[o, i] = sum_p dt[p, o] s[p, i]
-        ds = _mm_staged(dt, dc_ptr, zrow, pm, pw_ptr, D, 1, D, DT, BLOCK_K, BLOCK_D)
-        if DT == tl.float32:  # fp32 (no tensor cores): the blocked form below spills more
-            _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
-                 dmask[:, None] & dmask[None, :], DET)
-        else:
-            # dR in blocks of 32 rows: dt's columns r0.. picked out by a one-hot product (exact:
-            # the operand is dt in the compute dtype either way), so no [D, D] fp32 block and
-            # its D^2 pointers are live at once (the main source of the spills)
-            for r0 in range(0, BLOCK_D, 32):
-                rows = r0 + tl.arange(0, 32)
-                sel = tl.where(dd[:, None] == rows[None, :], 1.0, 0.0)
-                dtr = _mm(dt, sel, DT)
-                _acc(gb + o_pw + rows[:, None] * D + dd[None, :], _mm(tl.trans(dtr), s, DT),
-                     (rows < D)[:, None] & dmask[None, :], DET)
+        # ds = R^T dt, and dR[o, i] = sum_p dt[p, o] s[p, i] in blocks of BLOCK_K rows o, both
+        # from dt's K chunks read back from the staging rows (so no [D, D] fp32 block and its
+        # D^2 pointers are live at once either)
+        _stage(dt, dc_ptr, zrow, pm, D, DT, BLOCK_D)
+        ds = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            dtk = _staged_chunk(dc_ptr, zrow, pm, kk, D)
+            ds += _mm(dtk, _w_chunk(pw_ptr, kk, dd, D, 1, D), DT)
+            _acc(gb + o_pw + kk[:, None] * D + dd[None, :], _mm(tl.trans(dtk), s, DT),
+                 (kk < D)[:, None] & dmask[None, :], DET)
+        tl.debug_barrier()  # the staging rows are free again (dc_0 is written below)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
