@@ -8,7 +8,8 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 
 - B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, compute dtype).
 - B1 ``_bwd_main_kernel``: on a tile, recompute ``a = P u``, ``c_i`` (z with halo), ``s0``,
-  ``s`` and ``t = R s``; from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
+  ``s`` and ``t = R s`` (s and later dt staged through the tile's rows of dc_0, see
+  Registers); from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
   ``dc_i`` (written, D per pixel and path, compute dtype) and the gate's ``dg_i``. Write
   ``du_a = P^T da (+ Q^T dz_gate)`` (C per pixel, fp32). Accumulate dU, dR, dP, enorm, gate,
   dQ's gate part and the per-image sum of ``ds0`` (pool).
@@ -47,18 +48,20 @@ tensor-core time is not the limit here; it keeps every D-sized tensor one [BLOCK
 block). Shuffle is folded into the up-projection's column index. Operands go to ``tl.dot`` in the
 compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
 
-Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``; tile sizes,
-warps and the register cap per dtype in ``_blocks``): B0 and, in
-bf16/fp16 on sm_90, B2 compile without spills; B1 still spills about 0.55-0.9 KB per thread in
-bf16/fp16 on sm_90 (more on sm_80 and in fp32). The largest single cause was dR: a [D, D] fp32
-product plus its D^2 64-bit atomic addresses live at once; it is now done in blocks of 32 rows
-(dt's columns selected by a one-hot tl.dot: D*D*BLOCK_P more MMA work per tile, no extra bytes;
-bf16/fp16 only, fp32 keeps the single product, where the blocked form spills more),
-which took B1 on sm_90 bf16 from 0.76-1.44 KB to 0.56-0.92 KB. The rest is spread over the
-forward recompute, dm and ds (removing any one part moves it little). Tried without gain:
-splitting B1 (the per-path part in a kernel of its own), splitting dt with tl.split, BLOCK_P=16
-(fewer spills at 16 warps, but twice the weight-gradient atomics per pixel), 8 or 4 warps,
-num_stages=1.
+Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``; tile size,
+warps and register cap per D and dtype in ``_blocks``). At D = 128 (BLOCK_D >= 128: tiles of 16
+pixels), B0 compiles without spills; B2 without spills in fp16/bf16 on sm_90 (16 B on sm_80,
+det with every option) and in fp32 atomic on sm_80, 0.1-0.8 KB per thread otherwise in fp32;
+B1 spills 0.07-0.1 KB per thread in fp16/bf16 with no option, 0.34-0.41 KB with every option,
+0.4-1.8 KB in fp32 (det the most). The K = D products of B1 (t = R s; ds = R^T dt with
+dR = dt^T s) take their left operand from a staging copy in the tile's rows of dc_0 (written
+later by the per-path loop; the compute dtype, as the product rounds it anyway), in K chunks of
+BLOCK_K: an MMA operand spanning K = D held ~64 registers per thread, the largest single cause.
+Tried without gain (or gains in one dtype, losses in another): splitting the K operand with
+tl.split; the du = P^T da loop staged and moved before the per-path loop (fp32 det -40%,
+fp16 +30-60%); reloading z for the gate instead of keeping it; recomputing enhance's v and s
+from ehat; 8 warps on sm_90 at 16 pixels; splitting B1 (the per-path part in a kernel of its
+own), num_stages=1.
 """
 
 from __future__ import annotations
@@ -579,10 +582,10 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     per pixel (fp32 products run on CUDA cores with both operands in registers; the MMA
     operands of the K = D products t = R s and ds = R^T dt are the largest share in 16 bits).
     From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8 before (what spills least in the
-    compile check). maxnreg (fp32 B1/B2 only): the register
-    file (64K) over the threads, at most 255, so that ptxas uses all of it (left alone it took
-    64 registers for fp32 det B1 at 16 warps and spilled 8 KB); in fp16/bf16 ptxas already takes
-    it all, and B0 does not spill (None: ptxas chooses).
+    compile check). maxnreg (fp32 only; None: ptxas chooses): the register file (64K) over the
+    threads, at most 255, so that ptxas uses all of it (left alone it took 64 registers for fp32
+    det B1 at 16 warps and spilled 8 KB; in fp16/bf16 it already takes them all). B0 takes
+    ``_z_maxnreg`` of it.
     """
     bd = max(16, triton.next_power_of_2(d))
     bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
@@ -592,6 +595,12 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
         warps = 8 if bd == 64 else 4
     maxnreg = min(255, 65536 // (32 * warps)) if dtype == torch.float32 else None
     return bp, bd, warps, maxnreg
+
+
+def _z_maxnreg(maxnreg: int | None) -> int | None:
+    """B0's register cap: at most 128 (B0 needs about 100; with no cap ptxas took 64 at 16 warps
+    and spilled, with 255 it took 255 on sm_80 and spilled)."""
+    return None if maxnreg is None else min(maxnreg, 128)
 
 
 def _check(grad_out, x, weights, o, zmean) -> None:
@@ -726,7 +735,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     wrap = torch.library.wrap_triton
     wrap(_bwd_z_kernel)[(ntiles,)](
         x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
+        maxnreg=_z_maxnreg(maxnreg))
     if o.pool and zm is None:
         zm = zbuf.view(n, hw, d).float().mean(1)
 
@@ -814,7 +824,8 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
                     f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
-                    _bwd_z_kernel, sig, cx, num_warps=warps))
+                    _bwd_z_kernel, sig, cx, num_warps=warps,
+                    maxnreg=_z_maxnreg(maxnreg)))
             for opts in _OPTION_SETS:
                 for det in (False, True):
                     tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
