@@ -51,7 +51,7 @@ compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation
 Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``; tile size,
 warps and register cap per D and dtype in ``_blocks``). At D = 128 (BLOCK_D >= 128: tiles of 16
 pixels), B0 compiles without spills; B2 without spills in fp16/bf16 on sm_90 (16 B on sm_80,
-det with every option) and in fp32 atomic on sm_80, 0.1-0.8 KB per thread otherwise in fp32;
+det with every option), 0-0.83 KB per thread in fp32 (det with every option the most);
 B1 spills 0.07-0.1 KB per thread in fp16/bf16 with no option, 0.34-0.41 KB with every option,
 0.4-1.8 KB in fp32 (det the most). The K = D products of B1 (t = R s; ds = R^T dt with
 dR = dt^T s) take their left operand from a staging copy in the tile's rows of dc_0 (written
