@@ -150,6 +150,29 @@ def test_bwd_tiny_and_wide_shapes_fp32():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,deterministic", [
+    pytest.param(torch.float32, False, id="fp32-atomic"),
+    pytest.param(torch.float32, True, id="fp32-det"),
+    pytest.param(torch.float16, False, id="fp16-atomic"),
+])
+def test_bwd_16_pixel_tiles(dtype, deterministic):
+    """D = 72 -> BLOCK_D = 128, where the tiles hold 16 pixels (``_blocks``; 64 at D = 24):
+    every option on, 117 pixels per image (not a multiple of 16). fp16 by SPEC's 2x rule."""
+    from mslora_kernels.triton.mslora_bwd import _blocks
+
+    assert _blocks(72, dtype, False)[0] == 16
+    o, x, weights, grad_out = case(n=2, c=40, h=13, w=9, d=72, g=4, ks=(3, 5), layout="nhwc",
+                                   **ALL_ON)
+    ref_gx, ref_grads = reference_grads(x, weights, o, grad_out)
+    base = ()
+    if dtype != torch.float32:
+        base = reference_grads(x.to(dtype), {k: v.to(dtype) for k, v in weights.items()}, o,
+                               grad_out.to(dtype))
+    gx, grads = run_bwd(x, weights, o, grad_out, dtype, deterministic=deterministic)
+    check_all(gx, grads, ref_gx, ref_grads, dtype, *base)
+
+
+@pytest.mark.interpreter
 def test_bwd_mixed_and_strided_layouts_fp32():
     """grad_out in another memory format than x (as autograd may hand it), and a strided view
     of x that the launcher must make contiguous; grad_x follows x's memory format."""

@@ -95,8 +95,7 @@ def compile_one(job) -> Result:
     t0 = time.perf_counter()
     try:
         src = ASTSource(case.fn, case.signature, case.constexprs, case.attrs())
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=case.options())
         rep = ptxas_report(k.asm["ptx"], arch)
         if k.metadata.shared > SHARED_LIMIT[arch]:
             raise RuntimeError(f"needs {k.metadata.shared} B of shared memory; sm_{arch} blocks "

@@ -17,6 +17,7 @@ class CompileCase:
     ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the constexpr values. ``divisible_by_16``
     names the arguments (pointers, sizes, strides) that the runtime would see as multiples of 16,
     as Triton's launcher specialises them: without it, loads cannot vectorise or pipeline.
+    ``maxnreg``, when set, is passed like the launcher passes it (Triton's ``maxnreg`` option).
     """
 
     name: str
@@ -26,6 +27,14 @@ class CompileCase:
     num_warps: int = 4
     num_stages: int = 2
     divisible_by_16: tuple = ()
+    maxnreg: int | None = None  # ptxas register cap per thread (None: ptxas chooses)
+
+    def options(self) -> dict:
+        """The launch options ``triton.compile`` takes for this case."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     def attrs(self) -> dict:
         """The ``tt.divisibility`` attributes ``ASTSource`` takes, keyed by argument index."""

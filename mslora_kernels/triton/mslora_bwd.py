@@ -8,7 +8,8 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 
 - B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, compute dtype).
 - B1 ``_bwd_main_kernel``: on a tile, recompute ``a = P u``, ``c_i`` (z with halo), ``s0``,
-  ``s`` and ``t = R s``; from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
+  ``s`` and ``t = R s`` (s and later dt staged through the tile's rows of dc_0, see
+  Registers); from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
   ``dc_i`` (written, D per pixel and path, compute dtype) and the gate's ``dg_i``. Write
   ``du_a = P^T da (+ Q^T dz_gate)`` (C per pixel, fp32). Accumulate dU, dR, dP, enorm, gate,
   dQ's gate part and the per-image sum of ``ds0`` (pool).
@@ -47,17 +48,20 @@ tensor-core time is not the limit here; it keeps every D-sized tensor one [BLOCK
 block). Shuffle is folded into the up-projection's column index. Operands go to ``tl.dot`` in the
 compute dtype (fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation is fp32.
 
-Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``): B0 and, in
-bf16/fp16 on sm_90, B2 compile without spills; B1 still spills about 0.55-0.9 KB per thread in
-bf16/fp16 on sm_90 (more on sm_80 and in fp32). The largest single cause was dR: a [D, D] fp32
-product plus its D^2 64-bit atomic addresses live at once; it is now done in blocks of 32 rows
-(dt's columns selected by a one-hot tl.dot: D*D*BLOCK_P more MMA work per tile, no extra bytes;
-bf16/fp16 only, fp32 keeps the single product, where the blocked form spills more),
-which took B1 on sm_90 bf16 from 0.76-1.44 KB to 0.56-0.92 KB. The rest is spread over the
-forward recompute, dm and ds (removing any one part moves it little). Tried without gain:
-splitting B1 (the per-path part in a kernel of its own), splitting dt with tl.split, BLOCK_P=16
-(fewer spills at 16 warps, but twice the weight-gradient atomics per pixel), 8 or 4 warps,
-num_stages=1.
+Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd``; tile size,
+warps and register cap per D and dtype in ``_blocks``). At D = 128 (BLOCK_D >= 128: tiles of 16
+pixels), B0 compiles without spills; B2 without spills in fp16/bf16 on sm_90 (16 B on sm_80,
+det with every option), 0-0.83 KB per thread in fp32 (det with every option the most);
+B1 spills 0.07-0.1 KB per thread in fp16/bf16 with no option, 0.34-0.41 KB with every option,
+0.4-1.8 KB in fp32 (det the most). The K = D products of B1 (t = R s; ds = R^T dt with
+dR = dt^T s) take their left operand from a staging copy in the tile's rows of dc_0 (written
+later by the per-path loop; the compute dtype, as the product rounds it anyway), in K chunks of
+BLOCK_K: an MMA operand spanning K = D held ~64 registers per thread, the largest single cause.
+Tried without gain (or gains in one dtype, losses in another): splitting the K operand with
+tl.split; the du = P^T da loop staged and moved before the per-path loop (fp32 det -40%,
+fp16 +30-60%); reloading z for the gate instead of keeping it; recomputing enhance's v and s
+from ehat; 8 warps on sm_90 at 16 pixels; splitting B1 (the per-path part in a kernel of its
+own), num_stages=1.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ DET_PROGRAMS = 264
 # the shape only, never of the machine.
 DET_PARTIAL_BUDGET = 1 << 23
 BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
+BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
 
 
 fix_interpreter_for_numpy2()
@@ -100,6 +105,49 @@ def _gelu_grad(x):
 def _mm(a, b, DT: tl.constexpr):
     """[M, K] @ [K, N] on tensor cores: operands in the compute dtype DT, fp32 accumulation."""
     return tl.dot(a.to(DT), b.to(DT), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _stage(a, buf_ptr, rows, pm, D, DT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a register tile a [BLOCK_P, BLOCK_D] in the compute dtype (what ``_mm`` rounds its
+    operands to anyway) into the program's ``rows`` of a (rows, D) scratch buffer, then a
+    barrier: read back in K chunks (``_staged_chunk``), it feeds the products whose K is D
+    without an MMA operand spanning all of D (those were the largest share of B1's spills)."""
+    dd = tl.arange(0, BLOCK_D)
+    tl.store(buf_ptr + rows[:, None] * D + dd[None, :], a.to(DT),
+             mask=pm[:, None] & (dd < D)[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _staged_chunk(buf_ptr, rows, pm, kk, D):
+    """Columns kk of a staged tile (zero outside the tile and beyond D)."""
+    return tl.load(buf_ptr + rows[:, None] * D + kk[None, :],
+                   mask=pm[:, None] & (kk < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _w_chunk(w_ptr, kk, dd, sk, sn, D):
+    """Rows kk of a (D, D) weight seen as W[k, n] at ``w_ptr + k sk + n sn`` (zero beyond D)."""
+    return tl.load(w_ptr + kk[:, None] * sk + dd[None, :] * sn,
+                   mask=(kk < D)[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _mm_staged(a, buf_ptr, rows, pm, w_ptr, sk, sn, D, DT: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a @ W, fp32 accumulation, for a register tile a [BLOCK_P, BLOCK_D] and a (D, D) weight
+    (``_w_chunk``), with a staged (``_stage``) and taken in K chunks of BLOCK_K. The staging
+    rows are free again when it returns."""
+    _stage(a, buf_ptr, rows, pm, D, DT, BLOCK_D)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([a.shape[0], BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        acc += _mm(_staged_chunk(buf_ptr, rows, pm, kk, D), _w_chunk(w_ptr, kk, dd, sk, sn, D),
+                   DT)
+    tl.debug_barrier()
+    return acc
 
 
 @triton.jit
@@ -315,10 +363,9 @@ def _bwd_main_kernel(
             s = gelu_fp32(v)
         else:
             s = s0
-        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]
-        rt = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (1, D), (0, 0), (BLOCK_D, BLOCK_D), (0, 1)),
-                     boundary_check=(0, 1), padding_option="zero")
-        t = _mm(s, rt, DT)
+        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]; staged through this tile's rows of dc_0,
+        # which the per-path loop below writes last
+        t = _mm_staged(s, dc_ptr, zrow, pm, pw_ptr, 1, D, D, DT, BLOCK_K, BLOCK_D)
 
         # ---- dU = sum_p d (x) m (one C loop), dm = U^T d (unshuffled, a second C loop) ----
         m = a * t
@@ -337,23 +384,18 @@ def _bwd_main_kernel(
             dm += _mm(gch, tl.load(up_ptr + off, mask=msk, other=0.0), DT)
         da = dm * t
         dt = dm * a
-        # ds = R^T dt (R reloaded as [o, i], not kept live); dR[o, i] = sum_p dt[p, o] s[p, i]
-        rr = tl.load(tl.make_block_ptr(pw_ptr, (D, D), (D, 1), (0, 0), (BLOCK_D, BLOCK_D), (1, 0)),
-                     boundary_check=(0, 1), padding_option="zero")
-        ds = _mm(dt, rr, DT)
-        if DT == tl.float32:  # fp32 (no tensor cores): the blocked form below spills more
-            _acc(gb + o_pw + dd[:, None] * D + dd[None, :], _mm(tl.trans(dt), s, DT),
-                 dmask[:, None] & dmask[None, :], DET)
-        else:
-            # dR in blocks of 32 rows: dt's columns r0.. picked out by a one-hot product (exact:
-            # the operand is dt in the compute dtype either way), so no [D, D] fp32 block and
-            # its D^2 pointers are live at once (the main source of the spills)
-            for r0 in range(0, BLOCK_D, 32):
-                rows = r0 + tl.arange(0, 32)
-                sel = tl.where(dd[:, None] == rows[None, :], 1.0, 0.0)
-                dtr = _mm(dt, sel, DT)
-                _acc(gb + o_pw + rows[:, None] * D + dd[None, :], _mm(tl.trans(dtr), s, DT),
-                     (rows < D)[:, None] & dmask[None, :], DET)
+        # ds = R^T dt, and dR[o, i] = sum_p dt[p, o] s[p, i] in blocks of BLOCK_K rows o, both
+        # from dt's K chunks read back from the staging rows (so no [D, D] fp32 block and its
+        # D^2 pointers are live at once either)
+        _stage(dt, dc_ptr, zrow, pm, D, DT, BLOCK_D)
+        ds = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            dtk = _staged_chunk(dc_ptr, zrow, pm, kk, D)
+            ds += _mm(dtk, _w_chunk(pw_ptr, kk, dd, D, 1, D), DT)
+            _acc(gb + o_pw + kk[:, None] * D + dd[None, :], _mm(tl.trans(dtk), s, DT),
+                 (kk < D)[:, None] & dmask[None, :], DET)
+        tl.debug_barrier()  # the staging rows are free again (dc_0 is written below)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
@@ -530,18 +572,35 @@ def _bwd_dz_kernel(
 # -------------------------------------------------------------------------------------------
 
 
-def _blocks(d: int, sm90: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_D, num_warps) for rank d: BLOCK_D = next power of two >= max(d, 16),
-    BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and 64). From BLOCK_D = 128 up: 16 warps on
-    sm_90 and newer, 8 before (what spills least in the compile check: at 16 warps ptxas gives
-    the sm_80 build of the main kernel only 64 registers)."""
+def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_D, num_warps, maxnreg) for rank d and compute dtype.
+
+    BLOCK_D = next power of two >= max(d, 16); BLOCK_P * BLOCK_D = 4096 (BLOCK_P between 16 and
+    64) below BLOCK_D = 128, 16 pixels (tl.dot's minimum) from 128 up: halving the tile at
+    D = 128 took the spills of B1 from 0.55-1.4 KB to 0.4-0.9 KB per thread in fp16/bf16 and
+    from 1.3-14 KB to 1-5 KB in fp32, B2's to 0-0.8 KB, at twice the weight-gradient updates
+    per pixel (fp32 products run on CUDA cores with both operands in registers; the MMA
+    operands of the K = D products t = R s and ds = R^T dt are the largest share in 16 bits).
+    From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8 before (what spills least in the
+    compile check). maxnreg (fp32 only; None: ptxas chooses): the register file (64K) over the
+    threads, at most 255, so that ptxas uses all of it (left alone it took 64 registers for fp32
+    det B1 at 16 warps and spilled 8 KB; in fp16/bf16 it already takes them all). B0 takes
+    ``_z_maxnreg`` of it.
+    """
     bd = max(16, triton.next_power_of_2(d))
-    bp = max(16, min(64, 4096 // bd))
+    bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
     if bd >= 128:
         warps = 16 if sm90 else 8
     else:
         warps = 8 if bd == 64 else 4
-    return bp, bd, warps
+    maxnreg = min(255, 65536 // (32 * warps)) if dtype == torch.float32 else None
+    return bp, bd, warps, maxnreg
+
+
+def _z_maxnreg(maxnreg: int | None) -> int | None:
+    """B0's register cap: at most 128 (B0 needs about 100; with no cap ptxas took 64 at 16 warps
+    and spilled, with 255 it took 255 on sm_80 and spilled)."""
+    return None if maxnreg is None else min(maxnreg, 128)
 
 
 def _check(grad_out, x, weights, o, zmean) -> None:
@@ -630,7 +689,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     dev = x.device
     f32 = torch.float32
     sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    bp, bd, warps = _blocks(d, sm90)
+    bp, bd, warps, maxnreg = _blocks(d, x.dtype, sm90)
     tiles_per_img = triton.cdiv(hw, bp)
     ntiles = n * tiles_per_img
 
@@ -676,7 +735,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     wrap = torch.library.wrap_triton
     wrap(_bwd_z_kernel)[(ntiles,)](
         x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps)
+        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
+        maxnreg=_z_maxnreg(maxnreg))
     if o.pool and zm is None:
         zm = zbuf.view(n, hw, d).float().mean(1)
 
@@ -689,7 +749,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         offs["pool"], total,
         n, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
         BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
-        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps)
+        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
+        maxnreg=maxnreg)
 
     if o.pool:
         pool_sum = gbuf[:, offs["pool"]:offs["pool"] + n * d].sum(0).view(n, d)
@@ -703,7 +764,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
         n, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
         BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
-        DET=deterministic, num_warps=warps)
+        DET=deterministic, num_warps=warps,
+        maxnreg=maxnreg)
 
     flat = gbuf.sum(0) if deterministic else gbuf[0]
     grads = {}
@@ -741,15 +803,18 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
 
     Layouts are not separate cases: all three are the same kernels with runtime element strides.
     Kernel sizes are runtime values (loops over the packed taps), so K does not enter the
-    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D and num_warps follow D and
-    the GPU generation (``_blocks``): both warp counts are listed (each compiled for both archs).
+    configurations either. BLOCK_C is fixed (32); BLOCK_P, BLOCK_D, num_warps and maxnreg follow
+    D, the dtype and the GPU generation (``_blocks``): the configurations of both generations are
+    listed (each compiled for both archs).
     """
     cases = []
     i32 = "i32"
-    for d, warps in sorted({(d, _blocks(d, sm90)[2]) for d in ranks for sm90 in (False, True)}):
-        bp, bd, _ = _blocks(d, False)
-        blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
-        for dt in TRITON_DTYPE.values():
+    for d, sm90 in ((d, sm90) for d in ranks for sm90 in (False, True)):
+        for torch_dt, dt in TRITON_DTYPE.items():
+            if sm90 and _blocks(d, torch_dt, True) == _blocks(d, torch_dt, False):
+                continue  # the same configuration as before sm_90
+            bp, bd, warps, maxnreg = _blocks(d, torch_dt, sm90)
+            blocks = {"BLOCK_P": bp, "BLOCK_C": BLOCK_C, "BLOCK_D": bd}
             for prenorm in (False, True):
                 sig = {nm: f"*{dt}" for nm in ("x_ptr", "down_ptr", "ng_ptr", "nb_ptr")}
                 sig["z_ptr"] = f"*{dt}"
@@ -759,7 +824,8 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
                     f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
-                    _bwd_z_kernel, sig, cx, num_warps=warps))
+                    _bwd_z_kernel, sig, cx, num_warps=warps,
+                    maxnreg=_z_maxnreg(maxnreg)))
             for opts in _OPTION_SETS:
                 for det in (False, True):
                     tag = f"{dt},D={d},w{warps},{_opt_tag(opts)},{'det' if det else 'atomic'}"
@@ -785,7 +851,7 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, **opts, DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_main[{tag}]", _bwd_main_kernel, sig,
-                                             cx, num_warps=warps))
+                                             cx, num_warps=warps, maxnreg=maxnreg))
 
                     sig = {nm: f"*{dt}" for nm in ("x_ptr", "go_ptr", "gx_ptr")}
                     for nm in ("z_ptr", "dc_ptr"):
@@ -807,5 +873,5 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, PRENORM=opts["PRENORM"], POOL=opts["POOL"], DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
-                                             num_warps=warps))
+                                             num_warps=warps, maxnreg=maxnreg))
     return cases
