@@ -482,6 +482,15 @@ MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, float* s
   });
 }
 
+// a = proj(u) of a tile on tensor cores (fwd, bwd_tile): out[pl][tc_col(e)]; LN_C stats in the
+// tile's stats [P][4].
+template <typename T, bool kNHWC, class Ex>
+MSLORA_HD void tc_proj_tile(const Params& p, const Tile& t, const TileSmem& L, float* sm, Ex& ex) {
+  tc_grouped_in<T, kNHWC>(
+      p, L.tc, sm, L.P, [&](int r) { return RowPix{t.n, tile_pixel(p, t, r)}; }, p.proj,
+      sm + L.stats, 4, ex);
+}
+
 // The grouped D -> C products on tensor cores, in chunks of the C channels of every group:
 // for each chunk, y(r, c) = sum_{k < K} fa(r, g, k) fb(g, c, k) (c = g C/G + j over the chunk's
 // columns, fb given the channel c), then sink(r, c, y) from one stage. up (K = D/G) in fwd,
@@ -541,8 +550,9 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      p.z[pix * p.D + e] = tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
-                              : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
+      p.z[pix * p.D + e] =
+          tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
+             : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
     }
   });
 }
@@ -659,8 +669,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   if constexpr (kTensorCoreType<T>) {
     if (tc) {
       tc_pw<T>(p, t, L, sm, s, s, false, ex);  // s <- t = pw(s)
-      tc_grouped_in<T, kNHWC>(p, L.tc, sm, P, [&](int r) { return RowPix{t.n, tile_pixel(p, t, r)}; },
-                              p.proj, stats, 4, ex);
+      tc_proj_tile<T, kNHWC>(p, t, L, sm, ex);
     }
   }
   ex.stage([&](int tid) {  // m'[shuffle(e)] = a[e] * t[e]
@@ -668,8 +677,9 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
-      const float a = tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
-                         : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const float a =
+          tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
+             : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
       m[int64_t(pl) * p.D + k] = a * (tc ? s[i] : pw_row(p, s, pl, e));
     }
@@ -683,7 +693,9 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
     if constexpr (kTensorCoreType<T>) {
       tc_grouped_out<T>(
           p, L.tc, sm, P, dg, kNHWC,
-          [&](int r, int g, int k) { return tile_pixel(p, t, r) < 0 ? 0.0f : m[int64_t(r) * p.D + g * dg + k]; },
+          [&](int r, int g, int k) {
+            return tile_pixel(p, t, r) < 0 ? 0.0f : m[int64_t(r) * p.D + g * dg + k];
+          },
           [&](int, int c, int k) { return p.up[int64_t(c) * dg + k]; }, store, ex);
     }
   } else {
@@ -718,8 +730,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
   if constexpr (kTensorCoreType<T>) {
     if (tc) {
       tc_pw<T>(p, t, L, sm, s, tb, false, ex);  // tb = t = pw(s)
-      tc_grouped_in<T, kNHWC>(p, L.tc, sm, P, [&](int r) { return RowPix{t.n, tile_pixel(p, t, r)}; },
-                              p.proj, stats, 4, ex);  // a
+      tc_proj_tile<T, kNHWC>(p, t, L, sm, ex);  // a
     }
   }
   ex.stage([&](int tid) {  // t, a; ws s and m'
@@ -727,8 +738,9 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
-      const float a = tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
-                         : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+      const float a =
+          tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
+             : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const float tv = tc ? tb[i] : pw_row(p, s, pl, e);
       tb[i] = tv;
       ab[i] = a;
