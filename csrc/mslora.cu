@@ -22,8 +22,9 @@ struct DeviceEx {
 };
 
 // Each kernel: p = all sizes/pointers (see Params); dynamic shared memory sized by
-// smem_floats(kernel, p), 128-byte aligned (tc.cuh's WMMA operands need 32). Tile kernels: grid (tiles of TH x TW per image, N); pixel kernels:
-// grid (ceil(N*H*W / PB)); bwd_dz: grid (Params::dz_blocks), each block a strided run of tiles.
+// smem_floats(kernel, p), 128-byte aligned (tc.cuh's WMMA operands need 32). Tile kernels:
+// grid (tiles of TH x TW per image, N); pixel kernels: grid (ceil(N*H*W / PB)); bwd_dz: grid
+// (Params::dz_blocks), each block a strided run of tiles.
 template <typename T, bool kNHWC>
 __global__ void __launch_bounds__(kThreads) mslora_prep_kernel(Params p) {
   extern __shared__ __align__(128) float sm[];

@@ -140,7 +140,7 @@ MSLORA_HD int64_t dw_offset(const Params& p, int i) {
 }
 MSLORA_HD int dw_total(const Params& p) { return int(dw_offset(p, p.nk) / p.D); }  // sum k^2
 
-// ------------------------------------------------------- depthwise rows (several outputs per thread)
+// ---------------------------------------------- depthwise rows (several outputs per thread)
 //
 // A thread computes a RUN of kRun consecutive outputs of one row of one channel: for each kernel
 // row dy it loads the kRun + k - 1 input values of the window once into registers and reuses
@@ -306,7 +306,8 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
   s.Mp = round16(rows);
   s.lda = p.G * kTcK + 8;  // + 16 bytes: the rows of a fragment fall in different banks
   s.ldb = kTcK + 8;
-  const int w = round16(p.D) > p.G * round16(p.D / p.G) ? round16(p.D) : p.G * round16(p.D / p.G);
+  const int dense = round16(p.D), grouped = p.G * round16(p.D / p.G);
+  const int w = dense > grouped ? dense : grouped;
   s.width = w > 64 ? w : 64;
   s.ldo = s.width + 4;
   s.a = align8(base);
@@ -471,7 +472,9 @@ MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, float* s
                      const float* src, float* dst, bool transposed, Ex& ex) {
   tc_gemm<T>(
       L.tc, sm, L.P, 1, p.D, p.D, false, false, true,
-      [&](int r, int, int k) { return tile_pixel(p, t, r) < 0 ? 0.0f : src[int64_t(r) * p.D + k]; },
+      [&](int r, int, int k) {
+        return tile_pixel(p, t, r) < 0 ? 0.0f : src[int64_t(r) * p.D + k];
+      },
       [&](int, int n, int k) {
         return transposed ? p.pw[int64_t(k) * p.D + n] : p.pw[int64_t(n) * p.D + k];
       },
@@ -888,7 +891,8 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   });
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
-      load_z_halo(p, zimg, c0, t.h0 - 2 * p.R, t.w0 - 2 * p.R, L.zh, L.zw, L.zplane, z2, tid, ex.nt);
+      load_z_halo(p, zimg, c0, t.h0 - 2 * p.R, t.w0 - 2 * p.R, L.zh, L.zw, L.zplane, z2, tid,
+                  ex.nt);
     });
     // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside the image); under gate also
     // ds0 * GELU(c_i) on the tile (gl). One item = one channel (fastest) x one halo row x one
@@ -918,7 +922,8 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
           const bool in = row_in && w >= 0 && w < p.W;
           const float ds = in ? dsimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
           dcr[o] = in ? ds * sgr[o] * gelu_grad(acc[o]) : 0.f;
-          if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW) sm[glr + hx] = in ? ds * gelu(acc[o]) : 0.f;
+          if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW)
+            sm[glr + hx] = in ? ds * gelu(acc[o]) : 0.f;
         }
       }
     });
@@ -954,7 +959,8 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
       // along each tile row in runs. Pixels outside the image have dc = 0 and are skipped.
       int n_dk = 0;  // CH x (kernel rows of all paths)
       for (int j = 0; j < p.nk; ++j) n_dk += p.CH * p.ks[j];
-      const int rows = p.H - t.h0 < p.TH ? p.H - t.h0 : p.TH, cols = p.W - t.w0 < p.TW ? p.W - t.w0 : p.TW;
+      const int rows = p.H - t.h0 < p.TH ? p.H - t.h0 : p.TH;
+      const int cols = p.W - t.w0 < p.TW ? p.W - t.w0 : p.TW;
       for (int i = first(done); i < n_dk; i += ex.nt) {
         const int ch = i % p.CH, d = c0 + ch;
         int dy = i / p.CH, path = 0;
