@@ -17,10 +17,11 @@ import math
 import torch
 
 from mslora_kernels import MSLoRA
+from mslora_kernels.backends import DTYPE_NAMES
 
 PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
 DEFAULT_PROVIDERS = ("eager", "compile", "triton", "cuda")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def make_base(c: int, d: int, g: int, kernel_sizes, layout: str, dtype: torch.dtype,

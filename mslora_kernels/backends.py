@@ -78,7 +78,9 @@ def available_backends(device: torch.device | str) -> list[str]:
 # fused backends in this order.
 AUTO_ORDER_CUDA = ("triton", "cuda")
 RANKING_PATH = Path(__file__).with_name("auto_backend.json")
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# The names the benchmarks (and so the ranking) give dtypes and layouts: one place for both.
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+LAYOUTS = ("channels_first", "channels_first_cl", "channels_last")
 
 
 @functools.cache
@@ -89,7 +91,8 @@ def _ranking(path: Path = RANKING_PATH) -> tuple[dict, ...]:
 
 
 def layout_name(x: torch.Tensor, data_format: str) -> str:
-    """The benchmark's name of x's layout: channels_first, channels_first_cl, channels_last."""
+    """The benchmark's name of x's layout (one of LAYOUTS): channels_first, channels_first_cl
+    (an (N, C, H, W) tensor in torch.channels_last memory format), channels_last."""
     if data_format == "channels_last":
         return "channels_last"
     cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -102,7 +105,7 @@ def ranked_backend(dtype: torch.dtype, layout: str, c: int, h: int, w: int, d: i
     those of the same dtype and layout (distance: sum of |log ratio| of C, H*W and D); None
     when the ranking has no row for the dtype and layout."""
     rows = _ranking() if rows is None else rows
-    name = _DTYPE_NAMES.get(dtype)
+    name = DTYPE_NAMES.get(dtype)
     same = [r for r in rows if r["dtype"] == name and r["layout"] == layout]
     if not same:
         return None

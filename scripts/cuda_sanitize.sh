@@ -10,7 +10,7 @@ status=0
 for tool in memcheck racecheck; do
   log="$LOG_DIR/cuda_sanitize_$tool.log"
   if "$SAN" --tool "$tool" --error-exitcode 1 --kernel-name regex:mslora \
-      python scripts/cuda_sanitize_case.py >"$log" 2>&1; then
+      "${PYTHON:-python3}" scripts/cuda_sanitize_case.py >"$log" 2>&1; then
     echo "compute-sanitizer $tool: clean ($(grep -c '^ok' "$log") cases)"
   else
     echo "compute-sanitizer $tool: FAILED, see $log"; tail -20 "$log"; status=1

@@ -67,6 +67,9 @@ def test_layout_names_match_the_benchmarks():
     assert backends.layout_name(x.contiguous(memory_format=torch.channels_last),
                                 "channels_first") == "channels_first_cl"
     assert backends.layout_name(x.permute(0, 2, 3, 1), "channels_last") == "channels_last"
+    from benchmarks import presets, providers
+    assert set(presets.LAYOUT_HELP) == set(presets.LAYOUTS) == set(backends.LAYOUTS)
+    assert {providers.DTYPES[n]: n for n in providers.DTYPES} == backends.DTYPE_NAMES
 
 
 @pytest.fixture
