@@ -5,7 +5,7 @@ Same contract as ``mslora_kernels.triton.mslora_fwd`` / ``mslora_bwd`` (TRITON_C
 - ``mslora_fwd(x, weights, o) -> (out, zmean)``
 - ``mslora_bwd(grad_out, x, weights, o, zmean, deterministic=False) -> (grad_x, grads)``
 
-Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into an fp32 workspace) then ``fwd`` (one
+Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into a workspace) then ``fwd`` (one
 TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +enhance) sum
 from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
@@ -14,8 +14,14 @@ double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx).
 bf16 the channel products run on tensor cores (csrc/tc.cuh; :func:`tensor_cores`): the D x D
 pointwise ones (t = pw(s), ds = pw^T(dt)) and the grouped ones between C and D channels (z =
 down(u), a = proj(u), y = up(m'), up^T(dout), proj^T(da) + down^T(dz)). Saved for
-backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
-fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
+backward: only x, the weights and zmean.
+
+The pixel-major D-channel workspaces (z, s, m', dt, da, ds0, dz) are in x's dtype (fp16 / bf16
+halve them against fp32; the reference holds the same tensors in that dtype): the kernels round
+once on store and compute in fp32. :func:`workspace_bytes_per_pixel` gives the backward's peak
+transient memory per pixel. The dense weight gradients (proj, down, pw, up) are GEMMs in x's
+dtype (torch/cuBLAS, fp32 accumulation) straight over the workspaces and the activations, taken
+to fp32 afterwards; every other weight gradient is a
 per-tile (bwd_tile) or per-block (bwd_dz: a bounded number of blocks, each a fixed run of tiles)
 partial sum reduced here in a fixed order. So the weight gradients are deterministic
 whatever ``deterministic`` says (the flag is accepted for the common contract).
@@ -67,10 +73,16 @@ def _physical(t: torch.Tensor, o: MSLoRAOptions, nhwc: bool | None = None):
 
 
 def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
-    """(N*H*W, C) fp32 view/copy of an activation in the user's layout."""
+    """(N*H*W, C) view of an activation in its dtype: a copy only where the user's layout is
+    channels_first and the memory NCHW (see :func:`_pixel_major_copies`)."""
     if o.data_format == "channels_first":
         t = t.permute(0, 2, 3, 1)
-    return t.reshape(-1, t.shape[-1]).float()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _pixel_major_copies(t: torch.Tensor, o: MSLoRAOptions) -> bool:
+    """Whether :func:`_pixel_major` of ``t`` copies (it is a view of channels-last memory)."""
+    return o.data_format == "channels_first" and not t.permute(0, 2, 3, 1).is_contiguous()
 
 
 def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[str, torch.Tensor]:
@@ -155,8 +167,65 @@ def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
 
-def _ws(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(rows, cols, device=like.device, dtype=torch.float32)
+def _ws(rows: int, cols: int, like: torch.Tensor,
+        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (rows, cols) buffer on like's device: a D-channel workspace in like's dtype (the
+    kernels' T), or a partial-sum buffer (``dtype=torch.float32``)."""
+    return torch.empty(rows, cols, device=like.device, dtype=dtype or like.dtype)
+
+
+def _partial(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    return _ws(rows, cols, like, torch.float32)
+
+
+def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
+                              nchw_memory: bool | None = None,
+                              tile_pixels: int = TILE_ROWS[-1] * TILE_W,
+                              pixel_block: int = PIXEL_BLOCKS[0]) -> float:
+    """Peak transient memory of the CUDA backward (:func:`backward_impl`) per pixel of N*H*W, in
+    bytes, beyond its inputs (x, grad_out, zmean, weights) and outputs (grad_x, the weight
+    gradients); the fixed part (independent of N*H*W) is :func:`workspace_bytes_fixed`.
+
+    The backward's phases, with b = dtype's size, D = rank, C = channels (the largest wins):
+
+    - prep + bwd_tile: the six D-channel workspaces z, da, ds0, s, m', dt: 6 D b;
+    - the up gradient: z, da, ds0, m' and grad_out pixel-major (a C b copy if its memory is
+      NCHW): 4 D b (+ C b);
+    - bwd_dz: z, da, ds0, dz: 4 D b;
+    - bwd_dx and the proj / down gradients: da, dz and u = x pixel-major (a C b copy if NCHW
+      memory), under prenorm LN(u) (C b) and LayerNorm's fp32 mean / rstd (8 B): 2 D b (+ C b)
+      (+ C b + 8);
+
+    plus, all along, the fp32 partial sums that grow with the pixels: pool and enhance
+    (3 D fp32 a tile of ``tile_pixels``) and prenorm (2 C fp32 a block of ``pixel_block``
+    pixels). ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
+    (default: ``o.data_format == "channels_first"``; channels_last memory has no copies). The
+    tile and block default to the smallest tile (pessimistic for the tile partials) and the
+    largest pixel block (what the planner takes unless C is in the thousands); the plan's own
+    values (ints "TH" * "TW", "PB" of :func:`_plan`) give the exact figure, up to the partial
+    tiles at the images' right and bottom edges.
+    """
+    b = torch.empty((), dtype=dtype).element_size()
+    d, c = o.rank, o.channels
+    copy = (o.data_format == "channels_first") if nchw_memory is None else nchw_memory
+    phases = [6 * d * b,
+              4 * d * b + copy * c * b,
+              4 * d * b,
+              2 * d * b + copy * c * b + o.prenorm * (c * b + 8)]
+    partials = (int(o.pool) + 2 * int(o.enhance)) * d * 4 / tile_pixels + \
+        int(o.prenorm) * 2 * c * 4 / pixel_block
+    return max(phases) + partials
+
+
+def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
+    """The CUDA backward's transient memory that does not grow with N*H*W, in bytes: fp32 copies
+    of the weights, and bwd_dz's partial rows (dK, gate; ``slots`` rows at most, see
+    :func:`dz_slots`). Small next to :func:`workspace_bytes_per_pixel` times the pixels except
+    for tiny batches: 4 per SM on a 132-SM GPU at D=128, K=(3,5,7) is 22 MB."""
+    d, nk = o.rank, len(o.kernel_sizes)
+    ktot = sum(k * k for k in o.kernel_sizes)
+    params = sum(math.prod(shape) for shape in weight_shapes(o).values())
+    return 4 * (params + slots * (d * ktot + o.gate * (nk * d + nk)))
 
 
 def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
@@ -169,7 +238,8 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     w32 = _weights32(weights, o)
     z = _ws(n * h * w, o.rank, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
-    zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
+    # fp32 mean of z (T): the CUDA reduction reads z in T and accumulates in fp32 (no fp32 copy)
+    zmean = torch.mean(z.view(n, h * w, o.rank), 1, dtype=torch.float32) if o.pool else None
     out = torch.empty_like(xc)
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
@@ -200,30 +270,32 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
-    # Workspaces in the order they die: s, mp and dt only feed the pw/up weight gradients,
-    # which are taken (and the three freed) before dz is allocated.
+    # Workspaces (x's dtype) in the order they die: s, mp and dt only feed the pw/up weight
+    # gradients, which are taken (and the three freed) before dz is allocated; z and ds0 die
+    # after bwd_dz (see workspace_bytes_per_pixel).
     ws = {k: _ws(npix, d, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
-    part = {"part_dw": _ws(ints["dz_blocks"], d * ktot, x)}
+    part = {"part_dw": _partial(ints["dz_blocks"], d * ktot, x)}
     if o.pool:
-        part["part_pool"] = _ws(tiles, d, x)
+        part["part_pool"] = _partial(tiles, d, x)
     if o.enhance:
-        part["part_enorm_w"], part["part_enorm_b"] = _ws(tiles, d, x), _ws(tiles, d, x)
+        part["part_enorm_w"], part["part_enorm_b"] = _partial(tiles, d, x), _partial(tiles, d, x)
     if o.gate:
-        part["part_gate_w"] = _ws(ints["dz_blocks"], nk * d, x)
-        part["part_gate_b"] = _ws(ints["dz_blocks"], nk, x)
+        part["part_gate_w"] = _partial(ints["dz_blocks"], nk * d, x)
+        part["part_gate_b"] = _partial(ints["dz_blocks"], nk, x)
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
-        part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
+        part["part_norm_w"], part["part_norm_b"] = _partial(blocks, c, x), _partial(blocks, c, x)
     common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
     launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(**ws)})
 
-    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
+    # Dense weight gradients: GEMMs in x's dtype (fp32 accumulation) over the workspaces and
+    # the activations, no fp32 copies (grouped ones per group); to fp32 in grads32.
     cg, dg = c // g, d // g
-    grads32 = {"pw.weight": ws.pop("dt").t() @ ws.pop("s")}
+    grads32 = {"pw.weight": (ws.pop("dt").t() @ ws.pop("s")).float()}
     dpix = _pixel_major(grad_out, o)
     grads32["up.weight"] = torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
-                                        ws.pop("mp").view(npix, g, dg))
+                                        ws.pop("mp").view(npix, g, dg)).float()
     del dpix
     ws["dz"] = _ws(npix, d, x)
     pool_dz = None
@@ -232,15 +304,16 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
         pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **_ptrs(pool_dz=pool_dz, **ws)})
+    del ws["z"], ws["ds0"]  # bwd_dx and the GEMMs below need da and dz only
     dx = torch.empty_like(xc)
     launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
 
     u = _pixel_major(x, o)
-    if o.prenorm:
-        u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
+    if o.prenorm:  # in x's dtype, as the reference computes it
+        u = F.layer_norm(u, (c,), weights["norm.weight"], weights["norm.bias"], LN_EPS)
     ug = u.view(npix, g, cg)
-    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug)
-    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug)
+    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug).float()
+    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug).float()
     dwsum = part["part_dw"].sum(0)
     off = 0
     for i, k in enumerate(o.kernel_sizes):
