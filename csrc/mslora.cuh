@@ -8,10 +8,11 @@
 // shuffle, every gradient) is checked on a CPU against PyTorch's autograd.
 //
 // Data: x / out / dout / dx are of type T (float, __half, __nv_bfloat16) in the physical layout
-// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights are fp32. The D-channel workspaces (z, s,
-// m', dt, da, ds0, dz) are of type T too (as the reference holds them in the compute dtype), pixel-
-// major [pixel = n*H*W + h*W + w][channel]: a kernel rounds each value once on store (ws_store)
-// and converts to fp32 on load (ws_load). Math and accumulation are fp32 throughout.
+// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights are fp32. The D-channel workspaces are
+// pixel-major [pixel = n*H*W + h*W + w][channel]: s, m', dt, da and dz of type T (as the
+// reference holds them in the compute dtype), z and ds0 fp32 (see Params); a kernel rounds each
+// value once on store (ws_store) and converts to fp32 on load (ws_load). Math and accumulation
+// are fp32 throughout.
 //
 // Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
 //   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
@@ -68,7 +69,10 @@ struct Params {
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
-  // workspaces of type T (ws<T>), pixel-major (N*H*W, D)
+  // workspaces, pixel-major (N*H*W, D): s, mp, dt, da, dz of type T (ws<T>); z and ds0 fp32
+  // (ws<float>): the depthwise passes read them with halos and they feed the few-element
+  // weight gradients (dK, gate), which a 16-bit z or ds0 pushed past SPEC's 2x bound on fp16 /
+  // bf16 (tests/test_cuda_host.py); the others feed per-pixel products and the dense GEMMs.
   void *z, *s, *mp, *dt, *da, *ds0, *dz;
   // fp32 per-tile / per-block partial sums, (blocks, ...)
   float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
@@ -99,7 +103,8 @@ MSLORA_HD void store_act(const Params& p, void* a, int n, int c, int64_t q, floa
   static_cast<T*>(a)[act_index<kNHWC>(p, n, c, q)] = from_f32<T>(v);
 }
 
-// The D-channel workspaces (Params::z ... dz) hold T: typed pointer, load, store (one rounding).
+// A D-channel workspace (Params::z ... dz) of storage type W (T or float, see Params): typed
+// pointer, load, store (one rounding).
 template <typename T>
 MSLORA_HD T* ws(void* w) { return static_cast<T*>(w); }
 template <typename T>
@@ -434,7 +439,7 @@ MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
 // groups g < groups (groups * round16(N) <= L.width), columns n < N.
 //   fa(r, g, k): fp32 A value of row r (callers give 0 for a pixel outside the image); split
 //     into hi + lo in T (tc.cuh) unless `exact_a` (A is representable in T: x, dout, and the
-//     workspaces, which hold T);
+//     workspaces of type T, e.g. da, dz);
 //   fb(g, n, k): the weight, representable in T (the weights have the activations' dtype);
 //   rows_fastest: stage A over rows first (activations of NCHW layout: neighbouring pixels are
 //     neighbours in memory) instead of over k;
@@ -590,7 +595,7 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      ws_store(ws<T>(p.z), pix * p.D + e,
+      ws_store(ws<float>(p.z), pix * p.D + e,
                tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
                   : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs));
     }
@@ -605,7 +610,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
                              float* s0, float* s_out, Ex& ex) {
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
-  const T* zimg = ws<T>(p.z) + int64_t(t.n) * hw(p) * p.D;
+  const float* zimg = ws<float>(p.z) + int64_t(t.n) * hw(p) * p.D;
   ex.stage([&](int tid) {
     for (int pl = tid; pl < P; pl += ex.nt) {
       const int64_t q = tile_pixel(p, t, pl);
@@ -871,7 +876,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
-      if (q >= 0) ws_store(ws<T>(p.ds0), (pix0 + q) * p.D + e, ds0[i]);
+      if (q >= 0) ws_store(ws<float>(p.ds0), (pix0 + q) * p.D + e, ds0[i]);
     }
     for (int d = tid; d < p.D; d += ex.nt) {
       float pool = 0.f, gw = 0.f, gb = 0.f;
@@ -910,8 +915,8 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   float *z2 = sm + L.z2, *dc = sm + L.dc, *sig = sm + L.sig, *dsig = sm + L.dsig;
   const int P = L.P, nh = L.hh * L.hw_, ktot = dw_total(p);
   const int64_t pix0 = int64_t(t.n) * hw(p);
-  const T* zimg = ws<T>(p.z) + pix0 * p.D;
-  const T* dsimg = ws<T>(p.ds0) + pix0 * p.D;
+  const float* zimg = ws<float>(p.z) + pix0 * p.D;
+  const float* dsimg = ws<float>(p.ds0) + pix0 * p.D;
   T* dzimg = ws<T>(p.dz) + pix0 * p.D;
   ex.stage([&](int tid) {  // gate sigmoids on tile + halo; dsig = 0
     for (int i = tid; i < p.nk * nh; i += ex.nt) {

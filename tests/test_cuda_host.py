@@ -423,10 +423,13 @@ WORKSPACES = ("z", "s", "mp", "dt", "da", "ds0", "dz")
                          ids=["fp32", "fp16", "bf16"])
 def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
-    (N*H*W, D) tensor of x's dtype (the kernels' T), every partial-sum buffer fp32; each kernel
-    gets the workspaces it reads or writes; s, m' and dt are freed before dz is allocated, z
-    and ds0 before bwd_dx; results right (NaN-filled buffers)."""
+    (N*H*W, D) tensor of x's dtype (the kernels' T) but z and ds0, fp32 (FP32_WORKSPACES), and
+    every partial-sum buffer fp32; each kernel gets the workspaces it reads or writes; s, m'
+    and dt are freed before dz is allocated, z and ds0 before bwd_dx; results right (NaN-filled
+    buffers)."""
     import mslora_kernels.cuda.mslora as launcher
+
+    assert launcher.FP32_WORKSPACES == ("z", "ds0")
 
     n, c, h, w, d, g, ks = 2, 12, 7, 9, 8, 4, (3, 5)
     m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
@@ -449,7 +452,8 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
         for k, v in ptrs.items():
             if k in WORKSPACES or k.startswith("part_"):
                 t = by_ptr[v]
-                want = (dtype, (n * h * w, d)) if k in WORKSPACES else (torch.float32, t.shape)
+                want = (torch.float32 if k in ("z", "ds0") or k.startswith("part_") else dtype,
+                        (n * h * w, d) if k in WORKSPACES else t.shape)
                 assert (t.dtype, t.shape) == want, (kernel, k, t.dtype, t.shape)
         seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES})
         launch(kernel, code, nhwc, ints, ptrs)
@@ -473,19 +477,20 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
 @pytest.mark.parametrize("prenorm", [False, True])
 @pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
 def test_workspace_bytes_per_pixel(fmt, prenorm):
-    """The helper's phases: 6 D-channel workspaces at the peak for small C (bf16: 6 D x 2 B),
-    the C-channel copies and LN's output where C is large, halved against fp32, plus the
-    partial sums."""
+    """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
+    ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output where C is
+    large, plus the partial sums; fp32: every workspace 4 D B."""
     from mslora_kernels.config import MSLoRAOptions
     from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
 
     small = MSLoRAOptions(64, 128, 4, (3, 5, 7), data_format=fmt)
-    assert workspace_bytes_per_pixel(small, torch.bfloat16) == 6 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.bfloat16) == 2 * 128 * 4 + 4 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.float16) == 2 * 128 * 4 + 4 * 128 * 2
     assert workspace_bytes_per_pixel(small, torch.float32) == 6 * 128 * 4
     o = MSLoRAOptions(1024, 128, 4, (3, 5, 7), data_format=fmt, prenorm=prenorm, pool=True)
     copy = fmt == "channels_first"
     got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
-    want = max(6 * 128 * 2, 4 * 128 * 2 + copy * 1024 * 2,
+    want = max(2 * 128 * 4 + 4 * 128 * 2, 2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2,
                2 * 128 * 2 + copy * 1024 * 2 + prenorm * (1024 * 2 + 8))
     assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32
     assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
