@@ -34,8 +34,8 @@
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
 // The dense weight gradients (proj, down, pw, up) are GEMMs in T (fp32 accumulation) over the
-// workspaces, done by the launcher with torch; the per-tile partials are summed there in a fixed order, so every
-// weight gradient is deterministic.
+// workspaces, done by the launcher with torch; the per-tile partials are summed there in a
+// fixed order, so every weight gradient is deterministic.
 #pragma once
 
 #include "common.cuh"
