@@ -110,8 +110,9 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[st
 
 def tensor_cores(dtype: torch.dtype) -> bool:
     """Whether the channel products (D x D and grouped) run on tensor cores (csrc/tc.cuh): for
-    fp16 and bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0`` (which gives
-    the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA cores."""
+    fp16 and bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0``
+    (which gives the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA
+    cores."""
     return dtype in (torch.float16, torch.bfloat16) and \
         os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
 
