@@ -337,8 +337,8 @@ def _run_recording(host, case, slots, monkeypatch):
     o, w, x, gout, _ = case
     made = []
 
-    def nan_ws(rows, cols, like):
-        made.append(torch.full((rows, cols), math.nan))
+    def nan_ws(rows, cols, like, dtype=None):
+        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype))
         return made[-1]
 
     monkeypatch.setattr(launcher, "_ws", nan_ws)
@@ -414,3 +414,85 @@ def test_host_backward_refuses_zero_slots(host):
     out, zmean = forward_impl(x, w, o, *launcher)
     with pytest.raises(ValueError, match="slots"):
         backward_impl(gout, x, w, o, zmean, *launcher, slots=0)
+
+
+WORKSPACES = ("z", "s", "mp", "dt", "da", "ds0", "dz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
+    """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
+    (N*H*W, D) tensor of x's dtype (the kernels' T) but z and ds0, fp32 (FP32_WORKSPACES), and
+    every partial-sum buffer fp32; each kernel gets the workspaces it reads or writes; s, m'
+    and dt are freed before dz is allocated, z and ds0 before bwd_dx; results right (NaN-filled
+    buffers)."""
+    import mslora_kernels.cuda.mslora as launcher
+
+    assert launcher.FP32_WORKSPACES == ("z", "ds0")
+
+    n, c, h, w, d, g, ks = 2, 12, 7, 9, 8, 4, (3, 5)
+    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    o = m.options
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    made = []
+
+    def nan_ws(rows, cols, like, dtype=None):
+        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype))
+        return made[-1]
+
+    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    launch, smem_bytes, limit = _launcher(host, 227 * 1024)
+    seen = {}
+
+    def recording(kernel, code, nhwc, ints, ptrs):
+        by_ptr = {t.data_ptr(): t for t in made}
+        for k, v in ptrs.items():
+            if k in WORKSPACES or k.startswith("part_"):
+                t = by_ptr[v]
+                want = (torch.float32 if k in ("z", "ds0") or k.startswith("part_") else dtype,
+                        (n * h * w, d) if k in WORKSPACES else t.shape)
+                assert (t.dtype, t.shape) == want, (kernel, k, t.dtype, t.shape)
+        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES})
+        launch(kernel, code, nhwc, ints, ptrs)
+
+    out, zmean = forward_impl(x, wt, o, recording, smem_bytes, limit)
+    assert zmean.dtype == torch.float32
+    assert seen == {"prep": [{"z"}], "fwd": [{"z"}]}
+    seen.clear()
+    dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
+    assert seen == {"prep": [{"z"}], "bwd_tile": [set(WORKSPACES) - {"dz"}],
+                    "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz"}]}
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
+    lowp = dtype != torch.float32
+    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
+    check_close("out", out, ref, dtype, baseline=base)
+    check_close("grad x", dx, grads64[0], dtype, baseline=base_grads[0])
+    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
+        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gbase)
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_workspace_bytes_per_pixel(fmt, prenorm):
+    """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
+    ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output where C is
+    large, plus the partial sums; fp32: every workspace 4 D B."""
+    from mslora_kernels.config import MSLoRAOptions
+    from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
+
+    small = MSLoRAOptions(64, 128, 4, (3, 5, 7), data_format=fmt)
+    assert workspace_bytes_per_pixel(small, torch.bfloat16) == 2 * 128 * 4 + 4 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.float16) == 2 * 128 * 4 + 4 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.float32) == 6 * 128 * 4
+    o = MSLoRAOptions(1024, 128, 4, (3, 5, 7), data_format=fmt, prenorm=prenorm, pool=True)
+    copy = fmt == "channels_first"
+    got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
+    want = max(2 * 128 * 4 + 4 * 128 * 2, 2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2,
+               2 * 128 * 2 + copy * 1024 * 2 + prenorm * (1024 * 2 + 8))
+    assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32
+    assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
+                                     pixel_block=32) <= got
+    assert workspace_bytes_fixed(o, 10) > workspace_bytes_fixed(o, 1) > 0
