@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cuda_host import _grads, _launcher, _module, host  # noqa: F401 (host: a fixture)
+from test_cuda_host import _grads, _launcher, _module
+from test_cuda_host import host as _compiled_host  # noqa: F401 (a fixture, by this name here)
 
 from mslora_kernels import workspace
 from mslora_kernels.testing import check_close
@@ -174,6 +175,12 @@ def test_triton_op_autograd_over_slices(per_slice):
 # --------------------------------------------------------------------- CUDA (host build)
 
 
+@pytest.fixture(scope="session")
+def cuda_host(request):
+    """test_cuda_host's host build of the CUDA kernels."""
+    return request.getfixturevalue("_compiled_host")
+
+
 def _cuda_run(host, o, x, wt, gout):
     from mslora_kernels.cuda.mslora import backward_impl, forward_impl
 
@@ -189,21 +196,22 @@ CUDA_CASES = [(n, lay, dt) for dt in (torch.float32, torch.float16, torch.bfloat
 
 @pytest.mark.parametrize("n,layout,dtype", CUDA_CASES,
                          ids=[f"n{n}-{lay}-{str(dt)[6:]}" for n, lay, dt in CUDA_CASES])
-def test_cuda_host_slices_match_unsliced_and_reference(host, per_slice, n, layout, dtype):
+def test_cuda_host_slices_match_unsliced_and_reference(cuda_host, per_slice, n, layout,
+                                                       dtype):
     o, x, wt, gout = _case(n, layout, dtype, SLICE_OPTS)
     per_slice(None)
-    unsliced = _cuda_run(host, o, x, wt, gout)
+    unsliced = _cuda_run(cuda_host, o, x, wt, gout)
     seen = per_slice(2)
-    sliced = _cuda_run(host, o, x, wt, gout)
+    sliced = _cuda_run(cuda_host, o, x, wt, gout)
     _uneven(seen, n)
     _check_sliced(dtype, o, x, wt, gout, unsliced, sliced)
 
 
-def test_cuda_host_slices_are_bitwise_reproducible(host, per_slice):
+def test_cuda_host_slices_are_bitwise_reproducible(cuda_host, per_slice):
     o, x, wt, gout = _case(5, "nchw", torch.bfloat16, ALL_ON)
     seen = per_slice(2)
-    a = _cuda_run(host, o, x, wt, gout)
-    b = _cuda_run(host, o, x, wt, gout)
+    a = _cuda_run(cuda_host, o, x, wt, gout)
+    b = _cuda_run(cuda_host, o, x, wt, gout)
     _uneven(seen, 5)
     assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3]))
     assert all(torch.equal(a[3][k], b[3][k]) for k in wt)
