@@ -27,6 +27,12 @@ of blocks, each a fixed run of tiles) partial sum reduced here in a fixed order.
 gradients are deterministic whatever ``deterministic`` says (the flag is accepted for the
 common contract).
 
+Image slices: :func:`forward_impl` / :func:`backward_impl` run the pass plan above
+(:func:`_forward_slice`, :func:`_backward_slice`) over slices of whole images whose workspaces
+(:func:`workspace_bytes_per_pixel`) fit the workspace budget (``MSLORA_WORKSPACE_MB``, default 64
+MiB, ``mslora_kernels.workspace``; one image at least). Everything but the weight gradients is
+per image; those are summed across slices in fp32, in slice order.
+
 The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
 argument so that tests can run it on the CPU through the host build of the same kernel bodies
 (tests/host/mslora_host.cpp), in fp32, fp16 and bf16 (emulated bit for bit, tests/host/lowp_host.h).
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 from ..config import MSLoRAOptions, weight_shapes
 from ..reference import LN_EPS
 from ..triton._common import normalize_layout
+from ..workspace import image_slices
 from . import _ext
 
 MAX_PATHS = 8     # kMaxPaths in csrc/mslora.cuh
@@ -243,9 +250,10 @@ def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
     return 4 * (params + slots * (d * ktot + o.gate * (nk * d + nk)))
 
 
-def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
-                 smem_limit: int):
-    """(out, zmean) with the given kernel launcher; x already validated."""
+def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+                   smem_limit: int):
+    """(out, zmean) of one slice of images with the given kernel launcher; x already
+    validated."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
@@ -265,10 +273,11 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
         2 * math.pi)
 
 
-def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
-                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
-    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
-    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device)."""
+def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                    smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
+    """(grad_x, grads) of one slice of images with the given kernel launcher; inputs already
+    validated. ``slots``: the bound on bwd_dz's blocks and partial rows (default
+    :func:`dz_slots` of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
@@ -344,6 +353,79 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
         grads32["gate.bias"] = part["part_gate_b"].sum(0)
     grads = {k: grads32[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
     return dx, grads
+
+
+# ------------------------------------------------------------------ image slices
+
+
+def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
+    """Transient bytes per pixel of the backward, what the image slices are budgeted by.
+
+    PROVISIONAL (the fp32 accounting of this branch; branch cuda-ws converts the workspaces to
+    the activation dtype and defines its own, which replaces this one): the six D-channel fp32
+    workspaces (z, da, ds0, s, mp, dt), dz, and the fp32 C-channel copies of x, LN(x) and
+    grad_out. The forward (z only) is sliced by the same figure, an overestimate for it."""
+    del dtype  # every workspace is fp32 here
+    return 4 * (7 * o.rank + 3 * o.channels)
+
+
+def _slices(x: torch.Tensor, o: MSLoRAOptions) -> list[tuple[int, int]]:
+    """The image slices of x's batch under the workspace budget."""
+    h, w = x.shape[2:] if o.data_format == "channels_first" else x.shape[1:3]
+    return image_slices(x.shape[0], h * w * workspace_bytes_per_pixel(o, x.dtype))
+
+
+def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+                 smem_limit: int):
+    """(out, zmean) with the given kernel launcher; x already validated. Runs
+    :func:`_forward_slice` over slices of whole images whose workspaces fit the workspace
+    budget (``mslora_kernels.workspace``); every value is per image, so slicing changes no
+    result. With several slices, each slice's out and zmean are copied into the batch's."""
+    slices = _slices(x, o)
+    xc, _, _ = _physical(x, o)  # one layout for every slice and the result
+    if len(slices) == 1:
+        return _forward_slice(xc, weights, o, launch, smem_bytes, smem_limit)
+    out = torch.empty_like(xc)
+    zmean = x.new_empty((x.shape[0], o.rank), dtype=torch.float32) if o.pool else None
+    for n0, n1 in slices:
+        out_s, zm_s = _forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit)
+        out[n0:n1].copy_(out_s)
+        if o.pool:
+            zmean[n0:n1].copy_(zm_s)
+        del out_s, zm_s
+    return out, zmean
+
+
+def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
+    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
+    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device).
+
+    Runs :func:`_backward_slice` over slices of whole images whose workspaces fit the workspace
+    budget (``mslora_kernels.workspace``). Every slice gets the weights in fp32 (what the
+    kernels take anyway, so no value changes) and so returns fp32 weight gradients, its own
+    partial sums (dz_blocks rows, tiles, pixel blocks) already reduced in a fixed order; they
+    are summed slice after slice in fp32 and cast to the weights' dtype once: deterministic."""
+    if slots is not None and slots < 1:
+        raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
+    slices = _slices(x, o)
+    xc, nhwc, _ = _physical(x, o)
+    gc, _, _ = _physical(grad_out, o, nhwc)
+    w32 = {k: v.float() for k, v in weights.items()}
+    dx = total = None
+    for n0, n1 in slices:
+        zm = zmean[n0:n1] if o.pool else None
+        dx_s, g_s = _backward_slice(gc[n0:n1], xc[n0:n1], w32, o, zm, launch, smem_bytes,
+                                    smem_limit, slots)
+        if len(slices) == 1:
+            dx = dx_s
+        else:
+            if dx is None:
+                dx = torch.empty_like(xc)
+            dx[n0:n1].copy_(dx_s)
+        total = g_s if total is None else {k: total[k] + g_s[k] for k in total}
+        del dx_s, g_s
+    return dx, {k: total[k].to(v.dtype) for k, v in weights.items()}
 
 
 # ------------------------------------------------------------------ the public launchers
