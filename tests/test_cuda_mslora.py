@@ -203,13 +203,16 @@ def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_cuda_backward_peak_memory(layout):
+def test_cuda_backward_peak_memory(layout, monkeypatch):
     """One bf16 backward (C=64, D=128, K=(3,5,7), every option, 16 x 64 x 64 pixels) allocates
     at most workspace_bytes_per_pixel x pixels + workspace_bytes_fixed + its outputs (grad_x,
     the weight gradients) + 16 MiB (the caching allocator's rounding), and at least bwd_tile's
     six D-channel workspaces (z, ds0 fp32, four bf16: 16 D B a pixel; the helper is not loose
-    either)."""
+    either). One image slice (a budget above the batch): tests/test_slices.py covers slicing."""
     import mslora_kernels.cuda.mslora as launcher
+    from mslora_kernels import workspace
+
+    monkeypatch.setenv(workspace.ENV_VAR, "4096")
 
     n, c, h, w, d = 16, 64, 64, 64, 128
     dtype = torch.bfloat16

@@ -251,9 +251,9 @@ def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
 
 
 def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
-                   smem_limit: int):
-    """(out, zmean) of one slice of images with the given kernel launcher; x already
-    validated."""
+                   smem_limit: int, out: torch.Tensor) -> torch.Tensor | None:
+    """One slice of images with the given kernel launcher (x already validated, in a kernel
+    layout): writes ``out`` (x's shape and layout) and returns zmean (pool) or None."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
@@ -262,10 +262,9 @@ def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: Sme
     z = _workspace("z", n * h * w, o, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
-    out = torch.empty_like(xc)
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
-    return out, zmean
+    return zmean
 
 
 def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
@@ -274,18 +273,18 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
-                    smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
-    """(grad_x, grads) of one slice of images with the given kernel launcher; inputs already
-    validated. ``slots``: the bound on bwd_dz's blocks and partial rows (default
-    :func:`dz_slots` of x's device)."""
+                    smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
+                    dx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One slice of images with the given kernel launcher (inputs already validated, in a kernel
+    layout): writes ``dx`` (x's shape and layout) and returns the slice's weight gradients in
+    fp32. ``slots``: the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots`
+    of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
     npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     tiles = n * ints["tiles"]
-    if slots is not None and slots < 1:
-        raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
     # bwd_dz is persistent: dz_blocks blocks, each summing the dK / gate partials of its tiles
     # into one row, so those buffers do not grow with N*H*W.
     ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
@@ -328,7 +327,6 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **_ptrs(pool_dz=pool_dz, **ws)})
     del ws["z"], ws["ds0"]  # bwd_dx and the GEMMs below need da and dz only
-    dx = torch.empty_like(xc)
     launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
 
     u = _pixel_major(x, o)
@@ -351,49 +349,31 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     if o.gate:
         grads32["gate.weight"] = part["part_gate_w"].sum(0)
         grads32["gate.bias"] = part["part_gate_b"].sum(0)
-    grads = {k: grads32[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
-    return dx, grads
+    return grads32
 
 
 # ------------------------------------------------------------------ image slices
 
 
-def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
-    """Transient bytes per pixel of the backward, what the image slices are budgeted by.
-
-    PROVISIONAL (the fp32 accounting of this branch; branch cuda-ws converts the workspaces to
-    the activation dtype and defines its own, which replaces this one): the six D-channel fp32
-    workspaces (z, da, ds0, s, mp, dt), dz, and the fp32 C-channel copies of x, LN(x) and
-    grad_out. The forward (z only) is sliced by the same figure, an overestimate for it."""
-    del dtype  # every workspace is fp32 here
-    return 4 * (7 * o.rank + 3 * o.channels)
-
-
-def _slices(x: torch.Tensor, o: MSLoRAOptions) -> list[tuple[int, int]]:
+def _slices(x: torch.Tensor, o: MSLoRAOptions, bytes_per_pixel: float) -> list[tuple[int, int]]:
     """The image slices of x's batch under the workspace budget."""
     h, w = x.shape[2:] if o.data_format == "channels_first" else x.shape[1:3]
-    return image_slices(x.shape[0], h * w * workspace_bytes_per_pixel(o, x.dtype))
+    return image_slices(x.shape[0], math.ceil(h * w * bytes_per_pixel))
 
 
 def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
                  smem_limit: int):
     """(out, zmean) with the given kernel launcher; x already validated. Runs
-    :func:`_forward_slice` over slices of whole images whose workspaces fit the workspace
-    budget (``mslora_kernels.workspace``); every value is per image, so slicing changes no
-    result. With several slices, each slice's out and zmean are copied into the batch's."""
-    slices = _slices(x, o)
+    :func:`_forward_slice` over slices of whole images whose workspace (z, fp32) fits the
+    workspace budget (``mslora_kernels.workspace``), each writing its images of one ``out``;
+    every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
-    if len(slices) == 1:
-        return _forward_slice(xc, weights, o, launch, smem_bytes, smem_limit)
     out = torch.empty_like(xc)
-    zmean = x.new_empty((x.shape[0], o.rank), dtype=torch.float32) if o.pool else None
-    for n0, n1 in slices:
-        out_s, zm_s = _forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit)
-        out[n0:n1].copy_(out_s)
-        if o.pool:
-            zmean[n0:n1].copy_(zm_s)
-        del out_s, zm_s
-    return out, zmean
+    zmeans = []
+    for n0, n1 in _slices(x, o, 4 * o.rank):
+        zmeans.append(_forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit,
+                                     out=out[n0:n1]))
+    return out, torch.cat(zmeans) if o.pool else None
 
 
 def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
@@ -401,31 +381,23 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
     the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device).
 
-    Runs :func:`_backward_slice` over slices of whole images whose workspaces fit the workspace
-    budget (``mslora_kernels.workspace``). Every slice gets the weights in fp32 (what the
-    kernels take anyway, so no value changes) and so returns fp32 weight gradients, its own
+    Runs :func:`_backward_slice` over slices of whole images whose workspaces
+    (:func:`workspace_bytes_per_pixel`) fit the workspace budget (``mslora_kernels.workspace``),
+    each writing its images of one grad_x. Each slice returns fp32 weight gradients, its own
     partial sums (dz_blocks rows, tiles, pixel blocks) already reduced in a fixed order; they
     are summed slice after slice in fp32 and cast to the weights' dtype once: deterministic."""
     if slots is not None and slots < 1:
         raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
-    slices = _slices(x, o)
     xc, nhwc, _ = _physical(x, o)
     gc, _, _ = _physical(grad_out, o, nhwc)
-    w32 = {k: v.float() for k, v in weights.items()}
-    dx = total = None
-    for n0, n1 in slices:
+    dx = torch.empty_like(xc)
+    total = None
+    for n0, n1 in _slices(x, o, workspace_bytes_per_pixel(o, x.dtype, nchw_memory=not nhwc)):
         zm = zmean[n0:n1] if o.pool else None
-        dx_s, g_s = _backward_slice(gc[n0:n1], xc[n0:n1], w32, o, zm, launch, smem_bytes,
-                                    smem_limit, slots)
-        if len(slices) == 1:
-            dx = dx_s
-        else:
-            if dx is None:
-                dx = torch.empty_like(xc)
-            dx[n0:n1].copy_(dx_s)
-        total = g_s if total is None else {k: total[k] + g_s[k] for k in total}
-        del dx_s, g_s
-    return dx, {k: total[k].to(v.dtype) for k, v in weights.items()}
+        g = _backward_slice(gc[n0:n1], xc[n0:n1], weights, o, zm, launch, smem_bytes,
+                            smem_limit, slots, dx=dx[n0:n1])
+        total = g if total is None else {k: total[k] + g[k] for k in total}
+    return dx, {k: total[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
 
 
 # ------------------------------------------------------------------ the public launchers
