@@ -59,3 +59,10 @@ def image_slices(n: int, bytes_per_image: int, budget: int | None = None) -> lis
         slices.append((n0, n1))
         n0 = n1
     return slices
+
+
+def rows(t, n0: int, n1: int):
+    """``t[n0:n1]`` along dim 0, or ``t`` itself when that is all of it: a one-slice call then
+    traces the same graph as an unsliced launcher, with no view for ``torch.compile``'s
+    functionalization to copy around a kernel that writes it."""
+    return t if n0 == 0 and n1 == t.shape[0] else t[n0:n1]

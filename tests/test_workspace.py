@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from mslora_kernels import workspace
 from mslora_kernels.workspace import DEFAULT_MB, ENV_VAR, image_slices, workspace_budget
 
 
@@ -82,3 +84,11 @@ def test_env_var_refuses_non_positive_or_non_integer(monkeypatch, bad):
         workspace_budget()
     with pytest.raises(ValueError, match=ENV_VAR):
         image_slices(4, 10)
+
+
+def test_rows_is_the_tensor_itself_for_the_whole_batch():
+    t = torch.arange(12.0).view(4, 3)
+    assert workspace.rows(t, 0, 4) is t
+    part = workspace.rows(t, 1, 3)
+    assert part.data_ptr() == t[1].data_ptr() and part.shape == (2, 3)
+    torch.testing.assert_close(part, t[1:3])

@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
-from ..workspace import image_slices
+from ..workspace import image_slices, rows
 from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
@@ -757,12 +757,12 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         # sgx), so every kernel addresses image n of the slice at n * sxn from the view's start.
         ns = n1 - n0
         nhw, ntiles = ns * hw, ns * tiles_per_img
-        xs, gos, gxs = x[n0:n1], grad_out[n0:n1], grad_x[n0:n1]
-        zs, dus = zbuf[:nhw], dubuf[:nhw]
-        dcs = dcbuf[:nk * nhw * d].view(nk, nhw, d)
+        xs, gos, gxs = rows(x, n0, n1), rows(grad_out, n0, n1), rows(grad_x, n0, n1)
+        zs, dus = rows(zbuf, 0, nhw), rows(dubuf, 0, nhw)
+        dcs = rows(dcbuf, 0, nk * nhw * d).view(nk, nhw, d)
         grid = (nprog,) if deterministic else (ntiles,)
         if o.pool:
-            zm = zm_all[n0:n1] if zm_all is not None else None
+            zm = rows(zm_all, n0, n1) if zm_all is not None else None
             if i > 0:
                 pool_sec.zero_()
         else:

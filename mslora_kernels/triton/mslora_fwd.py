@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions
-from ..workspace import image_slices
+from ..workspace import image_slices, rows
 from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
@@ -433,7 +433,8 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     glog = torch.empty((ns_max * hw, GATE_STRIDE) if o.gate else (1,), device=dev,
                        dtype=torch.float32)
     part = torch.empty((ns_max * nt, d) if o.pool else (1,), device=dev, dtype=torch.float32)
-    zmean = torch.empty((n, d), device=dev, dtype=torch.float32) if o.pool else None
+    zmean = torch.empty((n, d), device=dev, dtype=torch.float32) \
+        if o.pool and len(slices) > 1 else None
     nw = wt["norm.weight"] if o.prenorm else wt["down.weight"]
     nb = wt["norm.bias"] if o.prenorm else wt["down.weight"]
     gw = wt["gate.weight"] if o.gate else wt["down.weight"]
@@ -451,11 +452,11 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         # Batch slices of x and out: views with the full tensors' strides (image n of the slice
         # at n * sxn from the view's start); the scratch's leading rows.
         ns = n1 - n0
-        xs, outs = x[n0:n1], out[n0:n1]
-        zs = z[:ns * hw]
-        stats_s = stats[:ns * hw] if o.prenorm else stats
-        glog_s = glog[:ns * hw] if o.gate else glog
-        part_s = part[:ns * nt] if o.pool else part
+        xs, outs = rows(x, n0, n1), rows(out, n0, n1)
+        zs = rows(z, 0, ns * hw)
+        stats_s = rows(stats, 0, ns * hw) if o.prenorm else stats
+        glog_s = rows(glog, 0, ns * hw) if o.gate else glog
+        part_s = rows(part, 0, ns * nt) if o.pool else part
         torch.library.wrap_triton(_mslora_f1_kernel)[(nt, ns)](
             xs, wt["down.weight"], nw, nb, gw, gb, zs, stats_s, glog_s, part_s,
             c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
@@ -464,10 +465,14 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
             TF32X3=use_tf32x3(dt),
             num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
         )
+        zmean_s = stats
         if o.pool:
             # a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
-            zmean[n0:n1] = part_s.view(ns, nt, d).sum(dim=1) / hw
-        zmean_s = zmean[n0:n1] if o.pool else stats
+            zmean_s = part_s.view(ns, nt, d).sum(dim=1) / hw
+            if len(slices) == 1:
+                zmean = zmean_s
+            else:
+                zmean[n0:n1] = zmean_s
 
         torch.library.wrap_triton(_mslora_f2_kernel)[(tiles2, ns)](
             xs, outs, zs, stats_s, glog_s, zmean_s,
