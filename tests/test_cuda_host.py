@@ -95,6 +95,27 @@ def _grads(x, w, o, gout):
     return out.detach(), torch.autograd.grad(out, [x, *w.values()], gout)
 
 
+def _reference_checker(x, w, o, gout):
+    """check(out, dx, grads, tag=""): out, grad x and every weight gradient (shape, x's dtype)
+    against the float64 reference on the same values, with SPEC's low-precision baseline (the
+    reference run in x's dtype: torch CPU has every op it uses in fp16 and bf16) for fp16 and
+    bf16. The references are computed once, for checking several runs."""
+    dtype = x.dtype
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in w.items()}, o, gout.double())
+    lowp = dtype != torch.float32
+    base, base_grads = _grads(x, w, o, gout) if lowp else (None, [None] * len(grads64))
+
+    def check(out, dx, grads, tag=""):
+        check_close(f"out{tag}", out, ref, dtype, baseline=base)
+        check_close(f"grad x{tag}", dx, grads64[0], dtype, baseline=base_grads[0])
+        assert set(grads) == set(w)
+        for name, gref, gbase in zip(w, grads64[1:], base_grads[1:]):
+            assert grads[name].shape == gref.shape and grads[name].dtype == dtype, name
+            check_close(f"grad {name}{tag}", grads[name], gref, dtype, baseline=gbase)
+
+    return check
+
+
 @pytest.mark.parametrize("dtype,opts", CASES,
                          ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -115,23 +136,14 @@ def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
     assert x.stride() == gout.stride()
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    lowp = dtype != torch.float32
-    # SPEC's low-precision rule: the reference run in `dtype` (torch CPU has every op it uses in
-    # fp16 and bf16, backward included) is the baseline.
-    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
+    check = _reference_checker(x, wt, o, gout)
 
     launcher = _launcher(host, smem)
     out, zmean = forward_impl(x, wt, o, *launcher)
     assert out.dtype == dtype and out.stride() == x.stride()
-    check_close("out", out, ref, dtype, baseline=base)
     dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
     assert dx.dtype == dtype and dx.stride() == x.stride()
-    check_close("grad x", dx, grads64[0], dtype, baseline=base_grads[0])
-    assert set(grads) == set(wt)
-    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-        assert grads[name].shape == gref.shape and grads[name].dtype == dtype
-        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gbase)
+    check(out, dx, grads)
 
 
 # ------------------------------------------------------ the emulated storage conversions
@@ -263,8 +275,7 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, shape, layout
     x = torch.randn(*((n, c, h, w) if layout == "channels_first" else (n, h, w, c))).to(dtype)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    base, base_grads = _grads(x, wt, o, gout)
+    check = _reference_checker(x, wt, o, gout)
     launcher = _launcher(host, 227 * 1024)
     ints = {"N": n, "C": c, "H": h, "W": w, "D": d, "G": g, "ks": list(ks), "TH": 8, "TW": 8,
             "CH": 32, "PB": 32, "enhance": 1}
@@ -276,11 +287,8 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, shape, layout
         monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", flag)
         assert tensor_cores(dtype) == (flag == "1")
         out, zmean = forward_impl(x, wt, o, *launcher)
-        check_close(f"out tc={flag}", out, ref, dtype, baseline=base)
         dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
-        check_close(f"grad x tc={flag}", dx, grads64[0], dtype, baseline=base_grads[0])
-        for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-            check_close(f"grad {name} tc={flag}", grads[name], gref, dtype, baseline=gbase)
+        check(out, dx, grads, f" tc={flag}")
         results[flag] = (out, dx)
     for a, b in zip(results["1"], results["0"]):
         assert not torch.equal(a, b)
@@ -328,13 +336,11 @@ def test_tile_rows_prefer_two_blocks_per_sm():
         _tile_rows("fwd", 32, {}, o, smem, 10_000)
 
 
-def _run_recording(host, case, slots, monkeypatch):
-    """backward_impl with every workspace NaN-filled (a partial row or pixel no kernel writes
-    poisons the result) and the bwd_dz launch recorded: (dx, grads, {name: shape} of the
-    partial buffers bwd_dz got, its ints)."""
+def _nan_workspaces(monkeypatch):
+    """Every workspace the CUDA launcher allocates from now on NaN-filled (a partial row or
+    pixel no kernel writes poisons the result); returns the list they are appended to."""
     import mslora_kernels.cuda.mslora as launcher
 
-    o, w, x, gout, _ = case
     made = []
 
     def nan_ws(rows, cols, like, dtype=None):
@@ -342,6 +348,15 @@ def _run_recording(host, case, slots, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(launcher, "_ws", nan_ws)
+    return made
+
+
+def _run_recording(host, case, slots, monkeypatch):
+    """backward_impl with every workspace NaN-filled (a partial row or pixel no kernel writes
+    poisons the result) and the bwd_dz launch recorded: (dx, grads, {name: shape} of the
+    partial buffers bwd_dz got, its ints)."""
+    o, w, x, gout, _ = case
+    made = _nan_workspaces(monkeypatch)
     launch, smem_bytes, limit = _launcher(host, 227 * 1024)
     seen = {}
 
@@ -437,13 +452,7 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     x = torch.randn(n, c, h, w).to(dtype)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
-    made = []
-
-    def nan_ws(rows, cols, like, dtype=None):
-        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype))
-        return made[-1]
-
-    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    made = _nan_workspaces(monkeypatch)
     launch, smem_bytes, limit = _launcher(host, 227 * 1024)
     seen = {}
 
@@ -465,13 +474,7 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
     assert seen == {"prep": [{"z"}], "bwd_tile": [set(WORKSPACES) - {"dz"}],
                     "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz"}]}
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    lowp = dtype != torch.float32
-    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
-    check_close("out", out, ref, dtype, baseline=base)
-    check_close("grad x", dx, grads64[0], dtype, baseline=base_grads[0])
-    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gbase)
+    _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
 @pytest.mark.parametrize("prenorm", [False, True])

@@ -15,11 +15,10 @@ import math
 
 import pytest
 import torch
-from test_cuda_host import _grads, _launcher, _module
+from test_cuda_host import _launcher, _module, _reference_checker
 from test_cuda_host import host as _compiled_host  # noqa: F401 (a fixture, by this name here)
 
 from mslora_kernels import workspace
-from mslora_kernels.testing import check_close
 
 SLICE_OPTS = {"prenorm": True, "pool": True, "gate": True}
 ALL_ON = {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True}
@@ -89,13 +88,7 @@ def _check_sliced(dtype, o, x, wt, gout, unsliced, sliced):
         assert g1[k].dtype == dtype and g1[k].shape == wt[k].shape
         torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * g0[k].abs().max().item(),
                                    msg=lambda m, k=k: f"grad {k} sliced vs unsliced: {m}")
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    lowp = dtype != torch.float32
-    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
-    check_close("out", out1, ref, dtype, baseline=base)
-    check_close("grad x", dx1, grads64[0], dtype, baseline=base_grads[0])
-    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-        check_close(f"grad {name}", g1[name], gref, dtype, baseline=gbase)
+    _reference_checker(x, wt, o, gout)(out1, dx1, g1)
 
 
 def _uneven(slices_seen, n):
