@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mslora_kernels.backends import LAYOUTS  # the names "auto"'s ranking looks layouts up by
+from mslora_kernels import backends
 
 DEFAULT_RANK = 128
 DEFAULT_GROUPS = 4
 DEFAULT_KERNEL_SIZES = (3, 5, 7)
 DEFAULT_BATCH = 64
 
+LAYOUTS = backends.LAYOUTS  # the names "auto"'s ranking looks layouts up by
 LAYOUT_HELP = {
     "channels_first": "data_format='channels_first', (N, C, H, W) contiguous",
     "channels_first_cl": "data_format='channels_first', (N, C, H, W) in torch.channels_last "

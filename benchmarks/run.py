@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from mslora_kernels.workspace import workspace_budget
+
 from . import e2e, floors, measure, presets, providers, report
 
 DEFAULT_E2E_BATCH = 64
@@ -404,6 +406,7 @@ def _main(args, p, argv: list[str]) -> int:
     meta.update(command="python -m benchmarks.run " + " ".join(argv),
                 l2_bytes=measure.l2_bytes(device), compile_backend=args.compile_backend,
                 cpu_threads=torch.get_num_threads(),
+                workspace_mb=workspace_budget() >> 20,
                 cudnn_benchmark=torch.backends.cudnn.benchmark,
                 cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                 matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)

@@ -8,8 +8,11 @@
 // shuffle, every gradient) is checked on a CPU against PyTorch's autograd.
 //
 // Data: x / out / dout / dx are of type T (float, __half, __nv_bfloat16) in the physical layout
-// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights and workspaces are fp32; workspaces are
-// pixel-major [pixel = n*H*W + h*W + w][channel]. Accumulation is fp32 throughout.
+// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights are fp32. The D-channel workspaces are
+// pixel-major [pixel = n*H*W + h*W + w][channel]: s, m', dt, da and dz of type T (as the
+// reference holds them in the compute dtype), z and ds0 fp32 (see Params); a kernel rounds each
+// value once on store (ws_store) and converts to fp32 on load (ws_load). Math and accumulation
+// are fp32 throughout.
 //
 // Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
 //   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
@@ -30,9 +33,9 @@
 //            with N*H*W).                                                             [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
-// The dense weight gradients (proj, down, pw, up) are fp32 GEMMs over the workspaces, done by
-// the launcher with torch; the per-tile partials are summed there in a fixed order, so every
-// weight gradient is deterministic.
+// The dense weight gradients (proj, down, pw, up) are GEMMs in T (fp32 accumulation) over the
+// workspaces, done by the launcher with torch; the per-tile partials are summed there in a
+// fixed order, so every weight gradient is deterministic.
 #pragma once
 
 #include "common.cuh"
@@ -66,8 +69,11 @@ struct Params {
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
-  // fp32 workspaces, pixel-major (N*H*W, D)
-  float *z, *s, *mp, *dt, *da, *ds0, *dz;
+  // workspaces, pixel-major (N*H*W, D): s, mp, dt, da, dz of type T (ws<T>); z and ds0 fp32
+  // (ws<float>): the depthwise passes read them with halos and they feed the few-element
+  // weight gradients (dK, gate), which a 16-bit z or ds0 pushed past SPEC's 2x bound on fp16 /
+  // bf16 (tests/test_cuda_host.py); the others feed per-pixel products and the dense GEMMs.
+  void *z, *s, *mp, *dt, *da, *ds0, *dz;
   // fp32 per-tile / per-block partial sums, (blocks, ...)
   float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
   float *part_dw;                                       // (dz_blocks, D * sum k^2)
@@ -96,6 +102,15 @@ template <typename T, bool kNHWC>
 MSLORA_HD void store_act(const Params& p, void* a, int n, int c, int64_t q, float v) {
   static_cast<T*>(a)[act_index<kNHWC>(p, n, c, q)] = from_f32<T>(v);
 }
+
+// A D-channel workspace (Params::z ... dz) of storage type W (T or float, see Params): typed
+// pointer, load, store (one rounding).
+template <typename T>
+MSLORA_HD T* ws(void* w) { return static_cast<T*>(w); }
+template <typename T>
+MSLORA_HD float ws_load(const T* w, int64_t i) { return to_f32(w[i]); }
+template <typename T>
+MSLORA_HD void ws_store(T* w, int64_t i, float v) { w[i] = from_f32<T>(v); }
 
 // Mean and 1/sqrt(var + eps) of x over C at one pixel (two passes, fp32).
 template <typename T, bool kNHWC>
@@ -229,43 +244,67 @@ MSLORA_HD void xcorr_run_k(const float* a_row, const float* z_row, int nout, flo
   }
 }
 
-// 16-byte load of 4 consecutive fp32 values (src 16-byte aligned); a plain copy on the host.
-MSLORA_HD void load_f32x4(const float* src, float (&v)[4]) {
+// V consecutive workspace values at src as fp32: one vector load of V * sizeof(T) = 16 or 8
+// bytes on the GPU (src aligned to that), V = 1 a scalar load; a plain copy on the host.
+template <int V, typename T>
+MSLORA_HD void load_ws_vec(const T* src, float (&v)[V]) {
 #ifdef __CUDA_ARCH__
-  const float4 q = *reinterpret_cast<const float4*>(src);
-  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+  constexpr int kBytes = V * int(sizeof(T));
+  static_assert(V == 1 || kBytes == 16 || kBytes == 8, "vector loads are 8 or 16 bytes");
+  T e[V];
+  if constexpr (V == 1) {
+    e[0] = src[0];
+  } else if constexpr (kBytes == 16) {
+    const uint4 q = *reinterpret_cast<const uint4*>(src);
+    memcpy(e, &q, sizeof q);
+  } else {
+    const uint2 q = *reinterpret_cast<const uint2*>(src);
+    memcpy(e, &q, sizeof q);
+  }
+  MSLORA_UNROLL
+  for (int j = 0; j < V; ++j) v[j] = to_f32(e[j]);
 #else
-  for (int j = 0; j < 4; ++j) v[j] = src[j];
+  for (int j = 0; j < V; ++j) v[j] = to_f32(src[j]);
 #endif
 }
 
-// Halo tile of z channels [c0, c0 + CH): dst[ch * plane + y * cols + x] = z of image zimg
-// (pixel-major [H*W][D]) at (h0 + y, w0 + x, c0 + ch), 0 outside the image or for c0 + ch >= D;
-// y < rows, x < cols. One call per thread of a stage. With D % 4 == 0 (and zimg 16-byte
-// aligned) a thread moves 4 channels of one pixel with one 16-byte load; else one float.
-MSLORA_HD void load_z_halo(const Params& p, const float* zimg, int c0, int h0, int w0, int rows,
-                           int cols, int64_t plane, float* dst, int tid, int nt) {
-  const int n = rows * cols;
-  if (p.D % 4 == 0 && p.CH % 4 == 0 && (reinterpret_cast<std::uintptr_t>(zimg) & 15) == 0) {
-    const int nq = p.CH / 4;
-    for (int i = tid; i < nq * n; i += nt) {
-      const int cq = i % nq, px = i / nq, y = px / cols, x = px % cols;
-      const int h = h0 + y, w = w0 + x, d = c0 + 4 * cq;
-      float v[4] = {0.f, 0.f, 0.f, 0.f};
-      if (h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D)
-        load_f32x4(zimg + (int64_t(h) * p.W + w) * p.D + d, v);
-      float* o = dst + 4 * cq * plane + px;
-      MSLORA_UNROLL
-      for (int j = 0; j < 4; ++j) o[j * plane] = v[j];
-    }
-  } else {
-    for (int i = tid; i < p.CH * n; i += nt) {
-      const int ch = i % p.CH, px = i / p.CH, y = px / cols, x = px % cols;
-      const int h = h0 + y, w = w0 + x, d = c0 + ch;
-      const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D;
-      dst[ch * plane + px] = in ? zimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
-    }
+// load_z_halo with V channels of one pixel per item (one vector load; D % V == 0, CH % V == 0,
+// zimg aligned to V * sizeof(T)).
+template <int V, typename T>
+MSLORA_HD void load_z_halo_v(const Params& p, const T* zimg, int c0, int h0, int w0, int rows,
+                             int cols, int64_t plane, float* dst, int tid, int nt) {
+  const int n = rows * cols, nq = p.CH / V;
+  for (int i = tid; i < nq * n; i += nt) {
+    const int cq = i % nq, px = i / nq, y = px / cols, x = px % cols;
+    const int h = h0 + y, w = w0 + x, d = c0 + V * cq;
+    float v[V];
+    MSLORA_UNROLL
+    for (int j = 0; j < V; ++j) v[j] = 0.f;
+    if (h >= 0 && h < p.H && w >= 0 && w < p.W && d < p.D)
+      load_ws_vec<V>(zimg + (int64_t(h) * p.W + w) * p.D + d, v);
+    float* o = dst + V * cq * plane + px;
+    MSLORA_UNROLL
+    for (int j = 0; j < V; ++j) o[j * plane] = v[j];
   }
+}
+
+// Halo tile of z channels [c0, c0 + CH): dst[ch * plane + y * cols + x] = z of image zimg
+// (pixel-major [H*W][D], type T) at (h0 + y, w0 + x, c0 + ch), 0 outside the image or for
+// c0 + ch >= D; y < rows, x < cols. One call per thread of a stage. A thread moves the channels
+// of one pixel 16 bytes at a time (4 fp32 or 8 fp16/bf16) where D and CH are multiples of that
+// many channels and zimg is 16-byte aligned, else 8 bytes at a time (2 or 4 channels) where
+// those hold for 8 bytes, else one channel.
+template <typename T>
+MSLORA_HD void load_z_halo(const Params& p, const T* zimg, int c0, int h0, int w0, int rows,
+                           int cols, int64_t plane, float* dst, int tid, int nt) {
+  constexpr int kV = 16 / int(sizeof(T));
+  const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(zimg);
+  if (p.D % kV == 0 && p.CH % kV == 0 && addr % 16 == 0)
+    load_z_halo_v<kV>(p, zimg, c0, h0, w0, rows, cols, plane, dst, tid, nt);
+  else if (p.D % (kV / 2) == 0 && p.CH % (kV / 2) == 0 && addr % 8 == 0)
+    load_z_halo_v<kV / 2>(p, zimg, c0, h0, w0, rows, cols, plane, dst, tid, nt);
+  else
+    load_z_halo_v<1>(p, zimg, c0, h0, w0, rows, cols, plane, dst, tid, nt);
 }
 
 // ------------------------------------------------------------------------- tile geometry
@@ -399,7 +438,8 @@ MSLORA_HD bool use_tc(const Params& p) { return kTensorCoreType<T> && p.tc; }
 // out[r * ldo + g * round16(N) + n] = sum_{k < K} fa(r, g, k) * fb(g, n, k) for rows r < M,
 // groups g < groups (groups * round16(N) <= L.width), columns n < N.
 //   fa(r, g, k): fp32 A value of row r (callers give 0 for a pixel outside the image); split
-//     into hi + lo in T (tc.cuh) unless `exact_a` (A is representable in T: x, dout);
+//     into hi + lo in T (tc.cuh) unless `exact_a` (A is representable in T: x, dout, and the
+//     workspaces of type T, e.g. da, dz);
 //   fb(g, n, k): the weight, representable in T (the weights have the activations' dtype);
 //   rows_fastest: stage A over rows first (activations of NCHW layout: neighbouring pixels are
 //     neighbours in memory) instead of over k;
@@ -498,15 +538,17 @@ MSLORA_HD void tc_proj_tile(const Params& p, const Tile& t, const TileSmem& L, f
 // for each chunk, y(r, c) = sum_{k < K} fa(r, g, k) fb(g, c, k) (c = g C/G + j over the chunk's
 // columns, fb given the channel c), then sink(r, c, y) from one stage. up (K = D/G) in fwd,
 // proj^T / down^T (K = 2 D/G) in bwd_dx. nhwc_order: the sink stage runs channels fastest (else
-// rows fastest), for coalesced activation stores.
+// rows fastest), for coalesced activation stores. exact_a: as tc_gemm's (A read from the
+// workspaces, bwd_dx's da | dz: one product, no hi/lo split).
 template <typename T, class Ex, class FA, class FB, class Sink>
 MSLORA_HD void tc_grouped_out(const Params& p, const TcSmem& L, float* sm, int M, int K,
-                              bool nhwc_order, FA&& fa, FB&& fb, Sink&& sink, Ex& ex) {
+                              bool nhwc_order, bool exact_a, FA&& fa, FB&& fb, Sink&& sink,
+                              Ex& ex) {
   const int cg = p.C / p.G, nc = L.width / p.G / 16 * 16;
   const float* out = sm + L.out;
   for (int j0 = 0; j0 < cg; j0 += nc) {
     const int nn = cg - j0 < nc ? cg - j0 : nc, np = round16(nn);
-    tc_gemm<T>(L, sm, M, p.G, nn, K, false, false, j0 == 0 || K > kTcK, fa,
+    tc_gemm<T>(L, sm, M, p.G, nn, K, exact_a, false, j0 == 0 || K > kTcK, fa,
                [&](int g, int n, int k) { return fb(g, g * cg + j0 + n, k); }, ex);
     ex.stage([&](int tid) {
       const int cols = p.G * nn;
@@ -553,9 +595,9 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      p.z[pix * p.D + e] =
-          tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
-             : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs);
+      ws_store(ws<float>(p.z), pix * p.D + e,
+               tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
+                  : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs));
     }
   });
 }
@@ -568,7 +610,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
                              float* s0, float* s_out, Ex& ex) {
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
-  const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
+  const float* zimg = ws<float>(p.z) + int64_t(t.n) * hw(p) * p.D;
   ex.stage([&](int tid) {
     for (int pl = tid; pl < P; pl += ex.nt) {
       const int64_t q = tile_pixel(p, t, pl);
@@ -582,7 +624,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
         const int64_t q = tile_pixel(p, t, pl);
         float g = p.gate_b[path];
         if (q >= 0)
-          for (int d = 0; d < p.D; ++d) g += p.gate_w[path * p.D + d] * zimg[q * p.D + d];
+          for (int d = 0; d < p.D; ++d) g += p.gate_w[path * p.D + d] * ws_load(zimg, q * p.D + d);
         sig[path * P + pl] = sigmoid(g);
       }
     }
@@ -695,7 +737,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   if (tc) {
     if constexpr (kTensorCoreType<T>) {
       tc_grouped_out<T>(
-          p, L.tc, sm, P, dg, kNHWC,
+          p, L.tc, sm, P, dg, kNHWC, false,  // m' is fp32 in shared memory: hi/lo split
           [&](int r, int g, int k) {
             return tile_pixel(p, t, r) < 0 ? 0.0f : m[int64_t(r) * p.D + g * dg + k];
           },
@@ -748,8 +790,8 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       tb[i] = tv;
       ab[i] = a;
       const int64_t row = (pix0 + q) * p.D;
-      p.s[row + e] = s[i];
-      p.mp[row + (p.shuffle ? shuffle_dst(e, p.D, p.G) : e)] = a * tv;
+      ws_store(ws<T>(p.s), row + e, s[i]);
+      ws_store(ws<T>(p.mp), row + (p.shuffle ? shuffle_dst(e, p.D, p.G) : e), a * tv);
     }
   });
   if constexpr (kTensorCoreType<T>) {
@@ -780,9 +822,9 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
         }
       }
       const int64_t row = (pix0 + q) * p.D;
-      p.da[row + e] = dm * tb[i];
+      ws_store(ws<T>(p.da), row + e, dm * tb[i]);
       const float dtv = dm * ab[i];
-      p.dt[row + e] = dtv;
+      ws_store(ws<T>(p.dt), row + e, dtv);
       ab[i] = dtv;
     }
   });
@@ -834,7 +876,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
-      if (q >= 0) p.ds0[(pix0 + q) * p.D + e] = ds0[i];
+      if (q >= 0) ws_store(ws<float>(p.ds0), (pix0 + q) * p.D + e, ds0[i]);
     }
     for (int d = tid; d < p.D; d += ex.nt) {
       float pool = 0.f, gw = 0.f, gb = 0.f;
@@ -873,8 +915,9 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   float *z2 = sm + L.z2, *dc = sm + L.dc, *sig = sm + L.sig, *dsig = sm + L.dsig;
   const int P = L.P, nh = L.hh * L.hw_, ktot = dw_total(p);
   const int64_t pix0 = int64_t(t.n) * hw(p);
-  const float* zimg = p.z + pix0 * p.D;
-  const float* dsimg = p.ds0 + pix0 * p.D;
+  const float* zimg = ws<float>(p.z) + pix0 * p.D;
+  const float* dsimg = ws<float>(p.ds0) + pix0 * p.D;
+  T* dzimg = ws<T>(p.dz) + pix0 * p.D;
   ex.stage([&](int tid) {  // gate sigmoids on tile + halo; dsig = 0
     for (int i = tid; i < p.nk * nh; i += ex.nt) {
       const int path = i / nh, hy = (i % nh) / L.hw_, hx = i % L.hw_;
@@ -883,7 +926,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
       if (p.gate && h >= 0 && h < p.H && w >= 0 && w < p.W) {
         g = p.gate_b[path];
         for (int d = 0; d < p.D; ++d)
-          g += p.gate_w[path * p.D + d] * zimg[(int64_t(h) * p.W + w) * p.D + d];
+          g += p.gate_w[path * p.D + d] * ws_load(zimg, (int64_t(h) * p.W + w) * p.D + d);
       }
       sig[i] = p.gate ? sigmoid(g) : 1.f;
     }
@@ -920,7 +963,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
           if (o >= nout) continue;
           const int hx = x0 + o, w = t.w0 - p.R + hx;
           const bool in = row_in && w >= 0 && w < p.W;
-          const float ds = in ? dsimg[(int64_t(h) * p.W + w) * p.D + d] : 0.f;
+          const float ds = in ? ws_load(dsimg, (int64_t(h) * p.W + w) * p.D + d) : 0.f;
           dcr[o] = in ? ds * sgr[o] * gelu_grad(acc[o]) : 0.f;
           if (p.gate && row_tile && hx >= p.R && hx < p.R + p.TW)
             sm[glr + hx] = in ? ds * gelu(acc[o]) : 0.f;
@@ -948,10 +991,12 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
           conv_run(k, dc + (path * p.CH + ch) * L.dplane + (ty + off) * L.hw_ + x0 + off, L.hw_,
                    nout + k - 1, p.dw + dw_offset(p, path) + int64_t(d) * k * k, true, acc);
         }
-        float* dst = p.dz + (pix0 + int64_t(h) * p.W + t.w0 + x0) * p.D + d;
+        // + the pool term here, so that without gate dz is rounded to T once
+        const float pool = p.pool ? p.pool_dz[int64_t(t.n) * p.D + d] : 0.f;
+        T* dst = dzimg + (int64_t(h) * p.W + t.w0 + x0) * p.D + d;
         MSLORA_UNROLL
         for (int o = 0; o < kRun; ++o)
-          if (o < nout && t.w0 + x0 + o < p.W) dst[int64_t(o) * p.D] = acc[o];
+          if (o < nout && t.w0 + x0 + o < p.W) ws_store(dst, int64_t(o) * p.D, acc[o] + pool);
       }
       done += n_dz;
       // the tile's dK_i[d][dy][:] = sum over tile pixels of dc_i(q) z(q + (dy, :) - r): one item
@@ -1012,35 +1057,35 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
       }
     });
   }
-  ex.stage([&](int tid) {  // dz += sum_i gate_w[i][d] dg_i + pool term
+  // Under gate: dz += sum_i gate_w[i][d] dg_i (dg_i sums ds0 GELU(c_i) over every channel
+  // chunk, so this is a second rounding of dz to T, after the depthwise and pool part's; the
+  // reference, too, rounds each of its gradient contributions to z), and the gate partials.
+  if (!p.gate) return;
+  ex.stage([&](int tid) {
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, d = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
       if (q < 0) continue;
       float acc = 0.f;
-      if (p.gate) {
-        for (int path = 0; path < p.nk; ++path) {
-          const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
-          acc += p.gate_w[path * p.D + d] * dsig[path * P + pl] * sg * (1.f - sg);
-        }
+      for (int path = 0; path < p.nk; ++path) {
+        const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
+        acc += p.gate_w[path * p.D + d] * dsig[path * P + pl] * sg * (1.f - sg);
       }
-      if (p.pool) acc += p.pool_dz[int64_t(t.n) * p.D + d];
-      p.dz[(pix0 + q) * p.D + d] += acc;
+      ws_store(dzimg, q * p.D + d, ws_load(dzimg, q * p.D + d) + acc);
     }
-    if (p.gate) {  // the tile's gate grads: dw_i[d] = sum dg_i z[d], db_i = sum dg_i
-      for (int i = tid; i < p.nk * (p.D + 1); i += ex.nt) {
-        const int path = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the bias
-        float acc = 0.f;
-        for (int pl = 0; pl < P; ++pl) {
-          const int64_t q = tile_pixel(p, t, pl);
-          if (q < 0) continue;
-          const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
-          const float dg = dsig[path * P + pl] * sg * (1.f - sg);
-          acc += d < p.D ? dg * zimg[q * p.D + d] : dg;
-        }
-        add_partial(d < p.D ? p.part_gate_w + row * p.nk * p.D + path * p.D + d
-                            : p.part_gate_b + row * p.nk + path, acc, first_tile);
+    // the tile's gate grads: dw_i[d] = sum dg_i z[d], db_i = sum dg_i
+    for (int i = tid; i < p.nk * (p.D + 1); i += ex.nt) {
+      const int path = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the bias
+      float acc = 0.f;
+      for (int pl = 0; pl < P; ++pl) {
+        const int64_t q = tile_pixel(p, t, pl);
+        if (q < 0) continue;
+        const float sg = sig[path * nh + (pl / p.TW + p.R) * L.hw_ + pl % p.TW + p.R];
+        const float dg = dsig[path * P + pl] * sg * (1.f - sg);
+        acc += d < p.D ? dg * ws_load(zimg, q * p.D + d) : dg;
       }
+      add_partial(d < p.D ? p.part_gate_w + row * p.nk * p.D + path * p.D + d
+                          : p.part_gate_b + row * p.nk + path, acc, first_tile);
     }
   });
 }
@@ -1062,6 +1107,7 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
   float *stats = sm, *du = sm + 4 * p.PB;  // stats [PB][4]: x mean, rstd, m1, m2
   const int cg = p.C / p.G, dg = p.D / p.G;
   const bool tc = use_tc<T>(p);
+  const T *da = ws<T>(p.da), *dz = ws<T>(p.dz);
   ex.stage([&](int tid) {
     for (int pl = tid; pl < p.PB; pl += ex.nt) {
       const int64_t pix = pix0 + pl;
@@ -1075,20 +1121,22 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
       float acc = 0.f;
       for (int ee = 0; ee < dg; ++ee) {
         const int e = g * dg + ee;
-        acc += p.proj[int64_t(e) * cg + j] * p.da[pix * p.D + e] +
-               p.down[int64_t(e) * cg + j] * p.dz[pix * p.D + e];
+        acc += p.proj[int64_t(e) * cg + j] * ws_load(da, pix * p.D + e) +
+               p.down[int64_t(e) * cg + j] * ws_load(dz, pix * p.D + e);
       }
       du[i] = acc;
     }
   });
   if constexpr (kTensorCoreType<T>) {
-    if (tc) {  // du on tensor cores: A = [da | dz] of the group (K = 2 D/G), B = [proj; down]
+    if (tc) {  // du on tensor cores: A = [da | dz] of the group (K = 2 D/G, exact in T),
+               // B = [proj; down]
       tc_grouped_out<T>(
-          p, pixel_tc_smem(p, true), sm, p.PB, 2 * dg, false,
+          p, pixel_tc_smem(p, true), sm, p.PB, 2 * dg, false, true,
           [&](int r, int g, int k) {
             const int64_t pix = pix0 + r;
             if (pix >= npix) return 0.0f;
-            return k < dg ? p.da[pix * p.D + g * dg + k] : p.dz[pix * p.D + g * dg + k - dg];
+            return k < dg ? ws_load(da, pix * p.D + g * dg + k)
+                          : ws_load(dz, pix * p.D + g * dg + k - dg);
           },
           [&](int g, int c, int k) {
             const int j = c - g * cg;

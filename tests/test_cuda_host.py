@@ -95,6 +95,27 @@ def _grads(x, w, o, gout):
     return out.detach(), torch.autograd.grad(out, [x, *w.values()], gout)
 
 
+def _reference_checker(x, w, o, gout):
+    """check(out, dx, grads, tag=""): out, grad x and every weight gradient (shape, x's dtype)
+    against the float64 reference on the same values, with SPEC's low-precision baseline (the
+    reference run in x's dtype: torch CPU has every op it uses in fp16 and bf16) for fp16 and
+    bf16. The references are computed once, for checking several runs."""
+    dtype = x.dtype
+    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in w.items()}, o, gout.double())
+    lowp = dtype != torch.float32
+    base, base_grads = _grads(x, w, o, gout) if lowp else (None, [None] * len(grads64))
+
+    def check(out, dx, grads, tag=""):
+        check_close(f"out{tag}", out, ref, dtype, baseline=base)
+        check_close(f"grad x{tag}", dx, grads64[0], dtype, baseline=base_grads[0])
+        assert set(grads) == set(w)
+        for name, gref, gbase in zip(w, grads64[1:], base_grads[1:]):
+            assert grads[name].shape == gref.shape and grads[name].dtype == dtype, name
+            check_close(f"grad {name}{tag}", grads[name], gref, dtype, baseline=gbase)
+
+    return check
+
+
 @pytest.mark.parametrize("dtype,opts", CASES,
                          ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -115,23 +136,14 @@ def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
     assert x.stride() == gout.stride()
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    lowp = dtype != torch.float32
-    # SPEC's low-precision rule: the reference run in `dtype` (torch CPU has every op it uses in
-    # fp16 and bf16, backward included) is the baseline.
-    base, base_grads = _grads(x, wt, o, gout) if lowp else (None, [None] * len(grads64))
+    check = _reference_checker(x, wt, o, gout)
 
     launcher = _launcher(host, smem)
     out, zmean = forward_impl(x, wt, o, *launcher)
     assert out.dtype == dtype and out.stride() == x.stride()
-    check_close("out", out, ref, dtype, baseline=base)
     dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
     assert dx.dtype == dtype and dx.stride() == x.stride()
-    check_close("grad x", dx, grads64[0], dtype, baseline=base_grads[0])
-    assert set(grads) == set(wt)
-    for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-        assert grads[name].shape == gref.shape and grads[name].dtype == dtype
-        check_close(f"grad {name}", grads[name], gref, dtype, baseline=gbase)
+    check(out, dx, grads)
 
 
 # ------------------------------------------------------ the emulated storage conversions
@@ -263,8 +275,7 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, shape, layout
     x = torch.randn(*((n, c, h, w) if layout == "channels_first" else (n, h, w, c))).to(dtype)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
-    ref, grads64 = _grads(x.double(), {k: v.double() for k, v in wt.items()}, o, gout.double())
-    base, base_grads = _grads(x, wt, o, gout)
+    check = _reference_checker(x, wt, o, gout)
     launcher = _launcher(host, 227 * 1024)
     ints = {"N": n, "C": c, "H": h, "W": w, "D": d, "G": g, "ks": list(ks), "TH": 8, "TW": 8,
             "CH": 32, "PB": 32, "enhance": 1}
@@ -276,11 +287,8 @@ def test_host_tensor_core_products_are_used_and_right(host, dtype, shape, layout
         monkeypatch.setenv("MSLORA_CUDA_TENSOR_CORES", flag)
         assert tensor_cores(dtype) == (flag == "1")
         out, zmean = forward_impl(x, wt, o, *launcher)
-        check_close(f"out tc={flag}", out, ref, dtype, baseline=base)
         dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
-        check_close(f"grad x tc={flag}", dx, grads64[0], dtype, baseline=base_grads[0])
-        for name, gref, gbase in zip(wt, grads64[1:], base_grads[1:]):
-            check_close(f"grad {name} tc={flag}", grads[name], gref, dtype, baseline=gbase)
+        check(out, dx, grads, f" tc={flag}")
         results[flag] = (out, dx)
     for a, b in zip(results["1"], results["0"]):
         assert not torch.equal(a, b)
@@ -328,20 +336,27 @@ def test_tile_rows_prefer_two_blocks_per_sm():
         _tile_rows("fwd", 32, {}, o, smem, 10_000)
 
 
+def _nan_workspaces(monkeypatch):
+    """Every workspace the CUDA launcher allocates from now on NaN-filled (a partial row or
+    pixel no kernel writes poisons the result); returns the list they are appended to."""
+    import mslora_kernels.cuda.mslora as launcher
+
+    made = []
+
+    def nan_ws(rows, cols, like, dtype=None):
+        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype))
+        return made[-1]
+
+    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    return made
+
+
 def _run_recording(host, case, slots, monkeypatch):
     """backward_impl with every workspace NaN-filled (a partial row or pixel no kernel writes
     poisons the result) and the bwd_dz launch recorded: (dx, grads, {name: shape} of the
     partial buffers bwd_dz got, its ints)."""
-    import mslora_kernels.cuda.mslora as launcher
-
     o, w, x, gout, _ = case
-    made = []
-
-    def nan_ws(rows, cols, like):
-        made.append(torch.full((rows, cols), math.nan))
-        return made[-1]
-
-    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    made = _nan_workspaces(monkeypatch)
     launch, smem_bytes, limit = _launcher(host, 227 * 1024)
     seen = {}
 
@@ -414,3 +429,73 @@ def test_host_backward_refuses_zero_slots(host):
     out, zmean = forward_impl(x, w, o, *launcher)
     with pytest.raises(ValueError, match="slots"):
         backward_impl(gout, x, w, o, zmean, *launcher, slots=0)
+
+
+WORKSPACES = ("z", "s", "mp", "dt", "da", "ds0", "dz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
+    """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
+    (N*H*W, D) tensor of x's dtype (the kernels' T) but z and ds0, fp32 (FP32_WORKSPACES), and
+    every partial-sum buffer fp32; each kernel gets the workspaces it reads or writes; s, m'
+    and dt are freed before dz is allocated, z and ds0 before bwd_dx; results right (NaN-filled
+    buffers)."""
+    import mslora_kernels.cuda.mslora as launcher
+
+    assert launcher.FP32_WORKSPACES == ("z", "ds0")
+
+    n, c, h, w, d, g, ks = 2, 12, 7, 9, 8, 4, (3, 5)
+    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    o = m.options
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    made = _nan_workspaces(monkeypatch)
+    launch, smem_bytes, limit = _launcher(host, 227 * 1024)
+    seen = {}
+
+    def recording(kernel, code, nhwc, ints, ptrs):
+        by_ptr = {t.data_ptr(): t for t in made}
+        for k, v in ptrs.items():
+            if k in WORKSPACES or k.startswith("part_"):
+                t = by_ptr[v]
+                want = (torch.float32 if k in ("z", "ds0") or k.startswith("part_") else dtype,
+                        (n * h * w, d) if k in WORKSPACES else t.shape)
+                assert (t.dtype, t.shape) == want, (kernel, k, t.dtype, t.shape)
+        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES})
+        launch(kernel, code, nhwc, ints, ptrs)
+
+    out, zmean = forward_impl(x, wt, o, recording, smem_bytes, limit)
+    assert zmean.dtype == torch.float32
+    assert seen == {"prep": [{"z"}], "fwd": [{"z"}]}
+    seen.clear()
+    dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
+    assert seen == {"prep": [{"z"}], "bwd_tile": [set(WORKSPACES) - {"dz"}],
+                    "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz"}]}
+    _reference_checker(x, wt, o, gout)(out, dx, grads)
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_workspace_bytes_per_pixel(fmt, prenorm):
+    """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
+    ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output where C is
+    large, plus the partial sums; fp32: every workspace 4 D B."""
+    from mslora_kernels.config import MSLoRAOptions
+    from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
+
+    small = MSLoRAOptions(64, 128, 4, (3, 5, 7), data_format=fmt)
+    assert workspace_bytes_per_pixel(small, torch.bfloat16) == 2 * 128 * 4 + 4 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.float16) == 2 * 128 * 4 + 4 * 128 * 2
+    assert workspace_bytes_per_pixel(small, torch.float32) == 6 * 128 * 4
+    o = MSLoRAOptions(1024, 128, 4, (3, 5, 7), data_format=fmt, prenorm=prenorm, pool=True)
+    copy = fmt == "channels_first"
+    got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
+    want = max(2 * 128 * 4 + 4 * 128 * 2, 2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2,
+               2 * 128 * 2 + copy * 1024 * 2 + prenorm * (1024 * 2 + 8))
+    assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32
+    assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
+                                     pixel_block=32) <= got
+    assert workspace_bytes_fixed(o, 10) > workspace_bytes_fixed(o, 1) > 0

@@ -171,8 +171,9 @@ def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
 
     made, seen = [], {}
 
-    def nan_ws(rows, cols, like):
-        made.append(torch.full((rows, cols), float("nan"), device=like.device))
+    def nan_ws(rows, cols, like, dtype=None):
+        made.append(torch.full((rows, cols), float("nan"), device=like.device,
+                               dtype=dtype or like.dtype))
         return made[-1]
 
     monkeypatch.setattr(launcher, "_ws", nan_ws)
@@ -197,6 +198,56 @@ def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
     for name, gref in zip(w64, g64[1:]):
         check_close(f"grad {name}", grads[name], gref, torch.float32)
     assert torch.equal(dx, dx2) and all(torch.equal(grads[k], grads2[k]) for k in w)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cuda_backward_peak_memory(layout, monkeypatch):
+    """One bf16 backward (C=64, D=128, K=(3,5,7), every option, 16 x 64 x 64 pixels) allocates
+    at most workspace_bytes_per_pixel x pixels + workspace_bytes_fixed + its outputs (grad_x,
+    the weight gradients) + 16 MiB (the caching allocator's rounding), and at least bwd_tile's
+    six D-channel workspaces (z, ds0 fp32, four bf16: 16 D B a pixel; the helper is not loose
+    either). One image slice (a budget above the batch): tests/test_slices.py covers slicing."""
+    import mslora_kernels.cuda.mslora as launcher
+    from mslora_kernels import workspace
+
+    monkeypatch.setenv(workspace.ENV_VAR, "4096")
+
+    n, c, h, w, d = 16, 64, 64, 64, 128
+    dtype = torch.bfloat16
+    o = MSLoRAOptions(c, d, 4, (3, 5, 7), prenorm=True, enhance=True, pool=True, gate=True,
+                      shuffle=True, data_format="channels_last" if layout == "nhwc"
+                      else "channels_first")
+    wt = {k: v.to(dtype) for k, v in _weights(o, "cuda").items()}
+    x = _input((n, c, h, w), layout, dtype)
+    gout = torch.randn_like(x)
+    out, zmean = mslora_fwd(x, wt, o)
+    del out
+    warm = mslora_bwd(gout, x, wt, o, zmean)  # extension, cuBLAS handle and workspace
+    del warm
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dx, grads = mslora_bwd(gout, x, wt, o, zmean)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+
+    _, smem_bytes, limit = launcher._gpu(x.device)
+    ints = launcher._plan(o, (n, c, h, w), smem_bytes, limit, dtype)
+    npix = n * h * w
+    per_px = launcher.workspace_bytes_per_pixel(
+        o, dtype, nchw_memory=layout == "nchw", tile_pixels=ints["TH"] * ints["TW"],
+        pixel_block=ints["PB"])
+    outputs = dx.numel() * dx.element_size() + sum(
+        g.numel() * g.element_size() for g in grads.values())
+    fixed = launcher.workspace_bytes_fixed(o, launcher.dz_slots(x.device))
+    bound = per_px * npix + fixed + outputs + 16 * 2**20
+    assert peak <= bound, (
+        f"backward peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB "
+        f"({per_px:.0f} B/pixel x {npix} + fixed {fixed / 2**20:.1f} MiB + outputs "
+        f"{outputs / 2**20:.1f} MiB + 16 MiB)")
+    assert peak >= (2 * 4 + 4 * 2) * d * npix, f"backward peak {peak / 2**20:.1f} MiB"
 
 
 def test_cuda_launcher_refuses_cpu_input():

@@ -5,7 +5,7 @@ Same contract as ``mslora_kernels.triton.mslora_fwd`` / ``mslora_bwd`` (TRITON_C
 - ``mslora_fwd(x, weights, o) -> (out, zmean)``
 - ``mslora_bwd(grad_out, x, weights, o, zmean, deterministic=False) -> (grad_x, grads)``
 
-Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into an fp32 workspace) then ``fwd`` (one
+Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into a workspace) then ``fwd`` (one
 TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +enhance) sum
 from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
@@ -14,11 +14,24 @@ double halo; dK_i and gate partials), ``bwd_dx`` (du, LayerNorm_C backward, dx).
 bf16 the channel products run on tensor cores (csrc/tc.cuh; :func:`tensor_cores`): the D x D
 pointwise ones (t = pw(s), ds = pw^T(dt)) and the grouped ones between C and D channels (z =
 down(u), a = proj(u), y = up(m'), up^T(dout), proj^T(da) + down^T(dz)). Saved for
-backward: only x, the weights and zmean. The dense weight gradients (proj, down, pw, up) are
-fp32 GEMMs (torch/cuBLAS) over the backward's fp32 workspaces; every other weight gradient is a
-per-tile (bwd_tile) or per-block (bwd_dz: a bounded number of blocks, each a fixed run of tiles)
-partial sum reduced here in a fixed order. So the weight gradients are deterministic
-whatever ``deterministic`` says (the flag is accepted for the common contract).
+backward: only x, the weights and zmean.
+
+The pixel-major D-channel workspaces s, m', dt, da and dz are in x's dtype (the reference holds
+the same tensors in that dtype), z and ds0 in fp32 (:data:`FP32_WORKSPACES`): the kernels round
+once on store and compute in fp32. :func:`workspace_bytes_per_pixel` gives the backward's peak
+transient memory per pixel (bf16, D = 128: 2 KB, against 3 KB with every workspace fp32). The
+dense weight gradients (proj, down, pw, up) are GEMMs in x's dtype (torch/cuBLAS, fp32
+accumulation) straight over the workspaces and the activations, taken to fp32 afterwards;
+every other weight gradient is a per-tile (bwd_tile) or per-block (bwd_dz: a bounded number
+of blocks, each a fixed run of tiles) partial sum reduced here in a fixed order. So the weight
+gradients are deterministic whatever ``deterministic`` says (the flag is accepted for the
+common contract).
+
+Image slices: :func:`forward_impl` / :func:`backward_impl` run the pass plan above
+(:func:`_forward_slice`, :func:`_backward_slice`) over slices of whole images whose workspaces
+(:func:`workspace_bytes_per_pixel`) fit the workspace budget (``MSLORA_WORKSPACE_MB``, default 64
+MiB, ``mslora_kernels.workspace``; one image at least). Everything but the weight gradients is
+per image; those are summed across slices in fp32, in slice order.
 
 The orchestration (:func:`forward_impl`, :func:`backward_impl`) takes the kernel launcher as an
 argument so that tests can run it on the CPU through the host build of the same kernel bodies
@@ -37,6 +50,7 @@ import torch.nn.functional as F
 from ..config import MSLoRAOptions, weight_shapes
 from ..reference import LN_EPS
 from ..triton._common import normalize_layout
+from ..workspace import image_slices
 from . import _ext
 
 MAX_PATHS = 8     # kMaxPaths in csrc/mslora.cuh
@@ -47,6 +61,15 @@ CHUNK_DZ = 16     # channel chunk of bwd_dz (two halo tiles per path)
 PIXEL_BLOCKS = (32, 16, 8, 4, 2, 1)  # pixels per block of prep / bwd_dx
 DZ_SLOTS_PER_SM = 4   # bwd_dz blocks (= partial-sum rows) per SM on a GPU
 DZ_SLOTS_HOST = 3     # ... on the CPU (host build): small, so that blocks take several tiles
+
+# The D-channel workspaces kept in fp32 whatever x's dtype (csrc/mslora.cuh's Params): z and ds0
+# are read with halos by the depthwise passes and feed the weight gradients with few elements
+# (dK: D k^2, gate: nk and nk D). Rounded to fp16 / bf16 (every workspace in x's dtype) they gave
+# those gradients errors of the reference's own size but independent of it, so past SPEC's 2x
+# on some random inputs: gate.bias (nk elements, at any shape) in 3 of 40 seeds at one host
+# shape, up to 7x; fp32 z and ds0 keep them at the fp32-workspace levels (max 1.0x there). The
+# others (s, mp, dt, da, dz) are in x's dtype.
+FP32_WORKSPACES = ("z", "ds0")
 
 # launch(kernel, dtype_code, nhwc, ints, ptrs) runs one kernel or raises.
 Launch = Callable[[str, int, bool, dict, dict], None]
@@ -67,10 +90,11 @@ def _physical(t: torch.Tensor, o: MSLoRAOptions, nhwc: bool | None = None):
 
 
 def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
-    """(N*H*W, C) fp32 view/copy of an activation in the user's layout."""
+    """(N*H*W, C) view of an activation in its dtype: a copy only where the user's layout is
+    channels_first and the memory NCHW."""
     if o.data_format == "channels_first":
         t = t.permute(0, 2, 3, 1)
-    return t.reshape(-1, t.shape[-1]).float()
+    return t.reshape(-1, t.shape[-1])
 
 
 def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[str, torch.Tensor]:
@@ -93,8 +117,9 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[st
 
 def tensor_cores(dtype: torch.dtype) -> bool:
     """Whether the channel products (D x D and grouped) run on tensor cores (csrc/tc.cuh): for
-    fp16 and bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0`` (which gives
-    the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA cores."""
+    fp16 and bf16 activations, unless the environment sets ``MSLORA_CUDA_TENSOR_CORES=0``
+    (which gives the fp32 CUDA-core path, for comparison and debugging). fp32 always uses CUDA
+    cores."""
     return dtype in (torch.float16, torch.bfloat16) and \
         os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
 
@@ -155,25 +180,91 @@ def _ptrs(**tensors) -> dict[str, int]:
     return {k: v.data_ptr() for k, v in tensors.items() if v is not None}
 
 
-def _ws(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(rows, cols, device=like.device, dtype=torch.float32)
+def _ws(rows: int, cols: int, like: torch.Tensor,
+        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (rows, cols) buffer on like's device: a D-channel workspace in like's dtype (the
+    kernels' T), or an fp32 one or partial-sum buffer (``dtype=torch.float32``)."""
+    return torch.empty(rows, cols, device=like.device, dtype=dtype or like.dtype)
 
 
-def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
-                 smem_limit: int):
-    """(out, zmean) with the given kernel launcher; x already validated."""
+def _workspace(name: str, npix: int, o: MSLoRAOptions, x: torch.Tensor) -> torch.Tensor:
+    """D-channel workspace ``name`` (Params of csrc/mslora.cuh) for npix pixels."""
+    return _ws(npix, o.rank, x, torch.float32 if name in FP32_WORKSPACES else None)
+
+
+def _partial(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    return _ws(rows, cols, like, torch.float32)
+
+
+def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
+                              nchw_memory: bool | None = None,
+                              tile_pixels: int = TILE_ROWS[-1] * TILE_W,
+                              pixel_block: int = PIXEL_BLOCKS[0]) -> float:
+    """Peak transient memory of the CUDA backward (:func:`backward_impl`) per pixel of N*H*W, in
+    bytes, beyond its inputs (x, grad_out, zmean, weights) and outputs (grad_x, the weight
+    gradients); the fixed part (independent of N*H*W) is :func:`workspace_bytes_fixed`.
+
+    The backward's phases, with b = dtype's size, D = rank, C = channels, z and ds0 fp32
+    (:data:`FP32_WORKSPACES`) (the largest wins):
+
+    - prep + bwd_tile: the six D-channel workspaces z, ds0 (4 D each), da, s, m', dt (D b
+      each): 8 D + 4 D b;
+    - the up gradient: z, ds0, da, m' and grad_out pixel-major (a C b copy if its memory is
+      NCHW): 8 D + 2 D b (+ C b);
+    - bwd_dz: z, ds0, da, dz: 8 D + 2 D b;
+    - bwd_dx and the proj / down gradients: da, dz and u = x pixel-major (a C b copy if NCHW
+      memory), under prenorm LN(u) (C b) and LayerNorm's fp32 mean / rstd (8 B): 2 D b (+ C b)
+      (+ C b + 8);
+
+    plus, all along, the fp32 partial sums that grow with the pixels: pool and enhance
+    (3 D fp32 a tile of ``tile_pixels``) and prenorm (2 C fp32 a block of ``pixel_block``
+    pixels). ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
+    (default: ``o.data_format == "channels_first"``; channels_last memory has no copies). The
+    tile and block default to the smallest tile (pessimistic for the tile partials) and the
+    largest pixel block (what the planner takes unless C is in the thousands); the plan's own
+    values (ints "TH" * "TW", "PB" of :func:`_plan`) give the exact figure, up to the partial
+    tiles at the images' right and bottom edges.
+    """
+    b = torch.empty((), dtype=dtype).element_size()
+    d, c = o.rank, o.channels
+    size = {k: d * (4 if k in FP32_WORKSPACES else b) for k in ("z", "ds0", "da", "s", "mp",
+                                                                 "dt", "dz")}
+    copy = (o.data_format == "channels_first") if nchw_memory is None else nchw_memory
+    phases = [sum(size[k] for k in ("z", "ds0", "da", "s", "mp", "dt")),
+              sum(size[k] for k in ("z", "ds0", "da", "mp")) + copy * c * b,
+              sum(size[k] for k in ("z", "ds0", "da", "dz")),
+              size["da"] + size["dz"] + copy * c * b + o.prenorm * (c * b + 8)]
+    partials = (int(o.pool) + 2 * int(o.enhance)) * d * 4 / tile_pixels + \
+        int(o.prenorm) * 2 * c * 4 / pixel_block
+    return max(phases) + partials
+
+
+def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
+    """The CUDA backward's transient memory that does not grow with N*H*W, in bytes: fp32 copies
+    of the weights, and bwd_dz's partial rows (dK, gate; ``slots`` rows at most, see
+    :func:`dz_slots`). Small next to :func:`workspace_bytes_per_pixel` times the pixels except
+    for tiny batches: 4 per SM on a 132-SM GPU at D=128, K=(3,5,7) is 22 MB."""
+    d, nk = o.rank, len(o.kernel_sizes)
+    ktot = sum(k * k for k in o.kernel_sizes)
+    params = sum(math.prod(shape) for shape in weight_shapes(o).values())
+    return 4 * (params + slots * (d * ktot + o.gate * (nk * d + nk)))
+
+
+def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+                   smem_limit: int, out: torch.Tensor) -> torch.Tensor | None:
+    """One slice of images with the given kernel launcher (x already validated, in a kernel
+    layout): writes ``out`` (x's shape and layout) and returns zmean (pool) or None."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
-    z = _ws(n * h * w, o.rank, x)
+    z = _workspace("z", n * h * w, o, x)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
-    zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None
-    out = torch.empty_like(xc)
+    zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
-    return out, zmean
+    return zmean
 
 
 def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
@@ -181,18 +272,19 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
         2 * math.pi)
 
 
-def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
-                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
-    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
-    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device)."""
+def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                    smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
+                    dx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One slice of images with the given kernel launcher (inputs already validated, in a kernel
+    layout): writes ``dx`` (x's shape and layout) and returns the slice's weight gradients in
+    fp32. ``slots``: the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots`
+    of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
     npix, d, g, nk = n * h * w, o.rank, o.groups, len(o.kernel_sizes)
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     tiles = n * ints["tiles"]
-    if slots is not None and slots < 1:
-        raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
     # bwd_dz is persistent: dz_blocks blocks, each summing the dK / gate partials of its tiles
     # into one row, so those buffers do not grow with N*H*W.
     ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
@@ -200,47 +292,49 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
-    # Workspaces in the order they die: s, mp and dt only feed the pw/up weight gradients,
-    # which are taken (and the three freed) before dz is allocated.
-    ws = {k: _ws(npix, d, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
-    part = {"part_dw": _ws(ints["dz_blocks"], d * ktot, x)}
+    # Workspaces (FP32_WORKSPACES fp32, the others x's dtype) in the order they die: s, mp and
+    # dt only feed the pw/up weight gradients, which are taken (and the three freed) before dz
+    # is allocated; z and ds0 die after bwd_dz (see workspace_bytes_per_pixel).
+    ws = {k: _workspace(k, npix, o, x) for k in ("z", "da", "ds0", "s", "mp", "dt")}
+    part = {"part_dw": _partial(ints["dz_blocks"], d * ktot, x)}
     if o.pool:
-        part["part_pool"] = _ws(tiles, d, x)
+        part["part_pool"] = _partial(tiles, d, x)
     if o.enhance:
-        part["part_enorm_w"], part["part_enorm_b"] = _ws(tiles, d, x), _ws(tiles, d, x)
+        part["part_enorm_w"], part["part_enorm_b"] = _partial(tiles, d, x), _partial(tiles, d, x)
     if o.gate:
-        part["part_gate_w"] = _ws(ints["dz_blocks"], nk * d, x)
-        part["part_gate_b"] = _ws(ints["dz_blocks"], nk, x)
+        part["part_gate_w"] = _partial(ints["dz_blocks"], nk * d, x)
+        part["part_gate_b"] = _partial(ints["dz_blocks"], nk, x)
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
-        part["part_norm_w"], part["part_norm_b"] = _ws(blocks, c, x), _ws(blocks, c, x)
+        part["part_norm_w"], part["part_norm_b"] = _partial(blocks, c, x), _partial(blocks, c, x)
     common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
     launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(**ws)})
 
-    # Dense weight gradients: fp32 GEMMs over the workspaces (grouped ones per group).
+    # Dense weight gradients: GEMMs in x's dtype (fp32 accumulation) over the workspaces and
+    # the activations, no fp32 copies (grouped ones per group); to fp32 in grads32.
     cg, dg = c // g, d // g
-    grads32 = {"pw.weight": ws.pop("dt").t() @ ws.pop("s")}
+    grads32 = {"pw.weight": (ws.pop("dt").t() @ ws.pop("s")).float()}
     dpix = _pixel_major(grad_out, o)
     grads32["up.weight"] = torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
-                                        ws.pop("mp").view(npix, g, dg))
+                                        ws.pop("mp").view(npix, g, dg)).float()
     del dpix
-    ws["dz"] = _ws(npix, d, x)
+    ws["dz"] = _workspace("dz", npix, o, x)
     pool_dz = None
     if o.pool:
         psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
         pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **_ptrs(pool_dz=pool_dz, **ws)})
-    dx = torch.empty_like(xc)
+    del ws["z"], ws["ds0"]  # bwd_dx and the GEMMs below need da and dz only
     launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
 
     u = _pixel_major(x, o)
-    if o.prenorm:
-        u = F.layer_norm(u, (c,), w32["norm_w"], w32["norm_b"], LN_EPS)
+    if o.prenorm:  # in x's dtype, as the reference computes it
+        u = F.layer_norm(u, (c,), weights["norm.weight"], weights["norm.bias"], LN_EPS)
     ug = u.view(npix, g, cg)
-    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug)
-    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug)
+    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug).float()
+    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug).float()
     dwsum = part["part_dw"].sum(0)
     off = 0
     for i, k in enumerate(o.kernel_sizes):
@@ -255,8 +349,55 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     if o.gate:
         grads32["gate.weight"] = part["part_gate_w"].sum(0)
         grads32["gate.bias"] = part["part_gate_b"].sum(0)
-    grads = {k: grads32[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
-    return dx, grads
+    return grads32
+
+
+# ------------------------------------------------------------------ image slices
+
+
+def _slices(x: torch.Tensor, o: MSLoRAOptions, bytes_per_pixel: float) -> list[tuple[int, int]]:
+    """The image slices of x's batch under the workspace budget."""
+    h, w = x.shape[2:] if o.data_format == "channels_first" else x.shape[1:3]
+    return image_slices(x.shape[0], math.ceil(h * w * bytes_per_pixel))
+
+
+def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+                 smem_limit: int):
+    """(out, zmean) with the given kernel launcher; x already validated. Runs
+    :func:`_forward_slice` over slices of whole images whose workspace (z, fp32) fits the
+    workspace budget (``mslora_kernels.workspace``), each writing its images of one ``out``;
+    every value is per image, so slicing changes no result."""
+    xc, _, _ = _physical(x, o)  # one layout for every slice and the result
+    out = torch.empty_like(xc)
+    zmeans = []
+    for n0, n1 in _slices(x, o, 4 * o.rank):
+        zmeans.append(_forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit,
+                                     out=out[n0:n1]))
+    return out, torch.cat(zmeans) if o.pool else None
+
+
+def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
+    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
+    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device).
+
+    Runs :func:`_backward_slice` over slices of whole images whose workspaces
+    (:func:`workspace_bytes_per_pixel`) fit the workspace budget (``mslora_kernels.workspace``),
+    each writing its images of one grad_x. Each slice returns fp32 weight gradients, its own
+    partial sums (dz_blocks rows, tiles, pixel blocks) already reduced in a fixed order; they
+    are summed slice after slice in fp32 and cast to the weights' dtype once: deterministic."""
+    if slots is not None and slots < 1:
+        raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
+    xc, nhwc, _ = _physical(x, o)
+    gc, _, _ = _physical(grad_out, o, nhwc)
+    dx = torch.empty_like(xc)
+    total = None
+    for n0, n1 in _slices(x, o, workspace_bytes_per_pixel(o, x.dtype, nchw_memory=not nhwc)):
+        zm = zmean[n0:n1] if o.pool else None
+        g = _backward_slice(gc[n0:n1], xc[n0:n1], weights, o, zm, launch, smem_bytes,
+                            smem_limit, slots, dx=dx[n0:n1])
+        total = g if total is None else {k: total[k] + g[k] for k in total}
+    return dx, {k: total[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
 
 
 # ------------------------------------------------------------------ the public launchers

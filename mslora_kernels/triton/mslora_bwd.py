@@ -28,8 +28,16 @@ On top come the weight-gradient updates, L2 traffic: per tile of BLOCK_P pixels 
 D^2 + 3*C*D/G + sum(k^2)*D fp32 atomics (or load+store pairs when deterministic).
 The dc_i and z buffers are the price of not recomputing ``c_i`` on a halo inside B2 (which costs
 k^2 times the depthwise work without an on-chip gather). Peak transient memory: ``(nK + 1) * D``
-elements in the compute dtype plus ``C`` fp32 per pixel (and the gradient partials), freed when
-the launcher returns.
+elements in the compute dtype plus ``C`` fp32 per pixel (:func:`workspace_bytes_per_pixel`; and
+the gradient partials), freed when the launcher returns.
+
+Image slices: the launcher runs B0-B2 over slices of whole images
+(``mslora_kernels.workspace.image_slices``), each slice's z / dc / du at most the workspace
+budget (``MSLORA_WORKSPACE_MB``, default 64 MiB; one image at least), the buffers allocated once at
+the largest slice and reused. Everything but the weight gradients is per image (pool's sum of
+ds0 is per image and consumed within the slice), so slicing changes only the order in which the
+weight gradients are summed: they accumulate in the same fp32 buffer across slices (atomics, or
+each deterministic program's private row, in slice order).
 
 Weight gradients are reductions over N*H*W, accumulated in fp32:
 - ``deterministic=False`` (the default, per the contract): one program per tile, each adding its
@@ -71,6 +79,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
+from ..workspace import image_slices, rows
 from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
@@ -646,6 +655,12 @@ def _check(grad_out, x, weights, o, zmean) -> None:
                              f"{tuple(zmean.shape)} on {zmean.device}")
 
 
+def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
+    """The backward's transient bytes per pixel (the module doc's accounting): z and the nK
+    dc_i in the compute dtype, du in fp32. What the image slices are budgeted by."""
+    return (len(o.kernel_sizes) + 1) * o.rank * dtype.itemsize + 4 * o.channels
+
+
 def _gelu_grad_torch(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x * 0.7071067811865476)) + \
         x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
@@ -685,13 +700,15 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     cg, dg = c // g, d // g
     nk = len(o.kernel_sizes)
     hw = h * w
-    nhw = n * hw
     dev = x.device
     f32 = torch.float32
     sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     bp, bd, warps, maxnreg = _blocks(d, x.dtype, sm90)
     tiles_per_img = triton.cdiv(hw, bp)
-    ntiles = n * tiles_per_img
+    # Slices of whole images, each slice's workspaces within the budget (see the module doc).
+    slices = image_slices(n, hw * workspace_bytes_per_pixel(o, x.dtype))
+    ns_max = max(n1 - n0 for n0, n1 in slices)
+    nhw_max = ns_max * hw
 
     # packed depthwise taps: path i at woffs[i], (D, k, k) row-major
     ks = torch.tensor(o.kernel_sizes, dtype=torch.int32, device=dev)
@@ -701,24 +718,29 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     dw = torch.cat([weights[f"dw.{i}.weight"].reshape(-1) for i in range(nk)])
 
     # the fp32 gradient buffer: one section per gradient, plus the per-(n, d) sum of ds0 (pool)
+    # of the images of one slice (zeroed before each slice's B1, consumed before its B2)
     sections = {"proj.weight": d * cg, "down.weight": d * cg, "up.weight": c * dg,
                 "pw.weight": d * d, "dw": sum(sizes), "gate.weight": nk * d, "gate.bias": nk,
                 "enorm.weight": d, "enorm.bias": d, "norm.weight": c, "norm.bias": c,
-                "pool": n * d}
+                "pool": ns_max * d}
     offs, total = {}, 0
     for key, size in sections.items():
         offs[key] = total
         total += (size + 31) // 32 * 32
     if deterministic:
-        nprog = min(ntiles, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // total))
+        # One program count for every slice (a program with no tile in a smaller slice adds
+        # nothing), so each program's private row sums its tiles slice after slice: a fixed order.
+        nprog = min(ns_max * tiles_per_img, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // total))
     else:
-        nprog = ntiles
-    gbuf = torch.zeros((nprog if deterministic else 1, total), dtype=f32, device=dev)
+        nprog = 1  # one row, shared through atomics
+    gbuf = torch.zeros((nprog, total), dtype=f32, device=dev)
+    pool_sec = gbuf[:, offs["pool"]:offs["pool"] + ns_max * d]
 
-    # z and dc_i in the compute dtype (as the reference rounds them); du in fp32
-    zbuf = torch.empty((nhw, d), dtype=x.dtype, device=dev)
-    dcbuf = torch.empty((nk, nhw, d), dtype=x.dtype, device=dev)
-    dubuf = torch.empty((nhw, c), dtype=f32, device=dev)
+    # z and dc_i in the compute dtype (as the reference rounds them); du in fp32; allocated once
+    # at the largest slice, the leading rows of each used by a slice
+    zbuf = torch.empty((nhw_max, d), dtype=x.dtype, device=dev)
+    dcbuf = torch.empty((nk * nhw_max * d,), dtype=x.dtype, device=dev)
+    dubuf = torch.empty((nhw_max, c), dtype=f32, device=dev)
     grad_x = torch.empty_like(x)
     sgx = nchw_strides(grad_x, o.data_format)
 
@@ -727,45 +749,58 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     ng, nb = (wt["norm.weight"], wt["norm.bias"]) if o.prenorm else (dummy, dummy)
     eg, eb = (wt["enorm.weight"], wt["enorm.bias"]) if o.enhance else (dummy, dummy)
     gw, gbias = (wt["gate.weight"], wt["gate.bias"]) if o.gate else (dummy, dummy)
-    if o.pool:
-        zm = zmean.to(f32).contiguous() if zmean is not None else None
-    else:
-        zm = gbuf
+    zm_all = zmean.to(f32).contiguous() if o.pool and zmean is not None else None
 
     wrap = torch.library.wrap_triton
-    wrap(_bwd_z_kernel)[(ntiles,)](
-        x, wt["down.weight"], ng, nb, zbuf, c, d, h, w, cg, dg, *sx, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
-        maxnreg=_z_maxnreg(maxnreg))
-    if o.pool and zm is None:
-        zm = zbuf.view(n, hw, d).float().mean(1)
+    for i, (n0, n1) in enumerate(slices):
+        # Batch slices of x, grad_out, grad_x: views with the full tensors' strides (sx, sg,
+        # sgx), so every kernel addresses image n of the slice at n * sxn from the view's start.
+        ns = n1 - n0
+        nhw, ntiles = ns * hw, ns * tiles_per_img
+        xs, gos, gxs = rows(x, n0, n1), rows(grad_out, n0, n1), rows(grad_x, n0, n1)
+        zs, dus = rows(zbuf, 0, nhw), rows(dubuf, 0, nhw)
+        dcs = rows(dcbuf, 0, nk * nhw * d).view(nk, nhw, d)
+        grid = (nprog,) if deterministic else (ntiles,)
+        if o.pool:
+            zm = rows(zm_all, n0, n1) if zm_all is not None else None
+            if i > 0:
+                pool_sec.zero_()
+        else:
+            zm = gbuf
 
-    wrap(_bwd_main_kernel)[(nprog,)](
-        x, grad_out, zbuf, zm, dcbuf, dubuf,
-        wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks, woffs,
-        gw, gbias, ng, nb, eg, eb,
-        gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"], offs["pw.weight"],
-        offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"], offs["enorm.bias"],
-        offs["pool"], total,
-        n, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
-        POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
-        maxnreg=maxnreg)
+        wrap(_bwd_z_kernel)[(ntiles,)](
+            xs, wt["down.weight"], ng, nb, zs, c, d, h, w, cg, dg, *sx, tiles_per_img,
+            BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
+            maxnreg=_z_maxnreg(maxnreg))
+        if o.pool and zm is None:
+            zm = zs.view(ns, hw, d).float().mean(1)
 
-    if o.pool:
-        pool_sum = gbuf[:, offs["pool"]:offs["pool"] + n * d].sum(0).view(n, d)
-        dzpool = (pool_sum * _gelu_grad_torch(zm) / hw).contiguous()
-    else:
-        dzpool = gbuf
+        wrap(_bwd_main_kernel)[grid](
+            xs, gos, zs, zm, dcs, dus,
+            wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks,
+            woffs, gw, gbias, ng, nb, eg, eb,
+            gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"],
+            offs["pw.weight"], offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"],
+            offs["enorm.bias"], offs["pool"], total,
+            ns, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
+            BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
+            POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
+            maxnreg=maxnreg)
 
-    wrap(_bwd_dz_kernel)[(nprog,)](
-        x, grad_out, grad_x, zbuf, dcbuf, dubuf, dzpool,
-        wt["down.weight"], dw, ks, woffs, ng, nb,
-        gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
-        n, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
-        BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
-        DET=deterministic, num_warps=warps,
-        maxnreg=maxnreg)
+        if o.pool:
+            pool_sum = pool_sec[:, :ns * d].sum(0).view(ns, d)
+            dzpool = (pool_sum * _gelu_grad_torch(zm) / hw).contiguous()
+        else:
+            dzpool = gbuf
+
+        wrap(_bwd_dz_kernel)[grid](
+            xs, gos, gxs, zs, dcs, dus, dzpool,
+            wt["down.weight"], dw, ks, woffs, ng, nb,
+            gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
+            ns, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
+            BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
+            DET=deterministic, num_warps=warps,
+            maxnreg=maxnreg)
 
     flat = gbuf.sum(0) if deterministic else gbuf[0]
     grads = {}

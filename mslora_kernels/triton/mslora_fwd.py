@@ -30,6 +30,12 @@ Design choices worth knowing:
 - dtypes: fp32, fp16, bf16 operands; every accumulation in fp32. fp32 products never use
   plain TF32 (see :func:`use_tf32x3`), so fp32 meets SPEC's TF32-off 1e-4 rule; fp32 tiles
   run with 8 warps (their dot operands take twice the registers).
+- Image slices: the launcher runs F1/F2 over slices of whole images
+  (``mslora_kernels.workspace.image_slices``) so that the scratch between the passes (z and the
+  per-pixel statistics, :func:`workspace_bytes_per_pixel`) stays within the workspace budget
+  (``MSLORA_WORKSPACE_MB``, default 64 MiB; one image at least); allocated once at the largest
+  slice and reused, out and zmean written into slices of the full outputs. Every value is per
+  image, so the result does not depend on the slicing.
 - Limits: up to four kernel sizes (:data:`MAX_PATHS`, the paper uses three) and D <= 512
   (:data:`MAX_RANK`); the launcher refuses more with a ValueError before any launch.
 """
@@ -41,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions
+from ..workspace import image_slices, rows
 from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides, normalize_layout
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
@@ -385,6 +392,16 @@ def check_supported(x: torch.Tensor, o: MSLoRAOptions) -> None:
                          f"maximum {MAX_RANK}")
 
 
+def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
+    """The forward's scratch bytes per pixel between F1 and F2: z (D, compute dtype), the LN_C
+    statistics (prenorm, 2 fp32), the gate logits (gate, GATE_STRIDE fp32) and the pool partial
+    sums (pool, D fp32 per F1 program of BLOCK_P pixels, rounded up)."""
+    per = o.rank * dtype.itemsize + (8 if o.prenorm else 0) + (4 * GATE_STRIDE if o.gate else 0)
+    if o.pool:
+        per += -(-4 * o.rank // f1_config(o.rank, dtype)["BLOCK_P"])
+    return per
+
+
 def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     """Returns (out, zmean). out = x + H(x), same shape/layout/dtype/memory format as x.
 
@@ -408,44 +425,66 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
 
     cfg1 = f1_config(d, dt)
     nt = triton.cdiv(hw, cfg1["BLOCK_P"])
-    z = torch.empty((n, h, w, d), device=dev, dtype=dt)
-    stats = torch.empty((n * hw, 2) if o.prenorm else (1,), device=dev, dtype=torch.float32)
-    glog = torch.empty((n * hw, GATE_STRIDE) if o.gate else (1,), device=dev,
+    # Slices of whole images (see the module doc); the scratch at the largest slice, reused.
+    slices = image_slices(n, hw * workspace_bytes_per_pixel(o, dt))
+    ns_max = max(n1 - n0 for n0, n1 in slices)
+    z = torch.empty((ns_max * hw, d), device=dev, dtype=dt)
+    stats = torch.empty((ns_max * hw, 2) if o.prenorm else (1,), device=dev, dtype=torch.float32)
+    glog = torch.empty((ns_max * hw, GATE_STRIDE) if o.gate else (1,), device=dev,
                        dtype=torch.float32)
-    part = torch.empty((n, nt, d) if o.pool else (1,), device=dev, dtype=torch.float32)
+    part = torch.empty((ns_max * nt, d) if o.pool else (1,), device=dev, dtype=torch.float32)
+    zmean = torch.empty((n, d), device=dev, dtype=torch.float32) \
+        if o.pool and len(slices) > 1 else None
     nw = wt["norm.weight"] if o.prenorm else wt["down.weight"]
     nb = wt["norm.bias"] if o.prenorm else wt["down.weight"]
     gw = wt["gate.weight"] if o.gate else wt["down.weight"]
     gb = wt["gate.bias"] if o.gate else wt["down.weight"]
-    torch.library.wrap_triton(_mslora_f1_kernel)[(nt, n)](
-        x, wt["down.weight"], nw, nb, gw, gb, z, stats, glog, part,
-        c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
-        PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
-        BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K,
-        TF32X3=use_tf32x3(dt),
-        num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
-    )
-    # pool: a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
-    zmean = part.sum(dim=1) / hw if o.pool else None
 
     cfg2 = f2_config(d, o.enhance, dt)
     tiles_w = triton.cdiv(w, cfg2["TW"])
-    grid2 = (triton.cdiv(h, cfg2["TH"]) * tiles_w, n)
+    tiles2 = triton.cdiv(h, cfg2["TH"]) * tiles_w
     ks = list(o.kernel_sizes) + [0] * (MAX_PATHS - len(o.kernel_sizes))
     dws = [wt[f"dw.{i}.weight"] if ks[i] else wt["dw.0.weight"] for i in range(MAX_PATHS)]
     ew = wt["enorm.weight"] if o.enhance else wt["pw.weight"]
     eb = wt["enorm.bias"] if o.enhance else wt["pw.weight"]
-    torch.library.wrap_triton(_mslora_f2_kernel)[grid2](
-        x, out, z, stats, glog, zmean if o.pool else stats,
-        wt["proj.weight"], wt["pw.weight"], wt["up.weight"], nw, nb, ew, eb, *dws,
-        c, d, cg, dg, g, h, w, tiles_w, sxn, sxc, sxh, sxw, son, soc, soh, sow,
-        K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KMAX=max(ks),
-        PRENORM=o.prenorm, ENHANCE=o.enhance, POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle,
-        TH=cfg2["TH"], TW=cfg2["TW"], BLOCK_D=cfg2["BLOCK_D"], DC=cfg2["DC"],
-        BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, TF32X3=use_tf32x3(dt, o.enhance),
-        num_warps=cfg2["num_warps"],
-        num_stages=cfg2["num_stages"],
-    )
+
+    for n0, n1 in slices:
+        # Batch slices of x and out: views with the full tensors' strides (image n of the slice
+        # at n * sxn from the view's start); the scratch's leading rows.
+        ns = n1 - n0
+        xs, outs = rows(x, n0, n1), rows(out, n0, n1)
+        zs = rows(z, 0, ns * hw)
+        stats_s = rows(stats, 0, ns * hw) if o.prenorm else stats
+        glog_s = rows(glog, 0, ns * hw) if o.gate else glog
+        part_s = rows(part, 0, ns * nt) if o.pool else part
+        torch.library.wrap_triton(_mslora_f1_kernel)[(nt, ns)](
+            xs, wt["down.weight"], nw, nb, gw, gb, zs, stats_s, glog_s, part_s,
+            c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
+            PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
+            BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K,
+            TF32X3=use_tf32x3(dt),
+            num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
+        )
+        zmean_s = stats
+        if o.pool:
+            # a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
+            zmean_s = part_s.view(ns, nt, d).sum(dim=1) / hw
+            if len(slices) == 1:
+                zmean = zmean_s
+            else:
+                zmean[n0:n1] = zmean_s
+
+        torch.library.wrap_triton(_mslora_f2_kernel)[(tiles2, ns)](
+            xs, outs, zs, stats_s, glog_s, zmean_s,
+            wt["proj.weight"], wt["pw.weight"], wt["up.weight"], nw, nb, ew, eb, *dws,
+            c, d, cg, dg, g, h, w, tiles_w, sxn, sxc, sxh, sxw, son, soc, soh, sow,
+            K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], KMAX=max(ks),
+            PRENORM=o.prenorm, ENHANCE=o.enhance, POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle,
+            TH=cfg2["TH"], TW=cfg2["TW"], BLOCK_D=cfg2["BLOCK_D"], DC=cfg2["DC"],
+            BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, TF32X3=use_tf32x3(dt, o.enhance),
+            num_warps=cfg2["num_warps"],
+            num_stages=cfg2["num_stages"],
+        )
     return out, zmean
 
 

@@ -1,0 +1,68 @@
+"""The workspace budget of the fused backends: how many images one launch sequence takes.
+
+The fused MSLoRA launchers (Triton and CUDA) allocate transient per-pixel workspaces (z, the
+backward's dc_i / du or the CUDA backward's D-channel buffers) that would grow with N*H*W. Every
+quantity of MSLoRA is per image except the weight gradients, which are sums over N*H*W (pool's
+mean is per image, LayerNorm per pixel). So the launchers run over *slices of whole images*,
+each slice's workspaces at most :func:`workspace_budget` bytes, and sum the weight gradients
+across slices: exact up to the summation order (Liger-Kernel's chunked fused linear
+cross-entropy does the same).
+
+``MSLORA_WORKSPACE_MB`` (default 64) sets the budget in MiB. It is read when a launcher runs
+(under ``torch.compile``: when it traces), so the slices are static for a given shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+ENV_VAR = "MSLORA_WORKSPACE_MB"
+DEFAULT_MB = 64
+
+
+def workspace_budget() -> int:
+    """The per-slice workspace budget in bytes: ``MSLORA_WORKSPACE_MB`` MiB, default 64."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_MB << 20
+    try:
+        mb = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{ENV_VAR} must be a positive integer number of MiB, got {raw!r}") \
+            from None
+    if mb <= 0:
+        raise ValueError(f"{ENV_VAR} must be a positive integer number of MiB, got {raw!r}")
+    return mb << 20
+
+
+def image_slices(n: int, bytes_per_image: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """``[(n0, n1), ...]``: the batch ``range(n)`` cut into slices of whole images, as few as
+    keep each slice's workspace (``(n1 - n0) * bytes_per_image``) within ``budget`` bytes
+    (default :func:`workspace_budget`), at least one image per slice even when one image alone
+    exceeds the budget, sizes balanced (differing by at most one, larger first): n=10 with room
+    for 4 gives 4, 3, 3."""
+    if n < 1:
+        raise ValueError(f"image_slices: the batch must have at least one image, got n={n}")
+    if bytes_per_image < 0:
+        raise ValueError(f"image_slices: bytes_per_image must be >= 0, got {bytes_per_image}")
+    if budget is None:
+        budget = workspace_budget()
+    elif budget <= 0:
+        raise ValueError(f"image_slices: budget must be positive, got {budget}")
+    per = n if bytes_per_image == 0 else max(1, min(n, budget // bytes_per_image))
+    count = math.ceil(n / per)
+    base, extra = divmod(n, count)
+    slices, n0 = [], 0
+    for i in range(count):
+        n1 = n0 + base + (1 if i < extra else 0)
+        slices.append((n0, n1))
+        n0 = n1
+    return slices
+
+
+def rows(t, n0: int, n1: int):
+    """``t[n0:n1]`` along dim 0, or ``t`` itself when that is all of it: a one-slice call then
+    traces the same graph as an unsliced launcher, with no view for ``torch.compile``'s
+    functionalization to copy around a kernel that writes it."""
+    return t if n0 == 0 and n1 == t.shape[0] else t[n0:n1]
