@@ -69,11 +69,12 @@ struct Params {
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
-  // workspaces, pixel-major (N*H*W, D): s, mp, dt, da, dz of type T (ws<T>); z and ds0 fp32
-  // (ws<float>): the depthwise passes read them with halos and they feed the few-element
-  // weight gradients (dK, gate), which a 16-bit z or ds0 pushed past SPEC's 2x bound on fp16 /
-  // bf16 (tests/test_cuda_host.py); the others feed per-pixel products and the dense GEMMs.
-  void *z, *s, *mp, *dt, *da, *ds0, *dz;
+  // workspaces, pixel-major (N*H*W, D): z and ds0 fp32: the depthwise passes read them with
+  // halos and they feed the few-element weight gradients (dK, gate), which a 16-bit z or ds0
+  // pushed past SPEC's 2x bound on fp16 / bf16 (tests/test_cuda_host.py); s, mp, dt, da, dz of
+  // type T (ws<T>): they feed per-pixel products and the dense GEMMs.
+  float *z, *ds0;
+  void *s, *mp, *dt, *da, *dz;
   // fp32 per-tile / per-block partial sums, (blocks, ...)
   float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
   float *part_dw;                                       // (dz_blocks, D * sum k^2)
@@ -103,8 +104,8 @@ MSLORA_HD void store_act(const Params& p, void* a, int n, int c, int64_t q, floa
   static_cast<T*>(a)[act_index<kNHWC>(p, n, c, q)] = from_f32<T>(v);
 }
 
-// A D-channel workspace (Params::z ... dz) of storage type W (T or float, see Params): typed
-// pointer, load, store (one rounding).
+// A D-channel workspace (Params::z ... dz) of storage type T or float (see Params): the typed
+// pointer of a T one, load, store (one rounding).
 template <typename T>
 MSLORA_HD T* ws(void* w) { return static_cast<T*>(w); }
 template <typename T>
@@ -595,7 +596,7 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      ws_store(ws<float>(p.z), pix * p.D + e,
+      ws_store(p.z, pix * p.D + e,
                tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
                   : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs));
     }
@@ -610,7 +611,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
                              float* s0, float* s_out, Ex& ex) {
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
-  const float* zimg = ws<float>(p.z) + int64_t(t.n) * hw(p) * p.D;
+  const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
   ex.stage([&](int tid) {
     for (int pl = tid; pl < P; pl += ex.nt) {
       const int64_t q = tile_pixel(p, t, pl);
@@ -876,7 +877,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
     for (int i = tid; i < P * p.D; i += ex.nt) {
       const int pl = i / p.D, e = i % p.D;
       const int64_t q = tile_pixel(p, t, pl);
-      if (q >= 0) ws_store(ws<float>(p.ds0), (pix0 + q) * p.D + e, ds0[i]);
+      if (q >= 0) ws_store(p.ds0, (pix0 + q) * p.D + e, ds0[i]);
     }
     for (int d = tid; d < p.D; d += ex.nt) {
       float pool = 0.f, gw = 0.f, gb = 0.f;
@@ -915,8 +916,8 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   float *z2 = sm + L.z2, *dc = sm + L.dc, *sig = sm + L.sig, *dsig = sm + L.dsig;
   const int P = L.P, nh = L.hh * L.hw_, ktot = dw_total(p);
   const int64_t pix0 = int64_t(t.n) * hw(p);
-  const float* zimg = ws<float>(p.z) + pix0 * p.D;
-  const float* dsimg = ws<float>(p.ds0) + pix0 * p.D;
+  const float* zimg = p.z + pix0 * p.D;
+  const float* dsimg = p.ds0 + pix0 * p.D;
   T* dzimg = ws<T>(p.dz) + pix0 * p.D;
   ex.stage([&](int tid) {  // gate sigmoids on tile + halo; dsig = 0
     for (int i = tid; i < p.nk * nh; i += ex.nt) {
