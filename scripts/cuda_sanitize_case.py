@@ -7,7 +7,6 @@ TC_SHAPES)."""
 import torch
 
 from mslora_kernels import MSLoRA
-from mslora_kernels.config import MSLoRAOptions
 from mslora_kernels.cuda.mslora import mslora_bwd, mslora_fwd
 
 ALL = {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True}
@@ -19,8 +18,8 @@ CASES = [
 ]
 torch.manual_seed(0)
 for c, d, g, ks, opts, fmt, dtypes in CASES:
-    o = MSLoRAOptions(c, d, g, ks, data_format=fmt, **opts)
     m = MSLoRA(c, d, g, ks, data_format=fmt, **opts).cuda()
+    o = m.options
     for dtype in dtypes:
         w = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
         shape = (2, c, 9, 11) if fmt == "channels_first" else (2, 9, 11, c)

@@ -338,13 +338,15 @@ def test_tile_rows_prefer_two_blocks_per_sm():
 
 def _nan_workspaces(monkeypatch):
     """Every workspace the CUDA launcher allocates from now on NaN-filled (a partial row or
-    pixel no kernel writes poisons the result); returns the list they are appended to."""
+    pixel no kernel writes poisons the result), on the device of the tensor it is made like;
+    returns the list they are appended to. Shared with the GPU tests."""
     import mslora_kernels.cuda.mslora as launcher
 
     made = []
 
     def nan_ws(rows, cols, like, dtype=None):
-        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype))
+        made.append(torch.full((rows, cols), math.nan, dtype=dtype or like.dtype,
+                               device=like.device))
         return made[-1]
 
     monkeypatch.setattr(launcher, "_ws", nan_ws)

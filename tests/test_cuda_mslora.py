@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 import torch
+from test_cuda_host import _nan_workspaces
 
 from mslora_kernels import MSLoRA, ops
 from mslora_kernels.backends import cuda_extension
@@ -169,14 +170,7 @@ def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
     _, g64 = _ref_grads(x64, w64, o, gout64)
     x, w, gout = x64.float(), {k: v.float() for k, v in w64.items()}, gout64.float()
 
-    made, seen = [], {}
-
-    def nan_ws(rows, cols, like, dtype=None):
-        made.append(torch.full((rows, cols), float("nan"), device=like.device,
-                               dtype=dtype or like.dtype))
-        return made[-1]
-
-    monkeypatch.setattr(launcher, "_ws", nan_ws)
+    made, seen = _nan_workspaces(monkeypatch), {}
     launch, smem_bytes, limit = launcher._gpu(x.device)
 
     def recording(kernel, dtype, nhwc, ints, ptrs):
