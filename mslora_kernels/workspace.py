@@ -10,6 +10,10 @@ cross-entropy does the same).
 
 ``MSLORA_WORKSPACE_MB`` (default 64) sets the budget in MiB. It is read when a launcher runs
 (under ``torch.compile``: when it traces), so the slices are static for a given shape.
+
+A slice also never holds more than :data:`MAX_IMAGES_PER_SLICE` images: both backends launch a
+slice's images along grid axis 1, which CUDA caps at 65535 blocks, so any batch size runs (a
+batch of many tiny maps, which the byte budget alone would put in one slice, included).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 
 ENV_VAR = "MSLORA_WORKSPACE_MB"
 DEFAULT_MB = 64
+MAX_IMAGES_PER_SLICE = 65535  # CUDA's gridDim.y limit: the launchers put images on grid axis 1
 
 
 def workspace_budget() -> int:
@@ -40,8 +45,8 @@ def image_slices(n: int, bytes_per_image: int, budget: int | None = None) -> lis
     """``[(n0, n1), ...]``: the batch ``range(n)`` cut into slices of whole images, as few as
     keep each slice's workspace (``(n1 - n0) * bytes_per_image``) within ``budget`` bytes
     (default :func:`workspace_budget`), at least one image per slice even when one image alone
-    exceeds the budget, sizes balanced (differing by at most one, larger first): n=10 with room
-    for 4 gives 4, 3, 3."""
+    exceeds the budget, and at most :data:`MAX_IMAGES_PER_SLICE`; sizes balanced (differing by
+    at most one, larger first): n=10 with room for 4 gives 4, 3, 3."""
     if n < 1:
         raise ValueError(f"image_slices: the batch must have at least one image, got n={n}")
     if bytes_per_image < 0:
@@ -51,6 +56,7 @@ def image_slices(n: int, bytes_per_image: int, budget: int | None = None) -> lis
     elif budget <= 0:
         raise ValueError(f"image_slices: budget must be positive, got {budget}")
     per = n if bytes_per_image == 0 else max(1, min(n, budget // bytes_per_image))
+    per = min(per, MAX_IMAGES_PER_SLICE)
     count = math.ceil(n / per)
     base, extra = divmod(n, count)
     slices, n0 = [], 0

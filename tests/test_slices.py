@@ -312,3 +312,51 @@ def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(),
                                    msg=lambda msg, k=k: f"grad {k}: {msg}")
+
+
+# ------------------------------------------------------- the grid limit (images per slice)
+
+
+GRID_N = 65535 + 2  # one image past the grid limit; literal, so a changed cap can't hide it
+
+
+def _grid_case(device):
+    """GRID_N 2x3 maps (fp32), whose workspaces together fit the default budget: only the image
+    cap slices them."""
+    m = _module(8, 4, 2, (3,), SLICE_OPTS, "channels_first")
+    x = torch.randn(GRID_N, 8, 2, 3, dtype=torch.float32)
+    wt = {k: v.detach().float() for k, v in m.named_parameters()}
+    gout = torch.randn_like(x)
+    return m.options, x.to(device), {k: v.to(device) for k, v in wt.items()}, gout.to(device)
+
+
+def test_cuda_host_batch_beyond_the_grid_limit(cuda_host):
+    """The launchers cut the batch at MAX_IMAGES_PER_SLICE (the host build refuses a grid
+    beyond CUDA's limits, as the device does) and the result is the reference's."""
+    o, x, wt, gout = _grid_case("cpu")
+    out, _, dx, grads = _cuda_run(cuda_host, o, x, wt, gout)
+    _reference_checker(x, wt, o, gout)(out, dx, grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_batch_beyond_the_grid_limit(backend, no_tf32):
+    """Both backends on the device, GRID_N images (grid axis 1 would need 65537 blocks): a
+    launch error, or a wrong image past the limit, shows here."""
+    from mslora_kernels.ops import mslora_unavailable_reason
+
+    reason = mslora_unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    o, x, wt, gout = _grid_case("cuda")
+    if backend == "triton":
+        run = _triton_run
+    else:
+        from mslora_kernels.cuda import mslora as cu
+
+        def run(o, x, wt, gout):
+            out, zmean = cu.mslora_fwd(x, wt, o)
+            return (out, zmean, *cu.mslora_bwd(gout, x, wt, o, zmean))
+    out, _, dx, grads = run(o, x, wt, gout)
+    _reference_checker(x.cpu(), {k: v.cpu() for k, v in wt.items()}, o, gout.cpu())(
+        out.cpu(), dx.cpu(), {k: v.cpu() for k, v in grads.items()})

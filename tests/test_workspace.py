@@ -56,6 +56,24 @@ def test_every_slice_fits_when_an_image_fits():
             assert len(slices) == -(-n // per)
 
 
+def test_no_slice_exceeds_the_grid_limit():
+    """Images go on grid axis 1 (at most 65535 blocks): a batch of tiny maps whose workspaces
+    all fit the budget is still cut, into balanced slices of at most 65535 images."""
+    cap = workspace.MAX_IMAGES_PER_SLICE
+    assert cap == 65535
+    assert image_slices(cap, 0) == [(0, cap)]
+    assert image_slices(cap, 16, budget=1 << 40) == [(0, cap)]
+    for n, bpi in ((cap + 1, 0), (2 * cap + 1, 16), (200_000, 64)):
+        slices = image_slices(n, bpi, budget=1 << 40)
+        _check_cover(n, slices)
+        sizes = _sizes(slices)
+        assert max(sizes) <= cap and max(sizes) - min(sizes) <= 1
+        assert len(slices) == -(-n // cap)
+    # a byte budget tighter than the cap still decides
+    sizes = _sizes(image_slices(2 * cap + 1, 1000, budget=7 * 1000))
+    assert max(sizes) == 7 and min(sizes) >= 6 and len(sizes) == -(-(2 * cap + 1) // 7)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="at least one image"):
         image_slices(0, 10, budget=100)

@@ -415,8 +415,6 @@ def check_inputs(op: str, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
                          f"expected {o.channels}")
     if x.numel() == 0:
         raise ValueError(f"{op}: x is empty, shape {tuple(x.shape)}")
-    if x.shape[0] > 65535:
-        raise ValueError(f"{op}: batch {x.shape[0]} exceeds the CUDA grid limit 65535")
     if len(o.kernel_sizes) > MAX_PATHS:
         raise ValueError(f"{op}: at most {MAX_PATHS} kernel sizes, got {len(o.kernel_sizes)}")
     if grad_out is not None:

@@ -61,6 +61,10 @@ static int launch(const std::string& kernel, int dtype, bool nhwc, py::dict ints
   if (k < 0) throw std::invalid_argument("unknown kernel " + kernel);
   const Params p = params_from_dicts(ints, ptrs);
   const auto g = grid_of(k, p);
+  // The device's grid limits, so that a launcher that would exceed them fails here too.
+  if (g.first < 1 || g.first > 2147483647 || g.second < 1 || g.second > 65535)
+    throw std::invalid_argument("host build: grid (" + std::to_string(g.first) + ", " +
+                                std::to_string(g.second) + ") outside CUDA's limits");
   HostEx ex{256};
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
