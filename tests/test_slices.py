@@ -176,6 +176,14 @@ def cuda_host(request):
     return request.getfixturevalue("_compiled_host")
 
 
+def _cuda_device_run(o, x, wt, gout):
+    from mslora_kernels.cuda.mslora import mslora_bwd, mslora_fwd
+
+    out, zmean = mslora_fwd(x, wt, o)
+    dx, grads = mslora_bwd(gout, x, wt, o, zmean)
+    return out, zmean, dx, grads
+
+
 def _cuda_run(host, o, x, wt, gout):
     from mslora_kernels.cuda.mslora import backward_impl, forward_impl
 
@@ -349,14 +357,7 @@ def test_gpu_batch_beyond_the_grid_limit(backend, no_tf32):
     if reason is not None:
         pytest.skip(reason)
     o, x, wt, gout = _grid_case("cuda")
-    if backend == "triton":
-        run = _triton_run
-    else:
-        from mslora_kernels.cuda import mslora as cu
-
-        def run(o, x, wt, gout):
-            out, zmean = cu.mslora_fwd(x, wt, o)
-            return (out, zmean, *cu.mslora_bwd(gout, x, wt, o, zmean))
+    run = _triton_run if backend == "triton" else _cuda_device_run
     out, _, dx, grads = run(o, x, wt, gout)
     _reference_checker(x.cpu(), {k: v.cpu() for k, v in wt.items()}, o, gout.cpu())(
         out.cpu(), dx.cpu(), {k: v.cpu() for k, v in grads.items()})
