@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import validate_backend
+from .config import MSLoRAOptions, validate_backend
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -56,6 +56,10 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+# Fixed for the life of the process (installed packages, the built extension, the device type),
+# so torch.compile evaluates it once while tracing instead of tracing the imports inside it
+# (``importlib.import_module`` alone would break a ``fullgraph=True`` graph).
+@torch.compiler.assume_constant_result
 def fused_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why a fused MSLoRA backend cannot serve ``device``, kernels included."""
     from . import ops  # late: ops imports the kernel layers lazily too
@@ -84,10 +88,18 @@ LAYOUTS = ("channels_first", "channels_first_cl", "channels_last")
 
 
 @functools.cache
-def _ranking(path: Path = RANKING_PATH) -> tuple[dict, ...]:
+def _ranking(path: Path | None = None) -> tuple[dict, ...]:
+    path = RANKING_PATH if path is None else path
     if not path.is_file():
         return ()
     return tuple(json.loads(path.read_text())["rows"])
+
+
+# The ranking as torch.compile sees it: read when tracing (the file is fixed for the process),
+# never traced (file I/O inside a traced function breaks a fullgraph=True graph).
+@torch.compiler.assume_constant_result
+def _ranking_rows() -> tuple[dict, ...]:
+    return _ranking()
 
 
 def layout_name(x: torch.Tensor, data_format: str) -> str:
@@ -99,30 +111,49 @@ def layout_name(x: torch.Tensor, data_format: str) -> str:
     return "channels_first_cl" if cl else "channels_first"
 
 
-def ranked_backend(dtype: torch.dtype, layout: str, c: int, h: int, w: int, d: int,
-                   rows: tuple[dict, ...] | None = None) -> str | None:
-    """The faster fused backend measured on the benchmark shape nearest to (C, H*W, D), among
-    those of the same dtype and layout (distance: sum of |log ratio| of C, H*W and D); None
-    when the ranking has no row for the dtype and layout."""
-    rows = _ranking() if rows is None else rows
-    name = DTYPE_NAMES.get(dtype)
-    same = [r for r in rows if r["dtype"] == name and r["layout"] == layout]
+def nearest_winner(rows, dtype_name: str | None, layout: str, c: int, hw: int | None,
+                   d: int) -> str | None:
+    """The winner of the ranking rows nearest to (C, H*W, D) among those of the same dtype and
+    layout (distance: sum of |log ratio| of C, H*W and D; H*W left out when ``hw`` is None);
+    when several rows are equally near, the backend most of them chose (ties in
+    AUTO_ORDER_CUDA's order). None when no row has the dtype and layout."""
+    same = [r for r in rows if r["dtype"] == dtype_name and r["layout"] == layout]
     if not same:
         return None
+    dists = []
+    for r in same:
+        dist = 0.0
+        for got, want in ((c, r["C"]), (hw, r["H"] * r["W"]), (d, r["D"])):
+            if got is not None:
+                dist += abs(math.log(want / got))
+        dists.append(dist)
+    closest = min(dists)
+    nearest = [r["winner"] for r, dist in zip(same, dists, strict=True) if dist == closest]
+    best = None
+    for b in AUTO_ORDER_CUDA:
+        if nearest.count(b) > (nearest.count(best) if best else 0):
+            best = b
+    return best
 
-    def dist(r):
-        return (abs(math.log(r["C"] / c)) + abs(math.log(r["H"] * r["W"] / (h * w)))
-                + abs(math.log(r["D"] / d)))
 
-    return min(same, key=dist)["winner"]
+def ranked_backend(dtype: torch.dtype, layout: str, c: int, hw: int | None, d: int,
+                   rows: tuple[dict, ...] | None = None) -> str | None:
+    """The faster fused backend measured on the benchmark shape nearest to (C, H*W, D) (see
+    :func:`nearest_winner`; ``hw=None`` leaves the map size out), from ``rows`` or the committed
+    ranking."""
+    rows = _ranking_rows() if rows is None else rows
+    return nearest_winner(rows, DTYPE_NAMES.get(dtype), layout, c, hw, d)
 
 
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None,
-                    data_format: str = "channels_first", rank: int | None = None) -> str:
+                    options: MSLoRAOptions | None = None) -> str:
     """The concrete backend (``reference``, ``triton`` or ``cuda``) for a call on ``device``.
 
-    For ``"auto"`` with the input ``x`` (and the module's ``data_format`` and ``rank``) given,
-    the benchmark ranking picks between the usable fused backends (see :func:`ranked_backend`).
+    For ``"auto"`` with the input ``x`` and the module's ``options`` given, the benchmark ranking
+    picks between the usable fused backends (see :func:`ranked_backend`). Under
+    ``torch.compile`` it ranks on C and D alone, leaving out H*W: the sizes may be symbolic
+    there (dynamic shapes), and a choice that depended on them would fail to trace or tie the
+    compiled graph to one map size.
     """
     validate_backend(backend)
     if backend == "reference":
@@ -131,10 +162,13 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
         if device.type != "cuda":
             return "reference"
         order = AUTO_ORDER_CUDA
-        if x is not None and x.dim() == 4 and rank is not None:
-            c, h, w = (x.shape[1:] if data_format == "channels_first"
-                       else (x.shape[3], x.shape[1], x.shape[2]))
-            best = ranked_backend(x.dtype, layout_name(x, data_format), c, h, w, rank)
+        if x is not None and options is not None:
+            hw = None
+            if not torch.compiler.is_compiling():
+                h, w = x.shape[-3:-1] if options.data_format == "channels_last" else x.shape[-2:]
+                hw = h * w
+            best = ranked_backend(x.dtype, layout_name(x, options.data_format), options.channels,
+                                  hw, options.rank)
             if best is not None:
                 order = (best, *[b for b in AUTO_ORDER_CUDA if b != best])
         for b in order:

@@ -136,7 +136,7 @@ class MSLoRA(nn.Module):
         weights = {n: (p if p.dtype == dtype else p.to(dtype)) for n, p in self.named_parameters()}
         x = x if x.dtype == dtype else x.to(dtype)
         o = self.options
-        backend = resolve_backend(self.backend, x.device, x, o.data_format, o.rank)
+        backend = resolve_backend(self.backend, x.device, x, o)
         with torch.autocast(x.device.type, enabled=False):
             if backend == "reference":
                 return reference.mslora(x, weights, self.options)
