@@ -9,7 +9,9 @@ across slices: exact up to the summation order (Liger-Kernel's chunked fused lin
 cross-entropy does the same).
 
 ``MSLORA_WORKSPACE_MB`` (default 64) sets the budget in MiB. It is read when a launcher runs
-(under ``torch.compile``: when it traces), so the slices are static for a given shape.
+(under ``torch.compile``: when it traces). A compiled graph has a fixed number of slices; with
+dynamic shapes their sizes stay symbolic, so the graph serves every batch that gives the same
+count (the launchers run once per slice, so a batch that needs more slices recompiles).
 
 A slice also never holds more than :data:`MAX_IMAGES_PER_SLICE` images: both backends launch a
 slice's images along grid axis 1, which CUDA caps at 65535 blocks, so any batch size runs (a
@@ -18,8 +20,10 @@ batch of many tiny maps, which the byte budget alone would put in one slice, inc
 
 from __future__ import annotations
 
-import math
 import os
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 ENV_VAR = "MSLORA_WORKSPACE_MB"
 DEFAULT_MB = 64
@@ -55,20 +59,20 @@ def image_slices(n: int, bytes_per_image: int, budget: int | None = None) -> lis
         budget = workspace_budget()
     elif budget <= 0:
         raise ValueError(f"image_slices: budget must be positive, got {budget}")
-    per = n if bytes_per_image == 0 else max(1, min(n, budget // bytes_per_image))
-    per = min(per, MAX_IMAGES_PER_SLICE)
-    count = math.ceil(n / per)
-    base, extra = divmod(n, count)
-    slices, n0 = [], 0
-    for i in range(count):
-        n1 = n0 + base + (1 if i < extra else 0)
-        slices.append((n0, n1))
-        n0 = n1
-    return slices
+    # Under torch.compile with dynamic shapes n and bytes_per_image may be SymInts: sym_min,
+    # sym_max and integer arithmetic keep them symbolic, and only the slice count becomes a
+    # plain int (a guard on the sizes giving the same count), never the slice sizes.
+    per = n if bytes_per_image == 0 else torch.sym_min(n, budget // bytes_per_image)
+    per = torch.sym_max(1, torch.sym_min(per, MAX_IMAGES_PER_SLICE))
+    count = -(-n // per)
+    base, extra = n // count, n % count  # the first `extra` slices take base + 1 images
+    starts = [i * base + torch.sym_min(i, extra) for i in range(count)] + [n]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def rows(t, n0: int, n1: int):
     """``t[n0:n1]`` along dim 0, or ``t`` itself when that is all of it: a one-slice call then
     traces the same graph as an unsliced launcher, with no view for ``torch.compile``'s
     functionalization to copy around a kernel that writes it."""
-    return t if n0 == 0 and n1 == t.shape[0] else t[n0:n1]
+    whole = statically_known_true(n0 == 0) and statically_known_true(n1 == t.shape[0])
+    return t if whole else t[n0:n1]

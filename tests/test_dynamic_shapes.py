@@ -1,0 +1,142 @@
+"""torch.compile with dynamic shapes: batches, maps and token counts that change between calls.
+
+``torch.compile`` recompiles with symbolic sizes as soon as a size changes (the last, smaller batch
+of an epoch; multi-scale or detection training), so every fused op must trace with symbolic N, H
+and W: the Triton launchers run on them inside ``triton_op``'s decomposition, the CUDA ops
+through their fake impls.
+
+- On the CPU (CI): ``tests/trace_dynamic.py`` traces every case (MSLoRA on both fused backends,
+  options, layouts, deterministic, autocast, workspace slices; Serial LoRA and MSPLoRA) through
+  AOTAutograd's forward and backward, the path Inductor takes, without running a kernel.
+- On the GPU: Inductor compiles the modules over changing sizes, and the results match SPEC.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mslora_kernels import MSLoRA
+from mslora_kernels.backends import cuda_extension
+from mslora_kernels.reference import mslora as reference
+from mslora_kernels.testing import check_close
+
+HERE = Path(__file__).parent
+MSLORA_TRITON_KERNELS = ["_bwd_dz_kernel", "_bwd_main_kernel", "_bwd_z_kernel",
+                         "_mslora_f1_kernel", "_mslora_f2_kernel"]
+FAMILIES = {  # case-name prefix: (cases, what one slice of a joint graph launches)
+    "mslora-triton": (10, MSLORA_TRITON_KERNELS),
+    "mslora-cuda": (10, ["mslora.cuda_bwd", "mslora.cuda_fwd"]),
+    "lora": (2, ["_lora_linear_kernel", "_lora_linear_kernel"]),  # forward, input gradient
+}
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(HERE / "trace_dynamic.py")], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return {c["case"]: c for c in map(json.loads, r.stdout.splitlines())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_ops_trace_with_dynamic_sizes(traced, family):
+    """Three calls of different N, H and W: one static compilation, then one with symbolic sizes
+    that also serves the third call; each joint graph launches the forward and backward kernels
+    (several times over when the workspace budget cuts the batch into slices)."""
+    if family == "mslora-cuda" and cuda_extension() is None:
+        pytest.skip("mslora_kernels._C is not built")
+    count, launches = FAMILIES[family]
+    cases = {name: c for name, c in traced.items() if name.startswith(family)}
+    assert len(cases) == count, sorted(cases)
+    for name, c in cases.items():
+        assert c["error"] is None, f"{name}:\n{c['error']}"
+        assert c["compilations"] == 2 and c["dynamic"] == [False, True], (name, c)
+        for launched in c["launched"]:
+            if name.endswith("-sliced") and family == "mslora-triton":
+                per = collections.Counter(launched)
+                assert set(per) == set(launches) and per["_bwd_main_kernel"] > 1, (name, per)
+            else:
+                assert launched == launches, (name, launched)
+
+
+# ------------------------------------------------------------------------------------------
+# On the GPU: Inductor over changing sizes
+# ------------------------------------------------------------------------------------------
+SIZES = ((3, 13, 9), (2, 17, 11), (5, 9, 15), (4, 13, 9))  # N, H, W
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, no_tf32):
+    """torch.compile(fullgraph=True) of the module, fed batches whose N, H and W all change:
+    forward and every gradient within SPEC's float32 tolerance of the float64 reference."""
+    if backend == "cuda" and cuda_extension() is None:
+        pytest.skip("mslora_kernels._C is not built")
+    opts = {"pool": True, "gate": True, "prenorm": True}
+    m = MSLoRA(40, rank=24, groups=4, data_format=fmt, backend=backend, **opts).cuda()
+    torch.nn.init.normal_(m.up.weight, std=0.1)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)
+    for n, h, w in SIZES:
+        shape = (n, 40, h, w) if fmt == "channels_first" else (n, h, w, 40)
+        x = torch.randn(shape, device="cuda", requires_grad=True)
+        out = compiled(x)
+        gout = torch.randn_like(out)
+        m.zero_grad()
+        out.backward(gout)
+        x64 = x.detach().double().requires_grad_()
+        w64 = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
+        ref = reference(x64, w64, m.options)
+        ref.backward(gout.double())
+        size = f"{backend} {fmt} {(n, h, w)}"
+        check_close(f"out {size}", out, ref.detach(), torch.float32)
+        check_close(f"grad x {size}", x.grad, x64.grad, torch.float32)
+        for k, p in m.named_parameters():
+            check_close(f"grad {k} {size}", p.grad, w64[k].grad, torch.float32)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["serial", "msplora"])
+def test_gpu_compiled_lora_follows_changing_token_counts(kind, no_tf32):
+    """The fused LoRA linears under torch.compile(fullgraph=True) with batch and token counts
+    that change: output and gradients match the same module run eagerly on the reference."""
+    from mslora_kernels import lora
+
+    base = torch.nn.Linear(48, 48).cuda()
+    if kind == "serial":
+        mod = lora.SerialLoRALinear(base, lora.LoRAPair(48, 48, 8).cuda(), 2.0, backend="triton")
+    else:
+        pairs = [(lv, lora.LoRAPair(48, 48, 4).cuda(), 0.5, True) for lv in lora.MSP_LEVELS]
+        mod = lora.MSPLoRALinear(base, pairs, backend="triton")
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True)
+    for n, t in ((4, 197), (3, 50), (7, 13)):
+        x = torch.randn(n, t, 48, device="cuda", requires_grad=True)
+        out = compiled(x)
+        gout = torch.randn_like(out)
+        params = [p for p in mod.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out, [x, *params], gout)
+        mod.backend = "reference"
+        try:
+            want = mod(x)
+            want_grads = torch.autograd.grad(want, [x, *params], gout)
+        finally:
+            mod.backend = "triton"
+        check_close(f"{kind} out {(n, t)}", out, want.double(), torch.float32)
+        for i, (g, wg) in enumerate(zip(grads, want_grads, strict=True)):
+            check_close(f"{kind} grad {i} {(n, t)}", g, wg.double(), torch.float32)
+    torch._dynamo.reset()

@@ -1,0 +1,183 @@
+"""Traces every fused op under ``torch.compile`` with dynamic shapes, on a machine without a GPU.
+
+Run by ``tests/test_dynamic_shapes.py`` in a subprocess (Triton must be imported without
+``TRITON_INTERPRET``, so that ``wrap_triton`` records kernel launches instead of running them).
+Prints one JSON line per case.
+
+Each case compiles a module's forward and backward through AOTAutograd, the path Inductor takes on
+a GPU: the Triton ops' Python launchers run on fake tensors with symbolic sizes
+(``triton_op``'s functional decomposition, with Inductor's TTIR analysis of every kernel
+launched, against an sm_90 target), the CUDA ops through their fake impls. It calls the compiled
+function on three inputs of different N, H and W: the first compiles with static sizes, the second
+recompiles with dynamic ones (as ``torch.compile`` does by default when sizes change), the third
+must reuse that. The compiled graphs are never run (there is no GPU): the compiler hands back a
+function that stops the call. A case reports the compilations, the Triton kernels in each joint
+(forward + backward) graph, and any error.
+
+The modules refuse CUDA-only backends on CPU tensors, so the backends' device checks judge CPU
+tensors as CUDA ones; every other check (Triton installed, the extension built) runs as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from torch._functorch.partitioners import default_partition  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import mslora_kernels.backends as backends  # noqa: E402
+import mslora_kernels.lora as lora  # noqa: E402
+from mslora_kernels import MSLoRA  # noqa: E402
+
+
+class _Sm90Driver:
+    """What Inductor's TTIR analysis of a launched kernel asks of Triton's (absent) CUDA driver."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+def _as_if_cuda(check):
+    """A backend check that judges CPU tensors as it would CUDA ones (every other check runs)."""
+    return lambda device: check(torch.device("cuda") if device.type == "cpu" else device)
+
+
+class _Stop(Exception):
+    """Raised instead of running a compiled graph."""
+
+
+_joints: list = []
+
+
+def _partition(joint, inputs, **kwargs):
+    _joints.append(joint)
+    return default_partition(joint, inputs, **kwargs)
+
+
+def _no_run(gm, example_inputs):
+    def run(*args):
+        raise _Stop
+    return run
+
+
+BACKEND = aot_autograd(fw_compiler=_no_run, bw_compiler=_no_run, partition_fn=_partition)
+SHAPES = ((3, 5, 6), (4, 7, 9), (5, 11, 4))  # (N, H, W): three different in every size
+SLICED_SHAPES = ((4, 64, 21), (10, 64, 21), (11, 64, 21))
+ALL = {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True}
+
+
+def _mslora_case(backend, opts, fmt, dtype, deterministic):
+    m = MSLoRA(8, rank=16, groups=2, kernel_sizes=(3, 5), data_format=fmt, backend=backend,
+               deterministic=deterministic, **opts)
+    torch.nn.init.normal_(m.up.weight)
+
+    def inputs(n, h, w):
+        shape = (n, 8, h, w) if fmt == "channels_first" else (n, h, w, 8)
+        return (torch.randn(shape, requires_grad=True),)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return m(x).float().sum()
+
+    return step, inputs
+
+
+def _lora_case(kind):
+    base = torch.nn.Linear(24, 24)
+    if kind == "serial":
+        pair = lora.LoRAPair(24, 24, 4)
+        mod = lora.SerialLoRALinear(base, pair, 2.0, backend="triton")
+    else:
+        pairs = [(level, lora.LoRAPair(24, 24, 4), 0.5, True) for level in lora.MSP_LEVELS]
+        mod = lora.MSPLoRALinear(base, pairs, backend="triton")
+    for p in mod.parameters():
+        torch.nn.init.normal_(p)
+
+    def inputs(n, h, w):  # tokens: (batch, sequence, features)
+        return (torch.randn(n, h * w, 24, requires_grad=True),)
+
+    return (lambda x: mod(x).sum()), inputs
+
+
+def _launched(graph) -> list[str]:
+    """The kernels a joint graph launches: Triton kernels by name, the CUDA ops by op name."""
+    names = []
+    for nd in graph.nodes:
+        if "triton_kernel_wrapper" in str(nd.target):
+            names.append(kernel_side_table.get_kernel(nd.kwargs["kernel_idx"]).fn.__name__)
+        elif str(nd.target).startswith("mslora."):
+            names.append(str(nd.target).removesuffix(".default"))
+    return sorted(names)
+
+
+def run_case(name, build, shapes=SHAPES, workspace_mb=None):
+    torch._dynamo.reset()
+    _joints.clear()
+    result = {"case": name, "error": None}
+    if workspace_mb is not None:
+        os.environ["MSLORA_WORKSPACE_MB"] = str(workspace_mb)
+    try:
+        step, inputs = build()
+        compiled = torch.compile(step, backend=BACKEND, fullgraph=True)
+        for size in shapes:
+            try:
+                compiled(*inputs(*size))
+            except _Stop:
+                pass
+    except Exception:
+        result["error"] = traceback.format_exc(limit=-8)
+    finally:
+        os.environ.pop("MSLORA_WORKSPACE_MB", None)
+    result["compilations"] = len(_joints)
+    result["launched"] = [_launched(j.graph) for j in _joints]
+    result["dynamic"] = [any(isinstance(s, torch.SymInt)
+                             for nd in j.graph.nodes if nd.op == "placeholder"
+                             for s in getattr(nd.meta.get("val"), "shape", ()))
+                         for j in _joints]
+    return result
+
+
+def cases():
+    """(name, build, keyword arguments of run_case) for every case."""
+    out = []
+    for backend in ("triton", "cuda"):
+        for opts_name, opts in (("plain", {}), ("all", ALL)):
+            for fmt in ("channels_first", "channels_last"):
+                for det in (False, True):
+                    out.append((f"mslora-{backend}-{opts_name}-{fmt}-fp32-det{int(det)}",
+                                lambda b=backend, o=opts, f=fmt, d=det:
+                                _mslora_case(b, o, f, torch.float32, d), {}))
+        out.append((f"mslora-{backend}-all-channels_first-bf16-autocast",
+                    lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.bfloat16,
+                                                   False), {}))
+        # A 1 MiB workspace budget cuts these batches into slices of one or two images.
+        out.append((f"mslora-{backend}-all-channels_first-fp32-sliced",
+                    lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.float32,
+                                                   False),
+                    {"shapes": SLICED_SHAPES, "workspace_mb": 1}))
+    out += [(f"lora-{k}", lambda k=k: _lora_case(k), {}) for k in ("serial", "msplora")]
+    return out
+
+
+def main(only: str = ""):
+    triton.runtime.driver.set_active(_Sm90Driver())
+    backends.triton_unavailable_reason = _as_if_cuda(backends.triton_unavailable_reason)
+    backends.cuda_unavailable_reason = _as_if_cuda(backends.cuda_unavailable_reason)
+    lora.triton_unavailable_reason = backends.triton_unavailable_reason
+    for name, build, kwargs in cases():
+        if only not in name:
+            continue
+        print(json.dumps(run_case(name, build, **kwargs)), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
