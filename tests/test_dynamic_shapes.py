@@ -6,8 +6,9 @@ and W: the Triton launchers run on them inside ``triton_op``'s decomposition, th
 through their fake impls.
 
 - On the CPU (CI): ``tests/trace_dynamic.py`` traces every case (MSLoRA on both fused backends,
-  options, layouts, deterministic, autocast, workspace slices; Serial LoRA and MSPLoRA) through
-  AOTAutograd's forward and backward, the path Inductor takes, without running a kernel.
+  options, layouts, deterministic, autocast, workspace slices; a ResNet and a Swin with MSLoRA
+  injected; Serial LoRA and MSPLoRA) through AOTAutograd's forward and backward, the path
+  Inductor takes, without running a kernel.
 - On the GPU: Inductor compiles the modules over changing sizes, and the results match SPEC.
 """
 
@@ -29,13 +30,17 @@ from mslora_kernels.reference import mslora as reference
 from mslora_kernels.testing import check_close
 
 HERE = Path(__file__).parent
-MSLORA_TRITON_KERNELS = ["_bwd_dz_kernel", "_bwd_main_kernel", "_bwd_z_kernel",
-                         "_mslora_f1_kernel", "_mslora_f2_kernel"]
-FAMILIES = {  # case-name prefix: (cases, what one slice of a joint graph launches)
-    "mslora-triton": (10, MSLORA_TRITON_KERNELS),
-    "mslora-cuda": (10, ["mslora.cuda_bwd", "mslora.cuda_fwd"]),
+MSLORA_TRITON = ["_bwd_dz_kernel", "_bwd_main_kernel", "_bwd_z_kernel", "_mslora_f1_kernel",
+                 "_mslora_f2_kernel"]
+MSLORA_CUDA = ["mslora.cuda_bwd", "mslora.cuda_fwd"]
+FAMILIES = {  # case-name prefix: (cases, what one adapter's joint graph launches per slice)
+    "mslora-triton": (10, MSLORA_TRITON),
+    "mslora-cuda": (10, MSLORA_CUDA),
+    "model-triton": (2, MSLORA_TRITON),
+    "model-cuda": (2, MSLORA_CUDA),
     "lora": (2, ["_lora_linear_kernel", "_lora_linear_kernel"]),  # forward, input gradient
 }
+MODEL_ADAPTERS = {"resnet": 3, "swin": 2}  # MSLoRA modules inject() places in each test model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def test_fused_ops_trace_with_dynamic_sizes(traced, family):
     """Three calls of different N, H and W: one static compilation, then one with symbolic sizes
     that also serves the third call; each joint graph launches the forward and backward kernels
     (several times over when the workspace budget cuts the batch into slices)."""
-    if family == "mslora-cuda" and cuda_extension() is None:
+    if family.endswith("-cuda") and cuda_extension() is None:
         pytest.skip("mslora_kernels._C is not built")
     count, launches = FAMILIES[family]
     cases = {name: c for name, c in traced.items() if name.startswith(family)}
@@ -62,9 +67,12 @@ def test_fused_ops_trace_with_dynamic_sizes(traced, family):
         assert c["error"] is None, f"{name}:\n{c['error']}"
         assert c["compilations"] == 2 and c["dynamic"] == [False, True], (name, c)
         for launched in c["launched"]:
-            if name.endswith("-sliced") and family == "mslora-triton":
-                per = collections.Counter(launched)
-                assert set(per) == set(launches) and per["_bwd_main_kernel"] > 1, (name, per)
+            times = collections.Counter(launched)
+            if family.startswith("model-"):  # each adapter once
+                adapters = MODEL_ADAPTERS[name.rsplit("-", 1)[1]]
+                assert times == collections.Counter(launches * adapters), (name, times)
+            elif name.endswith("-sliced") and family == "mslora-triton":
+                assert set(times) == set(launches) and times["_bwd_main_kernel"] > 1, (name, times)
             else:
                 assert launched == launches, (name, launched)
 

@@ -11,8 +11,10 @@ launched, against an sm_90 target), the CUDA ops through their fake impls. It ca
 function on three inputs of different N, H and W: the first compiles with static sizes, the second
 recompiles with dynamic ones (as ``torch.compile`` does by default when sizes change), the third
 must reuse that. The compiled graphs are never run (there is no GPU): the compiler hands back a
-function that stops the call. A case reports the compilations, the Triton kernels in each joint
-(forward + backward) graph, and any error.
+function that stops the call. A case reports the compilations, what each joint (forward +
+backward) graph launches (Triton kernels by name, the CUDA ops by op name), whether its inputs
+have symbolic sizes, and any error. ``python tests/trace_dynamic.py [name filter]`` runs the
+cases whose name contains the filter.
 
 The modules refuse CUDA-only backends on CPU tensors, so the backends' device checks judge CPU
 tensors as CUDA ones; every other check (Triton installed, the extension built) runs as it is.
@@ -36,7 +38,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import mslora_kernels.backends as backends  # noqa: E402
 import mslora_kernels.lora as lora  # noqa: E402
-from mslora_kernels import MSLoRA  # noqa: E402
+from mslora_kernels import MSLoRA, MSLoRAConfig, inject  # noqa: E402
+from mslora_kernels.models import ResNet, SwinTransformer  # noqa: E402
 
 
 class _Sm90Driver:
@@ -108,6 +111,27 @@ def _lora_case(kind):
     return (lambda x: mod(x).sum()), inputs
 
 
+def _model_case(kind, backend):
+    """A small ResNet (N, H and W change) or Swin (N changes) with MSLoRA injected: the hooks,
+    token grids and adapters of a training step, with the classifier's loss."""
+    if kind == "resnet":
+        model = ResNet(layers=(1, 1, 1), widths=(8, 16, 32), in_chans=3, num_classes=5)
+    else:
+        model = SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(1, 1),
+                                num_classes=5)
+    inject(model, MSLoRAConfig(rank=8, groups=2, backend=backend, trainable=["fc", "head"]))
+    for m in model.modules():
+        if isinstance(m, MSLoRA):
+            torch.nn.init.normal_(m.up.weight)
+    model.train()
+
+    def inputs(n, h, w):
+        shape = (n, 3, 2 * h, 2 * w) if kind == "resnet" else (n, 3, 16, 16)
+        return (torch.randn(shape),)
+
+    return (lambda x: model(x).logsumexp(-1).sum()), inputs
+
+
 def _launched(graph) -> list[str]:
     """The kernels a joint graph launches: Triton kernels by name, the CUDA ops by op name."""
     names = []
@@ -123,6 +147,7 @@ def run_case(name, build, shapes=SHAPES, workspace_mb=None):
     torch._dynamo.reset()
     _joints.clear()
     result = {"case": name, "error": None}
+    saved_budget = os.environ.get("MSLORA_WORKSPACE_MB")
     if workspace_mb is not None:
         os.environ["MSLORA_WORKSPACE_MB"] = str(workspace_mb)
     try:
@@ -137,6 +162,8 @@ def run_case(name, build, shapes=SHAPES, workspace_mb=None):
         result["error"] = traceback.format_exc(limit=-8)
     finally:
         os.environ.pop("MSLORA_WORKSPACE_MB", None)
+        if saved_budget is not None:
+            os.environ["MSLORA_WORKSPACE_MB"] = saved_budget
     result["compilations"] = len(_joints)
     result["launched"] = [_launched(j.graph) for j in _joints]
     result["dynamic"] = [any(isinstance(s, torch.SymInt)
@@ -159,11 +186,13 @@ def cases():
         out.append((f"mslora-{backend}-all-channels_first-bf16-autocast",
                     lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.bfloat16,
                                                    False), {}))
-        # A 1 MiB workspace budget cuts these batches into slices of one or two images.
+        # A 1 MiB workspace budget cuts these batches into several slices, forward and backward.
         out.append((f"mslora-{backend}-all-channels_first-fp32-sliced",
                     lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.float32,
                                                    False),
                     {"shapes": SLICED_SHAPES, "workspace_mb": 1}))
+        out += [(f"model-{backend}-{kind}", lambda b=backend, k=kind: _model_case(k, b), {})
+                for kind in ("resnet", "swin")]
     out += [(f"lora-{k}", lambda k=k: _lora_case(k), {}) for k in ("serial", "msplora")]
     return out
 
