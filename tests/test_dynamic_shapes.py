@@ -34,8 +34,8 @@ MSLORA_TRITON = ["_bwd_dz_kernel", "_bwd_main_kernel", "_bwd_z_kernel", "_mslora
                  "_mslora_f2_kernel"]
 MSLORA_CUDA = ["mslora.cuda_bwd", "mslora.cuda_fwd"]
 FAMILIES = {  # case-name prefix: (cases, what one adapter's joint graph launches per slice)
-    "mslora-triton": (10, MSLORA_TRITON),
-    "mslora-cuda": (10, MSLORA_CUDA),
+    "mslora-triton": (14, MSLORA_TRITON),
+    "mslora-cuda": (14, MSLORA_CUDA),
     "model-triton": (2, MSLORA_TRITON),
     "model-cuda": (2, MSLORA_CUDA),
     "lora": (2, ["_lora_linear_kernel", "_lora_linear_kernel"]),  # forward, input gradient
@@ -85,20 +85,26 @@ SIZES = ((3, 13, 9), (2, 17, 11), (5, 9, 15), (4, 13, 9))  # N, H, W
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
-def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, no_tf32):
+@pytest.mark.parametrize("layout", ["channels_first", "channels_first_cl", "channels_last"])
+def test_gpu_compiled_module_follows_changing_sizes(backend, layout, no_tf32):
     """torch.compile(fullgraph=True) of the module, fed batches whose N, H and W all change:
     forward and every gradient within SPEC's float32 tolerance of the float64 reference."""
     if backend == "cuda" and cuda_extension() is None:
         pytest.skip("mslora_kernels._C is not built")
+    fmt = "channels_last" if layout == "channels_last" else "channels_first"
     opts = {"pool": True, "gate": True, "prenorm": True}
     m = MSLoRA(40, rank=24, groups=4, data_format=fmt, backend=backend, **opts).cuda()
     torch.nn.init.normal_(m.up.weight, std=0.1)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     for n, h, w in SIZES:
-        shape = (n, 40, h, w) if fmt == "channels_first" else (n, h, w, 40)
-        x = torch.randn(shape, device="cuda", requires_grad=True)
+        if fmt == "channels_last":
+            x = torch.randn(n, h, w, 40, device="cuda")
+        else:
+            memory = (torch.channels_last if layout == "channels_first_cl"
+                      else torch.contiguous_format)
+            x = torch.randn(n, 40, h, w, device="cuda").contiguous(memory_format=memory)
+        x.requires_grad_()
         out = compiled(x)
         gout = torch.randn_like(out)
         m.zero_grad()
@@ -107,7 +113,7 @@ def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, no_tf32):
         w64 = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
         ref = reference(x64, w64, m.options)
         ref.backward(gout.double())
-        size = f"{backend} {fmt} {(n, h, w)}"
+        size = f"{backend} {layout} {(n, h, w)}"
         check_close(f"out {size}", out, ref.detach(), torch.float32)
         check_close(f"grad x {size}", x.grad, x64.grad, torch.float32)
         for k, p in m.named_parameters():

@@ -78,14 +78,19 @@ SLICED_SHAPES = ((4, 64, 21), (10, 64, 21), (11, 64, 21))
 ALL = {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True}
 
 
-def _mslora_case(backend, opts, fmt, dtype, deterministic):
+def _mslora_case(backend, opts, layout, dtype, deterministic):
+    """layout: a data_format, or channels_first_cl (NCHW in torch.channels_last memory)."""
+    fmt = "channels_last" if layout == "channels_last" else "channels_first"
     m = MSLoRA(8, rank=16, groups=2, kernel_sizes=(3, 5), data_format=fmt, backend=backend,
                deterministic=deterministic, **opts)
     torch.nn.init.normal_(m.up.weight)
 
     def inputs(n, h, w):
-        shape = (n, 8, h, w) if fmt == "channels_first" else (n, h, w, 8)
-        return (torch.randn(shape, requires_grad=True),)
+        if fmt == "channels_last":
+            return (torch.randn(n, h, w, 8, requires_grad=True),)
+        memory = torch.channels_last if layout == "channels_first_cl" else torch.contiguous_format
+        x = torch.randn(n, 8, h, w).contiguous(memory_format=memory)
+        return (x.requires_grad_(),)
 
     def step(x):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -178,10 +183,10 @@ def cases():
     out = []
     for backend in ("triton", "cuda"):
         for opts_name, opts in (("plain", {}), ("all", ALL)):
-            for fmt in ("channels_first", "channels_last"):
+            for layout in ("channels_first", "channels_first_cl", "channels_last"):
                 for det in (False, True):
-                    out.append((f"mslora-{backend}-{opts_name}-{fmt}-fp32-det{int(det)}",
-                                lambda b=backend, o=opts, f=fmt, d=det:
+                    out.append((f"mslora-{backend}-{opts_name}-{layout}-fp32-det{int(det)}",
+                                lambda b=backend, o=opts, f=layout, d=det:
                                 _mslora_case(b, o, f, torch.float32, d), {}))
         out.append((f"mslora-{backend}-all-channels_first-bf16-autocast",
                     lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.bfloat16,
