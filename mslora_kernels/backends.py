@@ -129,11 +129,7 @@ def nearest_winner(rows, dtype_name: str | None, layout: str, c: int, hw: int | 
         dists.append(dist)
     closest = min(dists)
     nearest = [r["winner"] for r, dist in zip(same, dists, strict=True) if dist == closest]
-    best = None
-    for b in AUTO_ORDER_CUDA:
-        if nearest.count(b) > (nearest.count(best) if best else 0):
-            best = b
-    return best
+    return max(AUTO_ORDER_CUDA, key=nearest.count)  # the first of equals wins a tie
 
 
 def ranked_backend(dtype: torch.dtype, layout: str, c: int, hw: int | None, d: int,
