@@ -23,10 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_triton_mslora import LAYOUT_IDS, LAYOUTS, make_input, make_module, ref64
 
-from mslora_kernels import MSLoRA
 from mslora_kernels.backends import cuda_extension
-from mslora_kernels.reference import mslora as reference
 from mslora_kernels.testing import check_close
 
 HERE = Path(__file__).parent
@@ -85,39 +84,28 @@ SIZES = ((3, 13, 9), (2, 17, 11), (5, 9, 15), (4, 13, 9))  # N, H, W
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("layout", ["channels_first", "channels_first_cl", "channels_last"])
-def test_gpu_compiled_module_follows_changing_sizes(backend, layout, no_tf32):
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, mem, no_tf32):
     """torch.compile(fullgraph=True) of the module, fed batches whose N, H and W all change:
     forward and every gradient within SPEC's float32 tolerance of the float64 reference."""
     if backend == "cuda" and cuda_extension() is None:
         pytest.skip("mslora_kernels._C is not built")
-    fmt = "channels_last" if layout == "channels_last" else "channels_first"
     opts = {"pool": True, "gate": True, "prenorm": True}
-    m = MSLoRA(40, rank=24, groups=4, data_format=fmt, backend=backend, **opts).cuda()
-    torch.nn.init.normal_(m.up.weight, std=0.1)
+    m = make_module(opts, fmt, c=40, d=24, g=4, backend=backend, device="cuda")
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     for n, h, w in SIZES:
-        if fmt == "channels_last":
-            x = torch.randn(n, h, w, 40, device="cuda")
-        else:
-            memory = (torch.channels_last if layout == "channels_first_cl"
-                      else torch.contiguous_format)
-            x = torch.randn(n, 40, h, w, device="cuda").contiguous(memory_format=memory)
-        x.requires_grad_()
+        x = make_input(fmt, mem, n=n, c=40, h=h, w=w, device="cuda").requires_grad_()
         out = compiled(x)
         gout = torch.randn_like(out)
-        m.zero_grad()
+        m.zero_grad(set_to_none=True)
         out.backward(gout)
-        x64 = x.detach().double().requires_grad_()
-        w64 = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
-        ref = reference(x64, w64, m.options)
-        ref.backward(gout.double())
-        size = f"{backend} {layout} {(n, h, w)}"
-        check_close(f"out {size}", out, ref.detach(), torch.float32)
-        check_close(f"grad x {size}", x.grad, x64.grad, torch.float32)
+        want, want_grads = ref64(m, x, gout)
+        size = f"{backend} {fmt} {mem} {(n, h, w)}"
+        check_close(f"out {size}", out, want, torch.float32)
+        check_close(f"grad x {size}", x.grad, want_grads["x"], torch.float32)
         for k, p in m.named_parameters():
-            check_close(f"grad {k} {size}", p.grad, w64[k].grad, torch.float32)
+            check_close(f"grad {k} {size}", p.grad, want_grads[k], torch.float32)
     torch._dynamo.reset()
 
 

@@ -31,6 +31,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from test_triton_mslora import LAYOUT_IDS, LAYOUTS, OPTION_SETS, make_input, make_module  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._functorch.partitioners import default_partition  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
@@ -75,22 +76,15 @@ def _no_run(gm, example_inputs):
 BACKEND = aot_autograd(fw_compiler=_no_run, bw_compiler=_no_run, partition_fn=_partition)
 SHAPES = ((3, 5, 6), (4, 7, 9), (5, 11, 4))  # (N, H, W): three different in every size
 SLICED_SHAPES = ((4, 64, 21), (10, 64, 21), (11, 64, 21))
-ALL = {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True}
+ALL = OPTION_SETS[-1]  # every option on
 
 
-def _mslora_case(backend, opts, layout, dtype, deterministic):
-    """layout: a data_format, or channels_first_cl (NCHW in torch.channels_last memory)."""
-    fmt = "channels_last" if layout == "channels_last" else "channels_first"
-    m = MSLoRA(8, rank=16, groups=2, kernel_sizes=(3, 5), data_format=fmt, backend=backend,
-               deterministic=deterministic, **opts)
-    torch.nn.init.normal_(m.up.weight)
+def _mslora_case(backend, opts, fmt, mem, dtype, deterministic):
+    m = make_module(opts, fmt, c=8, d=16, g=2, kernel_sizes=(3, 5), backend=backend,
+                    deterministic=deterministic)
 
     def inputs(n, h, w):
-        if fmt == "channels_last":
-            return (torch.randn(n, h, w, 8, requires_grad=True),)
-        memory = torch.channels_last if layout == "channels_first_cl" else torch.contiguous_format
-        x = torch.randn(n, 8, h, w).contiguous(memory_format=memory)
-        return (x.requires_grad_(),)
+        return (make_input(fmt, mem, n=n, c=8, h=h, w=w).requires_grad_(),)
 
     def step(x):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -183,18 +177,18 @@ def cases():
     out = []
     for backend in ("triton", "cuda"):
         for opts_name, opts in (("plain", {}), ("all", ALL)):
-            for layout in ("channels_first", "channels_first_cl", "channels_last"):
+            for (fmt, mem), layout in zip(LAYOUTS, LAYOUT_IDS):
                 for det in (False, True):
                     out.append((f"mslora-{backend}-{opts_name}-{layout}-fp32-det{int(det)}",
-                                lambda b=backend, o=opts, f=layout, d=det:
-                                _mslora_case(b, o, f, torch.float32, d), {}))
-        out.append((f"mslora-{backend}-all-channels_first-bf16-autocast",
-                    lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.bfloat16,
-                                                   False), {}))
+                                lambda b=backend, o=opts, f=fmt, m=mem, d=det:
+                                _mslora_case(b, o, f, m, torch.float32, d), {}))
+        out.append((f"mslora-{backend}-all-nchw-bf16-autocast",
+                    lambda b=backend: _mslora_case(b, ALL, "channels_first", None,
+                                                   torch.bfloat16, False), {}))
         # A 1 MiB workspace budget cuts these batches into several slices, forward and backward.
-        out.append((f"mslora-{backend}-all-channels_first-fp32-sliced",
-                    lambda b=backend: _mslora_case(b, ALL, "channels_first", torch.float32,
-                                                   False),
+        out.append((f"mslora-{backend}-all-nchw-fp32-sliced",
+                    lambda b=backend: _mslora_case(b, ALL, "channels_first", None,
+                                                   torch.float32, False),
                     {"shapes": SLICED_SHAPES, "workspace_mb": 1}))
         out += [(f"model-{backend}-{kind}", lambda b=backend, k=kind: _model_case(k, b), {})
                 for kind in ("resnet", "swin")]
