@@ -473,7 +473,10 @@ def test_torchvision_resnet50_and_swin_b():
 
 def test_timm_resnet50_swin_b_vit():
     timm = pytest.importorskip("timm")
-    _check_model(timm.create_model("resnet50"), RESNET50_MSLORA, (1, 3, 64, 64))
+    # timm zero-initialises each block's last BatchNorm (bn3, right after the adapter's conv3),
+    # which would hide the adapters from the output
+    _check_model(timm.create_model("resnet50", zero_init_last=False), RESNET50_MSLORA,
+                 (1, 3, 64, 64))
     _check_model(timm.create_model("swin_base_patch4_window7_224"), SWINB_MSLORA + SWINB_LN,
                  (1, 3, 224, 224))
     vit = timm.create_model("vit_base_patch16_224")
