@@ -150,6 +150,11 @@ def _adapter_params(model):
     return {id(p) for m in model.modules() if isinstance(m, LoRAPair) for p in m.parameters()}
 
 
+def _adapted_linears(model):
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (SerialLoRALinear, MSPLoRALinear))]
+
+
 def _check_only_adapters_train(model):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == _adapter_params(model), "only the adapter pairs may be trainable"
@@ -243,7 +248,7 @@ def test_serial_inject_timm_vit_names_matches_spec_and_freezes():
     model = copy.deepcopy(orig)
     cfg = SerialLoRAConfig(rank=3, alpha=5, backend="reference")
     inject(model, cfg)
-    names = [n for n, m in model.named_modules() if isinstance(m, SerialLoRALinear)]
+    names = _adapted_linears(model)
     assert names == [f"blocks.{i}.attn.qkv" for i in range(3)]
     _check_only_adapters_train(model)
     _randomize_b(model)
@@ -260,7 +265,7 @@ def test_serial_new_adapter_is_identity():
 def test_serial_inject_timm_swin_names():
     orig = TinySwin(depths=(1, 2), widths=(D, 24))
     model = inject(copy.deepcopy(orig), SerialLoRAConfig(rank=3, backend="reference"))
-    names = [n for n, m in model.named_modules() if isinstance(m, SerialLoRALinear)]
+    names = _adapted_linears(model)
     assert names == ["layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.qkv",
                      "layers.1.blocks.1.attn.qkv"]
     assert model.layers[1].blocks[0].attn.qkv.pair.A.shape == (3, 24)
@@ -500,11 +505,6 @@ def test_msplora_equals_peft_lora_with_concatenated_rank():
 
 
 # ------------------------------------------------------------------ real timm / torchvision
-def _adapted_linears(model):
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (SerialLoRALinear, MSPLoRALinear))]
-
-
 def test_timm_vit_and_swin_serial_and_msplora():
     timm = pytest.importorskip("timm")
     for arch in ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"):
