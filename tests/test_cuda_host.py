@@ -116,26 +116,30 @@ def _reference_checker(x, w, o, gout):
     return check
 
 
-@pytest.mark.parametrize("dtype,opts", CASES,
-                         ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,smem", SHAPES, ids=SHAPE_IDS)
-def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
+def _case(shape, dtype, opts, layout):
+    """(options, x, weights, grad_out) of one case: random everything, x in ``layout``. The
+    kernels' inputs are in ``dtype``, and the float64 reference sees exactly the same values, so
+    a comparison measures the computation, not the rounding of the inputs."""
     n, c, h, w, d, g, ks = shape
-    fmt = "channels_last" if layout == "nhwc" else "channels_first"
-    m = _module(c, d, g, ks, opts, fmt)
-    o = m.options
+    m = _module(c, d, g, ks, opts, "channels_last" if layout == "nhwc" else "channels_first")
     x = torch.randn(n, c, h, w, dtype=torch.float64)
     if layout == "nhwc":
         x = x.permute(0, 2, 3, 1).contiguous()
     elif layout == "channels_last_memory":
         x = x.contiguous(memory_format=torch.channels_last)
-    # The kernels' inputs in `dtype`; the float64 reference sees exactly the same values, so the
-    # comparison measures the computation, not the rounding of the inputs.
     x = x.to(dtype)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
     assert x.stride() == gout.stride()
+    return m.options, x, wt, gout
+
+
+@pytest.mark.parametrize("dtype,opts", CASES,
+                         ids=[f"{str(dt)[6:]}-{'+'.join(o) or 'plain'}" for dt, o in CASES])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,smem", SHAPES, ids=SHAPE_IDS)
+def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
+    o, x, wt, gout = _case(shape, dtype, opts, layout)
     check = _reference_checker(x, wt, o, gout)
 
     launcher = _launcher(host, smem)
@@ -244,10 +248,6 @@ def test_host_backward_is_deterministic(host):
     a = backward_impl(g, x, w, m.options, zmean, *launcher)
     b = backward_impl(g, x, w, m.options, zmean, *launcher)
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in w)
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
 
 
 # Shapes for the tensor-core products (N, C, H, W, D, G, kernel sizes): D=40 pads to 48 (three
@@ -501,3 +501,111 @@ def test_workspace_bytes_per_pixel(fmt, prenorm):
     assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
                                      pixel_block=32) <= got
     assert workspace_bytes_fixed(o, 10) > workspace_bytes_fixed(o, 1) > 0
+
+
+# ------------------------------------- the threads executor: races and thread-private state
+#
+# The serial executor runs each stage for tid = 0 .. nt-1 with ONE copy of the body's locals, so
+# two defects that break the GPU build pass there: a thread reading, within one stage, an
+# element another thread of that stage writes (a race: its result depends on the threads'
+# order), and a body-scope local that one thread writes and others read (on the GPU each thread
+# has its own). The host build's threads executor (set_schedule(seed >= 0)) runs each GPU thread
+# as a fiber with its own stack through the whole body, barriers between stages, in the order
+# the seed sets (tests/host/mslora_host.cpp); compute-sanitizer's racecheck on the GPU covers
+# the device build itself.
+
+SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2}
+
+
+@pytest.fixture
+def schedule(host):
+    """set(seed): the executor of the host build's launches; serial again after the test."""
+    yield host.set_schedule
+    host.set_schedule(-1)
+
+
+def _toy(host, which, seed):
+    host.set_schedule(seed)
+    return torch.tensor(host.toy(which))
+
+
+def _same(a, b):
+    """Bitwise equality, NaN included."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(bits), b.view(bits))
+
+
+def test_host_threads_executor_catches_what_serial_hides(host, schedule):
+    """Three deliberately wrong toy blocks (and their right twins): the serial executor passes
+    each wrong one; the threads executor shows each."""
+    want = torch.arange(256, dtype=torch.float32) + 42
+    # A local written by thread 0 and read by all: right only when every thread shares it.
+    assert _same(_toy(host, "shared_local", -1), want)
+    assert not _same(_toy(host, "shared_local", 0), want)
+    for seed in SCHEDULES.values():
+        assert _same(_toy(host, "shared_local_ok", seed), want)
+    # A neighbour's slot read in the stage that writes it: the result follows the order.
+    serial = _toy(host, "race", -1)
+    assert not _same(_toy(host, "race", 1), serial) and not _same(_toy(host, "race", 2), serial)
+    ok = _toy(host, "race_ok", -1)
+    assert _same(ok, torch.roll(torch.arange(256, dtype=torch.float32), -1))
+    for seed in SCHEDULES.values():
+        assert _same(_toy(host, "race_ok", seed), ok)
+    # A barrier that thread 0 skips: no GPU would finish the block either.
+    _toy(host, "divergent", -1)
+    with pytest.raises(RuntimeError, match="divergent barrier"):
+        _toy(host, "divergent", 0)
+
+
+def _run_kernels(host, o, x, wt, gout, smem, slots=None):
+    launcher = _launcher(host, smem)
+    out, zmean = forward_impl(x, wt, o, *launcher)
+    dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher, slots=slots)
+    return out, dx, grads
+
+
+def _check_every_schedule(host, schedule, o, x, wt, gout, smem, slots=None):
+    """The kernels' output and every gradient: right under the serial executor, and bitwise the
+    same under the threads executor on every schedule."""
+    schedule(-1)
+    out, dx, grads = _run_kernels(host, o, x, wt, gout, smem, slots)
+    _reference_checker(x, wt, o, gout)(out, dx, grads)
+    for name, seed in SCHEDULES.items():
+        schedule(seed)
+        out_t, dx_t, grads_t = _run_kernels(host, o, x, wt, gout, smem, slots)
+        assert _same(out_t, out), f"out differs with {name} threads"
+        assert _same(dx_t, dx), f"grad x differs with {name} threads"
+        for k in grads:
+            assert _same(grads_t[k], grads[k]), f"grad {k} differs with {name} threads"
+
+
+@pytest.mark.parametrize("opts", [OPTION_SETS[0], OPTION_SETS[1]], ids=["plain", "all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,smem", SHAPES, ids=SHAPE_IDS)
+def test_host_kernels_are_race_free_and_thread_private(host, schedule, shape, smem, dtype,
+                                                       layout, opts):
+    """Every kernel, every shape of SHAPES (several tile sizes, halos, channel chunks), fp16 and
+    bf16 on tensor cores: no result depends on the order of the threads or shares a local."""
+    _check_every_schedule(host, schedule, *_case(shape, dtype, opts, layout), smem)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=["d40", "c-chunks", "dg36"])
+def test_host_tensor_core_staging_is_race_free(host, schedule, shape, layout):
+    """The tensor-core products' staging and chunking (TC_SHAPES) under every schedule."""
+    _check_every_schedule(host, schedule, *_case(shape, torch.bfloat16, OPTION_SETS[1], layout),
+                          227 * 1024)
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_host_bwd_dz_block_runs_are_race_free(host, schedule, slots):
+    """bwd_dz's persistent blocks, each a run of tiles into one partial row, under every
+    schedule (blocks in reverse order too)."""
+    o, w, x, gout, _ = _dz_case(2)
+    _check_every_schedule(host, schedule, o, x, w, gout, 227 * 1024, slots)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
