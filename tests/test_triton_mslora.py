@@ -9,7 +9,9 @@ Gradient tests are skipped, with the reason, while the backward kernels
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import random
 
 import pytest
 import torch
@@ -245,6 +247,60 @@ def test_saved_tensors_are_x_weights_zmean_interpreter():
     assert not per_pixel_d
     assert sum(t.numel() for t in saved) <= x.numel() + sum(
         p.numel() for p in m.parameters()) + 16
+
+
+@contextlib.contextmanager
+def _program_order(seed):
+    """The interpreter runs a launch's programs one after another in grid order; inside this
+    block it runs them in reverse (seed 1) or in a shuffled order (other seeds). On the GPU the
+    programs run concurrently, in any order: a program that reads what another program of the
+    same launch writes, or that adds into a row another program also updates with load-add-store,
+    gives a result that depends on this order here."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+
+    def remapped(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        n = nx * ny * nz
+        order = list(range(n))[::-1]
+        if seed != 1:
+            random.Random(seed * 7919 + n).shuffle(order)
+        i = order[(x * ny + y) * nz + z]
+        set_grid_idx(i // (ny * nz), i // nz % ny, i % nz)
+
+    builder.set_grid_idx = remapped
+    try:
+        yield
+    finally:
+        builder.set_grid_idx = set_grid_idx
+
+
+@pytest.mark.interpreter
+@needs_bwd
+@pytest.mark.parametrize("det,fmt,mem", [(True, *LAYOUTS[2]), (False, *LAYOUTS[1])],
+                         ids=["deterministic-nhwc", "atomic-nchw_cl_memory"])
+def test_programs_are_order_independent_interpreter(det, fmt, mem):
+    """Forward and backward, all options, with the programs of every launch in grid order,
+    reversed and shuffled: the output and grad x bitwise the same (no program depends on
+    another), and so are the weight gradients when deterministic (each program owns its partial
+    row); with atomics only the order of the fp32 additions changes, so they must stay right."""
+    m = make_module({k: True for k in OPTIONS}, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"],
+                    deterministic=det)
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"])
+    grad = torch.randn_like(x)
+    out, got = fused_grads(m, x, grad)
+    _, expected = ref64(m, x, grad)
+    for seed in (1, 2):
+        with _program_order(seed):
+            out_o, got_o = fused_grads(m, x, grad)
+        assert torch.equal(out_o, out) and torch.equal(got_o["x"], got["x"]), seed
+        for name in expected:
+            if det:
+                assert torch.equal(got_o[name], got[name]), (seed, name)
+            else:
+                check_close(f"grad {name}", got_o[name], expected[name], x.dtype)
 
 
 # ------------------------------------------------------------------------------------------
