@@ -217,7 +217,7 @@ PROVIDER_COLORS = {"eager": "C0", "compile": "C1", "compile-max": "C2", "triton"
                    "cuda": "C4"}
 
 
-def _bars(ax, rows: list[dict], providers: list[str], key: str) -> None:
+def _bars(ax, rows: list[dict], providers: list[str], key: str) -> list:
     """Grouped bars of ``key`` per group label and provider; a provider without a number gets
     an 'n/a' mark in its slot instead of a bar."""
     from matplotlib.patches import Patch
