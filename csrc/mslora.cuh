@@ -5,7 +5,10 @@
 // __syncthreads(); on the host (tests/host/mslora_host.cpp) the same stage runs for tid = 0..nt-1
 // in turn. Inside a stage a thread only touches the elements its strided loop gives it, so the
 // two executions compute the same thing, and the whole algorithm (index math, tiling, halo,
-// shuffle, every gradient) is checked on a CPU against PyTorch's autograd.
+// shuffle, every gradient) is checked on a CPU against PyTorch's autograd. The host build also
+// runs each thread as a fiber with its own locals, in ascending, descending and shuffled order
+// between the barriers: the results must be bitwise the same (no race within a stage, no local
+// that one thread writes and another reads).
 //
 // Data: x / out / dout / dx are of type T (float, __half, __nv_bfloat16) in the physical layout
 // NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights are fp32. The D-channel workspaces are
