@@ -35,3 +35,26 @@ def test_low_precision_rule_is_relative_to_the_reference_in_that_dtype():
         check_close("worse", worse, ref, torch.bfloat16, baseline=base)
     with pytest.raises(ValueError, match="needs the reference's own error"):
         tolerance(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_few_element_results_get_a_floor_of_a_few_roundings(dtype):
+    """Up to SMALL_NUMEL elements the reference's own error counts as at least SMALL_ULPS x eps:
+    a one-number gradient whose reference happens to be exact in ``dtype`` does not demand the
+    kernel land on the same rounding; a wrong term is still caught; larger results keep the
+    plain 2x rule."""
+    from mslora_kernels.testing import SMALL_NUMEL, SMALL_ULPS
+
+    eps = torch.finfo(dtype).eps
+    exact = torch.tensor([1.0], dtype=torch.float64)  # the reference rounds it exactly
+    three_ulps_off = torch.tensor([1.0 + 3 * eps], dtype=dtype)
+    check_close("scalar", three_ulps_off, exact, dtype, baseline=exact.to(dtype))
+    with pytest.raises(AssertionError, match="exceeds"):
+        check_close("wrong", torch.tensor([1.0 + 3 * SMALL_ULPS * eps], dtype=dtype), exact, dtype,
+                    baseline=exact.to(dtype))
+    assert tolerance(dtype, baseline_error=0.0, numel=1) == pytest.approx(
+        2 * SMALL_ULPS * eps + 1e-5)
+    assert tolerance(dtype, baseline_error=0.0, numel=SMALL_NUMEL + 1) == pytest.approx(1e-5)
+    big = torch.ones(SMALL_NUMEL + 1, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="exceeds"):
+        check_close("many", (big * (1 + 3 * eps)).to(dtype), big, dtype, baseline=big.to(dtype))
