@@ -661,6 +661,14 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
     return (len(o.kernel_sizes) + 1) * o.rank * dtype.itemsize + 4 * o.channels
 
 
+def _device_int32(values, device: torch.device) -> torch.Tensor:
+    """A few ints as an int32 vector on ``device``, made by fill kernels: ``torch.tensor(values,
+    device=)`` copies from pageable host memory and synchronises the stream, which CUDA graph
+    capture refuses ("operation not permitted when stream is capturing")."""
+    return torch.stack([torch.full((), int(v), dtype=torch.int32, device=device)
+                        for v in values])
+
+
 def _gelu_grad_torch(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x * 0.7071067811865476)) + \
         x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
@@ -711,10 +719,10 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     nhw_max = ns_max * hw
 
     # packed depthwise taps: path i at woffs[i], (D, k, k) row-major
-    ks = torch.tensor(o.kernel_sizes, dtype=torch.int32, device=dev)
+    ks = _device_int32(o.kernel_sizes, dev)
     sizes = [d * k * k for k in o.kernel_sizes]
     woffs_list = [sum(sizes[:i]) for i in range(nk)]
-    woffs = torch.tensor(woffs_list, dtype=torch.int32, device=dev)
+    woffs = _device_int32(woffs_list, dev)
     dw = torch.cat([weights[f"dw.{i}.weight"].reshape(-1) for i in range(nk)])
 
     # the fp32 gradient buffer: one section per gradient, plus the per-(n, d) sum of ds0 (pool)
