@@ -88,7 +88,9 @@ def fused_grads(m, x, grad):
     xg = x.detach().clone().requires_grad_(True)
     out = m(xg)
     out.backward(grad)
-    return out, {"x": xg.grad, **{k: p.grad for k, p in m.named_parameters()}}
+    # torch.compile's wrapper (OptimizedModule) names the parameters "_orig_mod.<name>"
+    params = getattr(m, "_orig_mod", m).named_parameters()
+    return out, {"x": xg.grad, **{k: p.grad for k, p in params}}
 
 
 def check_forward(m, x, *, tf32=False):
@@ -247,6 +249,28 @@ def test_saved_tensors_are_x_weights_zmean_interpreter():
     assert not per_pixel_d
     assert sum(t.numel() for t in saved) <= x.numel() + sum(
         p.numel() for p in m.parameters()) + 16
+
+
+@pytest.mark.interpreter
+@needs_bwd
+def test_launchers_copy_nothing_from_the_host_interpreter(monkeypatch):
+    """Forward and backward make no tensor from host data (``torch.tensor(..., device=)``): on
+    the GPU that is a copy from pageable memory plus a stream synchronisation, which CUDA graph
+    capture refuses, so test_cuda_graph_forward_backward_matches_eager_gpu would fail."""
+    made = []
+    real_tensor = torch.tensor
+
+    def recording(*args, **kwargs):
+        made.append(kwargs.get("device"))
+        return real_tensor(*args, **kwargs)
+
+    m = make_module({k: True for k in OPTIONS}, "channels_first", c=8, d=16, g=2)
+    x = make_input("channels_first", None, n=1, c=8, h=5, w=6)
+    grad = torch.randn_like(x)
+    monkeypatch.setattr(torch, "tensor", recording)
+    fused_grads(m, x, grad)
+    monkeypatch.undo()
+    assert [d for d in made if d is not None] == []
 
 
 @contextlib.contextmanager
