@@ -201,6 +201,8 @@ def test_op_fp32_tf32_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_opcheck_gpu(dtype):
     from torch.library import opcheck
+
+    import mslora_kernels.lora_ops  # noqa: F401 (registers torch.ops.mslora.lora_linear*)
     x, w, b, a, v = _inputs(M_TOK, K, N, R, dtype, "cuda")
     for t in (x, a, v):
         t.requires_grad_()

@@ -292,8 +292,8 @@ def test_gpu_backward_peak_memory_stays_within_budget(backend, monkeypatch):
 def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
     """torch.compile(fullgraph=True) of the module with the launchers cut into uneven slices
     (the slicing loop runs at trace time: static shapes, batch-slice views passed to the
-    kernels, outputs written into slices of one tensor): output and every gradient as eager's
-    unsliced run, deterministic weight gradients to fp32 rounding."""
+    kernels, outputs written into slices of one tensor): output, grad x and the deterministic
+    weight gradients as eager's unsliced run, to fp32 rounding."""
     from mslora_kernels.ops import mslora_unavailable_reason
 
     reason = mslora_unavailable_reason(backend)
@@ -318,7 +318,9 @@ def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
     seen = per_slice(2)
     out1, dx1, g1 = run(torch.compile(m, fullgraph=True))
     _uneven(seen, 3)
-    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    # Not bitwise: Inductor compiles the torch ops between the kernels its own way (on CUDA
+    # pool's mean over the map becomes a sum times 1/HW), a last-bit change that reaches out.
+    torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dx1, dx0, rtol=1e-6, atol=1e-6)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(),
