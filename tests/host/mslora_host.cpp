@@ -83,28 +83,26 @@ class FiberBlock {
 
   // Runs body(tid) as nt fibers to completion; between two barriers the fibers run in the order
   // order(round) gives (a permutation of 0 .. nt-1). Throws when the fibers do not all reach
-  // the same barriers. Returns the number of barriers (stages).
-  int run(const std::function<void(int)>& body,
-          const std::function<std::vector<int>(int)>& order) {
+  // the same barriers.
+  void run(const std::function<void(int)>& body,
+           const std::function<std::vector<int>(int)>& order) {
     body_ = &body;
+    current_ = this;  // what entry() reads when a fiber starts
     for (int t = 0; t < nt_; ++t) {
       getcontext(&ctx_[t]);
       ctx_[t].uc_stack.ss_sp = mem_ + size_t(t) * (kStack + kGuard) + kGuard;
       ctx_[t].uc_stack.ss_size = kStack;
       ctx_[t].uc_link = &sched_;
-      current_ = this;
       makecontext(&ctx_[t], reinterpret_cast<void (*)()>(&FiberBlock::entry), 1, t);
       stages_[t] = 0;
       done_[t] = 0;
     }
     for (int round = 0;; ++round) {
       const std::vector<int> ord = order(round);
-      for (int t : ord) {
-        current_ = this;
+      for (int t : ord)
         swapcontext(&sched_, &ctx_[t]);  // back at its next barrier, or when its body returns
-      }
       const int finished = std::accumulate(done_.begin(), done_.end(), 0);
-      if (finished == nt_) return stages_[0];
+      if (finished == nt_) return;
       if (finished != 0 || std::count(stages_.begin(), stages_.end(), round + 1) != nt_)
         throw std::runtime_error(
             "host build: divergent barrier: after barrier " + std::to_string(round) + ", " +
@@ -166,6 +164,12 @@ constexpr int kHostThreads = 256;
 // < 0: the serial executor; >= 0: the threads executor with this schedule seed.
 static int64_t g_schedule = -1;
 
+// The one fiber pool, made at the first threads-executor block and reused by every later one.
+static FiberBlock& fiber_pool() {
+  static FiberBlock fibers(kHostThreads);
+  return fibers;
+}
+
 // Runs body(ex) for one block with the chosen executor (ex: HostEx, or each fiber's FiberEx).
 template <class Body>
 static void run_with_executor(Body&& body) {
@@ -174,7 +178,7 @@ static void run_with_executor(Body&& body) {
     body(ex);
     return;
   }
-  static FiberBlock fibers(kHostThreads);  // one pool for every block of every launch
+  FiberBlock& fibers = fiber_pool();
   fibers.run(
       [&](int tid) {
         FiberEx ex{kHostThreads, tid, &fibers};
