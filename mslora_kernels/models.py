@@ -233,14 +233,19 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """timm's ViT layout: patch_embed, cls_token, reg_token, pos_embed, blocks, norm, head.
 
-    ``num_prefix_tokens`` (class + register tokens) lead the token sequence, as in timm.
+    ``num_prefix_tokens`` (class + register tokens) lead the token sequence, as in timm. With
+    ``dynamic_img_size`` (timm's option of that name) any image size whose sides are multiples of
+    the patch size is taken: the patch embedding returns (N, H, W, C) and the position embedding
+    is resampled to that grid before the tokens are flattened.
     """
 
     def __init__(self, img_size: int = 16, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 10, embed_dim: int = 32, depth: int = 2, num_heads: int = 2,
-                 reg_tokens: int = 0) -> None:
+                 reg_tokens: int = 0, dynamic_img_size: bool = False) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.dynamic_img_size = dynamic_img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      flatten=not dynamic_img_size)
         self.num_prefix_tokens = 1 + reg_tokens
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
         self.reg_token = nn.Parameter(torch.randn(1, reg_tokens, embed_dim) * 0.02) \
@@ -252,11 +257,26 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
 
+    def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The position embedding for a grid_h x grid_w grid (bilinear, as timm resamples)."""
+        p = self.num_prefix_tokens
+        gh, gw = self.patch_embed.grid_size
+        if (grid_h, grid_w) == (gh, gw):
+            return self.pos_embed
+        grid = self.pos_embed[:, p:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+        return torch.cat([self.pos_embed[:, :p], grid.flatten(2).transpose(1, 2)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
+        if self.dynamic_img_size:
+            pos = self._pos_embed(x.shape[1], x.shape[2])
+            x = x.flatten(1, 2)
+        else:
+            pos = self.pos_embed
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
-        x = torch.cat([*prefix, x], dim=1) + self.pos_embed
+        x = torch.cat([*prefix, x], dim=1) + pos
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])

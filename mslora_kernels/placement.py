@@ -21,6 +21,8 @@ Placement with ``targets="auto"``:
 - Plain ViT (timm ``VisionTransformer`` and relatives: a module with ``patch_embed``, ``blocks``
   and ``num_prefix_tokens``): one adapter on the output of every block, on the patch tokens
   reshaped to their grid; the class and register tokens pass through untouched; ``prenorm=True``.
+  The grid is the one the patch embedding made in this forward (a hook on ``patch_embed`` reads
+  it), so timm's ``dynamic_img_size`` works at any image size, square or not.
 
 With ``targets`` given (a list of module-name suffixes or a regex, PEFT's rule), the adapter
 transforms the output of each module named, laid out as ``data_format`` says:
@@ -144,12 +146,17 @@ class MSLoRAConfig:
     # -- placement --------------------------------------------------------------------------------
     def _inject(self, model: nn.Module) -> list[str]:
         """Place one adapter at every site; return the names of the modules adapted."""
-        sites = _auto_sites(model, self) if self.targets == "auto" else _target_sites(model, self)
+        if self.targets == "auto":
+            sites, grid_hooks = _auto_sites(model, self)
+        else:
+            sites, grid_hooks = _target_sites(model, self), []
         # Build every adapter before attaching any, so that a site that cannot take one (e.g.
         # C % G != 0) leaves the model untouched.
         adapters = [site.build(self) for site in sites]
         for site, adapter in zip(sites, adapters, strict=True):
             site.attach(adapter)
+        for patch_embed, hook in grid_hooks:
+            patch_embed.register_forward_hook(hook)
         return [s.name for s in sites]
 
 
@@ -187,6 +194,118 @@ class _TokenGrid:
         gh, gw = self.grid(length - p)
         y = adapter(x[:, p:].reshape(n, gh, gw, c)).reshape(n, gh * gw, c)
         return torch.cat([x[:, :p], y], dim=1) if p else y
+
+
+class _PatchGrid:
+    """A forward hook on a ViT's ``patch_embed``: the (H, W) grid of the patch tokens it makes.
+
+    Its blocks see flat tokens (N, P + H*W, C), and with timm's ``dynamic_img_size`` any H and W,
+    so the grid cannot be told from the token count (a 16x4 grid and an 8x8 one both make 64).
+    Each forward of the patch embedding records its grid (see ``_embedding_grid``):
+
+    - ``current``: the latest forward's grid, which the blocks of that forward use;
+    - ``pending``: per token count, the grid of the forwards with grad since the last backward
+      (``None`` where two grids had that count). A block recomputed in a backward (activation
+      checkpointing) looks its grid up here, since the latest forward may have had another size
+      (multi-crop training).
+
+    A backward is noticed by a hook on the first adapted block's output of each forward, or by
+    a recomputation; the next forward then starts ``pending`` afresh.
+    """
+
+    MAX_PENDING = 64  # token counts kept between two backwards (more is cleared, not kept)
+
+    def __init__(self) -> None:
+        self.current: tuple[int, int] | None = None
+        self.pending: dict[int, tuple[int, int] | None] = {}
+        self.backward_ran = False  # since the last forward
+        self.mark_next = False  # the next block output of this forward gets the backward hook
+
+    def __call__(self, module, args, output) -> None:
+        grid = _embedding_grid(module, args, output)
+        if torch.compiler.is_compiling():  # compiled backwards recompute with the traced grid
+            self.current = grid
+            return
+        if _in_backward():  # the embedding itself recomputed: its blocks use `pending`
+            return
+        self.current = grid
+        if grid is None or not torch.is_grad_enabled():
+            return  # no backward will recompute this forward
+        if self.backward_ran or len(self.pending) >= self.MAX_PENDING:
+            self.pending.clear()
+            self.backward_ran = False
+        n = grid[0] * grid[1]
+        self.pending[n] = grid if self.pending.get(n, grid) == grid else None
+        self.mark_next = True
+
+    def grid_of(self, n_patches: int) -> tuple[int, int] | None:
+        """The grid of ``n_patches`` tokens in this forward or recomputation, or None."""
+        if not torch.compiler.is_compiling() and _in_backward():
+            self.backward_ran = True
+            return self.pending.get(n_patches)
+        cur = self.current
+        return cur if cur is not None and cur[0] * cur[1] == n_patches else None
+
+    def mark(self, out: torch.Tensor) -> None:
+        """Hook the first adapted output of this forward, to notice its backward."""
+        if self.mark_next and out.requires_grad and not torch.compiler.is_compiling():
+            self.mark_next = False
+            out.register_hook(self._backward_reached)
+
+    def _backward_reached(self, grad: torch.Tensor) -> None:
+        self.backward_ran = True
+
+
+def _embedding_grid(module, args, output) -> tuple[int, int] | None:
+    if not isinstance(output, torch.Tensor):
+        return None
+    if output.dim() == 4:
+        if getattr(module, "output_fmt", "NHWC") == "NCHW":  # timm's Format is a str enum
+            return output.shape[2], output.shape[3]
+        return output.shape[1], output.shape[2]
+    feat = getattr(module, "dynamic_feat_size", None)
+    if callable(feat) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        h, w = feat((args[0].shape[-2], args[0].shape[-1]))
+        return h, w
+    grid = getattr(module, "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def _in_backward() -> bool:
+    """Is autograd running a backward now (where checkpointed blocks are recomputed)?"""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class _VitTokens(_TokenGrid):
+    """A ViT block's tokens: the grid is the patch embedding's (see :class:`_PatchGrid`), else,
+    for blocks run without it, the model's ``grid_size`` when the count matches. Never a guess."""
+
+    def __init__(self, num_prefix_tokens: int, grid_size: tuple[int, int],
+                 patch_grid: _PatchGrid) -> None:
+        super().__init__(num_prefix_tokens, grid_size)
+        self.patch_grid = patch_grid
+
+    def apply(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = super().apply(adapter, x)
+        self.patch_grid.mark(out)
+        return out
+
+    def grid(self, n_patches: int) -> tuple[int, int]:
+        grid = self.patch_grid.grid_of(n_patches)
+        if grid is not None:
+            return grid
+        made = self.patch_grid.current
+        if made is None and self.grid_size[0] * self.grid_size[1] == n_patches:
+            return self.grid_size  # blocks run before any forward of the patch embedding
+        made = f"a {made[0]}x{made[1]} grid" if made is not None else "no grid yet"
+        raise ValueError(
+            f"MSLoRA: a ViT block got {n_patches} patch tokens, and their (H, W) grid is not "
+            f"known (the patch embedding made {made} in the latest forward). MSLoRA needs every "
+            "patch token on its grid: token dropping (timm's patch_drop_rate) cannot be combined "
+            "with it, and under activation checkpointing, forwards at two grids with the same "
+            "token count (such as 16x12 and 12x16) cannot share one backward."
+        )
 
 
 class _AdapterHook:
@@ -268,15 +387,18 @@ def _layer_norm_width(block: nn.Module, name: str) -> int:
     )
 
 
-def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
+def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> tuple[list[_Site], list]:
+    """The sites, and the (patch_embed, _PatchGrid) hooks their ViTs need."""
     sites: list[_Site] = []
+    grid_hooks: list[tuple[nn.Module, _PatchGrid]] = []
     transformer_prenorm = True if cfg.prenorm is None else cfg.prenorm
     cnn_prenorm = False if cfg.prenorm is None else cfg.prenorm
     vit_blocks: dict[int, _TokenGrid] = {}
     for m in model.modules():
         if _is_vit(m):
             grid = tuple(int(v) for v in m.patch_embed.grid_size)
-            tokens = _TokenGrid(int(m.num_prefix_tokens), grid)
+            tokens = _VitTokens(int(m.num_prefix_tokens), grid, _PatchGrid())
+            grid_hooks.append((m.patch_embed, tokens.patch_grid))
             for blk in m.blocks:
                 vit_blocks[id(blk)] = tokens
     for name, m in model.named_modules():
@@ -297,7 +419,7 @@ def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> list[_Site]:
             # The token path is taken only for 3-D outputs, at run time.
             tokens = _SwinTokens(tuple(int(v) for v in res)) if res is not None else None
             sites.append(_Site(name, m, m, False, c, "channels_last", transformer_prenorm, tokens))
-    return sites
+    return sites, grid_hooks
 
 
 class _SwinTokens(_TokenGrid):

@@ -211,6 +211,128 @@ def test_vit_placement_prefix_tokens_pass_through(reg):
         torch.testing.assert_close(got[:, p:], want, rtol=0, atol=0)
 
 
+# ViT grids: the patch embedding's grid of this forward, never a guess from the token count.
+# (32, 8) makes a 8x2 grid of 16 tokens, which a square guess would lay out as 4x4.
+DYN_SIZES = [(20, 20), (32, 8), (12, 28), (8, 8)]
+
+
+def _dyn_vit():
+    return VisionTransformer(img_size=20, patch_size=4, embed_dim=32, depth=2, reg_tokens=1,
+                             dynamic_img_size=True).eval()
+
+
+def _with_explicit_grid(model, grid, make=_dyn_vit, cfg=CFG):
+    """A copy of the injected ViT ``model`` (a fresh ``make()``, the same weights) whose adapters
+    sit on the same block outputs with the grid given explicitly (data_format="tokens")."""
+    plain = make()
+    inject(plain, MSLoRAConfig(**cfg, targets=r"blocks\.\d+", data_format="tokens",
+                               num_prefix_tokens=model.num_prefix_tokens, grid_size=grid,
+                               prenorm=True))
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("hw", DYN_SIZES)
+def test_vit_dynamic_img_size_uses_the_embedded_grid(hw):
+    torch.manual_seed(0)
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    x = torch.randn(2, 3, *hw)
+    want = _with_explicit_grid(model, (hw[0] // 4, hw[1] // 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want(x), rtol=0, atol=0)
+
+
+def test_vit_grid_survives_checkpointing_across_sizes():
+    """Blocks checkpointed, several steps: each recomputed block finds its own forward's grid,
+    in steps at grids with the same token count (8x2, then 4x4: each backward ends the last
+    step's grids, also in the run without checkpointing before), and with two sizes in one
+    backward (multi-crop); the gradients match a run without checkpointing."""
+    torch.manual_seed(0)
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    steps = [[(32, 8)], [(16, 16)], [(20, 20), (12, 28)], [(32, 8), (12, 28)]]
+    steps = [[torch.randn(2, 3, *hw) for hw in step] for step in steps]
+
+    params = dict(model.named_parameters())
+
+    def run(ckpt):
+        blocks = model.blocks
+        if ckpt:
+            model.blocks = nn.Sequential(*[_Checkpointed(b) for b in blocks])
+        got = []
+        try:
+            for xs in steps:
+                model.zero_grad(set_to_none=True)
+                sum(model(x).square().mean() for x in xs).backward()
+                got.append({n: q.grad.clone() for n, q in params.items() if q.grad is not None})
+        finally:
+            model.blocks = blocks
+        return got
+
+    want, got = run(False), run(True)
+    for w, g in zip(want, got, strict=True):
+        assert set(g) == set(w) and any("mslora" in n for n in g)
+        for n in w:
+            torch.testing.assert_close(g[n], w[n], rtol=1e-5, atol=1e-7)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_vit_same_token_count_two_grids():
+    """8x2 and 4x4 grids both make 16 tokens: plain forwards use each forward's own grid; a
+    checkpointed backward over both cannot tell them apart and says so instead of guessing."""
+    torch.manual_seed(0)
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    a, b = torch.randn(2, 3, 32, 8), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out_a, out_b = model(a), model(b)
+        torch.testing.assert_close(out_a, _with_explicit_grid(model, (8, 2))(a), rtol=0, atol=0)
+        torch.testing.assert_close(out_b, _with_explicit_grid(model, (4, 4))(b), rtol=0, atol=0)
+        torch.testing.assert_close(model(a), out_a, rtol=0, atol=0)  # and again, after b
+    model.blocks = nn.Sequential(*[_Checkpointed(blk) for blk in model.blocks])
+    loss = model(a).sum() + model(b).sum()
+    with pytest.raises(ValueError, match="same token count"):
+        loss.backward()
+
+
+def test_vit_dropped_tokens_are_refused():
+    """Token dropping (timm's patch_drop_rate) leaves no grid: a clear error, never a guess."""
+    model = _vit()
+    inject(model, MSLoRAConfig(**CFG))
+    tokens = model.patch_embed(torch.randn(2, 3, 20, 20))  # a 5x5 grid
+    kept = torch.cat([torch.randn(2, 1, 32), tokens[:, :16]], dim=1)  # 16 of 25: square, 4x4
+    with pytest.raises(ValueError, match="16 patch tokens.*5x5 grid.*patch_drop_rate"):
+        model.blocks(kept)
+
+
+def test_vit_dynamic_traces_without_graph_breaks_and_compiles():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    x = torch.randn(2, 3, 32, 8)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for hw in DYN_SIZES:  # the second size recompiles with dynamic H and W
+            x = torch.randn(2, 3, *hw)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_targets_suffix_and_regex_channels_first():
     model = _resnet()
     x = torch.randn(2, 3, 9, 7)
@@ -356,6 +478,27 @@ def test_deepcopy_and_pickle_keep_adapters_and_frozen_bn():
         assert torch.equal(model(x), want)
 
 
+def test_deepcopy_and_pickle_keep_the_vit_grid_hook():
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    x = torch.randn(2, 3, 32, 8)
+    want = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert torch.equal(clone(x), want)
+        # the clone's blocks read the grid its own patch embedding records, not the original's
+        (grid_hook,) = clone.patch_embed._forward_hooks.values()
+        for blk in clone.blocks:
+            (adapter_hook,) = blk._forward_hooks.values()
+            assert adapter_hook.tokens.patch_grid is grid_hook
+            assert adapter_hook.adapter is blk.mslora
+        (orig_hook,) = model.patch_embed._forward_hooks.values()
+        assert grid_hook is not orig_hook
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapter checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +624,47 @@ def test_timm_resnet50_swin_b_vit():
                  (1, 3, 224, 224))
     vit = timm.create_model("vit_base_patch16_224")
     _check_model(vit, 12 * (mslora_param_count(768) + 2 * 768), (1, 3, 224, 224))
+
+
+def test_timm_vit_dynamic_img_size_any_grid():
+    """timm's ViT at image sizes other than its own, square or not (a 16x4 grid has 64 tokens,
+    as an 8x8 one does): the same as the adapters placed with the grid given explicitly."""
+    timm = pytest.importorskip("timm")
+    cfg = dict(rank=16, groups=4)
+
+    def make():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3,
+                                 dynamic_img_size=True).eval()
+
+    model = make()
+    inject(model, MSLoRAConfig(**cfg))
+    randomize_adapters(model)
+    for hw in [(256, 64), (224, 160), (96, 96)]:
+        x = torch.randn(1, 3, *hw)
+        want = _with_explicit_grid(model, (hw[0] // 16, hw[1] // 16), make, cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want(x), rtol=0, atol=0)
+
+    # timm's own activation checkpointing: two sizes in one backward, then 8x2 and 4x4 grids
+    # (16 tokens each) in two later steps; gradients as without checkpointing
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    steps = [[(96, 160), (64, 64)], [(128, 32)], [(64, 64)]]
+    steps = [[torch.randn(2, 3, *hw) for hw in step] for step in steps]
+
+    def run(ckpt):
+        model.set_grad_checkpointing(ckpt)
+        got = []
+        for xs in steps:
+            model.zero_grad(set_to_none=True)
+            sum(model(x).square().mean() for x in xs).backward()
+            got.append({n: q.grad.clone() for n, q in params.items()})
+        return got
+
+    model.train()
+    for w, g in zip(run(False), run(True), strict=True):
+        for n in w:
+            torch.testing.assert_close(g[n], w[n], rtol=1e-5, atol=1e-7)
 
 
 def test_inject_protocol_freezes_for_any_config():
