@@ -460,16 +460,21 @@ def test_batchnorm_statistics_frozen_after_train():
     torch.testing.assert_close(out, model.eval()(x), rtol=0, atol=0)
 
 
+def _clones(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``model`` copied by copy.deepcopy and through torch.save / torch.load."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return copy.deepcopy(model), torch.load(buf, weights_only=False)
+
+
 def test_deepcopy_and_pickle_keep_adapters_and_frozen_bn():
     model = _resnet()
     inject(model, MSLoRAConfig(**CFG))
     randomize_adapters(model)
     x = torch.randn(2, 3, 9, 7)
     want = model(x)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+    for clone in _clones(model):
         with torch.no_grad():  # the clone's own adapters must be the ones used
             clone.layer1[0].mslora.up.weight.zero_()
         clone.train()
@@ -484,10 +489,7 @@ def test_deepcopy_and_pickle_keep_the_vit_grid_hook():
     randomize_adapters(model)
     x = torch.randn(2, 3, 32, 8)
     want = model(x)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+    for clone in _clones(model):
         assert torch.equal(clone(x), want)
         # the clone's blocks read the grid its own patch embedding records, not the original's
         (grid_hook,) = clone.patch_embed._forward_hooks.values()
