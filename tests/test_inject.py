@@ -221,6 +221,15 @@ def _dyn_vit():
                              dynamic_img_size=True).eval()
 
 
+def _injected_dyn_vit():
+    """``_dyn_vit()`` (seed 0) with MSLoRA injected and non-zero adapters."""
+    torch.manual_seed(0)
+    model = _dyn_vit()
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    return model
+
+
 def _with_explicit_grid(model, grid, make=_dyn_vit, cfg=CFG):
     """A copy of the injected ViT ``model`` (a fresh ``make()``, the same weights) whose adapters
     sit on the same block outputs with the grid given explicitly (data_format="tokens")."""
@@ -234,10 +243,7 @@ def _with_explicit_grid(model, grid, make=_dyn_vit, cfg=CFG):
 
 @pytest.mark.parametrize("hw", DYN_SIZES)
 def test_vit_dynamic_img_size_uses_the_embedded_grid(hw):
-    torch.manual_seed(0)
-    model = _dyn_vit()
-    inject(model, MSLoRAConfig(**CFG))
-    randomize_adapters(model)
+    model = _injected_dyn_vit()
     x = torch.randn(2, 3, *hw)
     want = _with_explicit_grid(model, (hw[0] // 4, hw[1] // 4))
     with torch.no_grad():
@@ -249,10 +255,7 @@ def test_vit_grid_survives_checkpointing_across_sizes():
     in steps at grids with the same token count (8x2, then 4x4: each backward ends the last
     step's grids, also in the run without checkpointing before), and with two sizes in one
     backward (multi-crop); the gradients match a run without checkpointing."""
-    torch.manual_seed(0)
-    model = _dyn_vit()
-    inject(model, MSLoRAConfig(**CFG))
-    randomize_adapters(model)
+    model = _injected_dyn_vit()
     steps = [[(32, 8)], [(16, 16)], [(20, 20), (12, 28)], [(32, 8), (12, 28)]]
     steps = [[torch.randn(2, 3, *hw) for hw in step] for step in steps]
 
@@ -291,10 +294,7 @@ class _Checkpointed(nn.Module):
 def test_vit_same_token_count_two_grids():
     """8x2 and 4x4 grids both make 16 tokens: plain forwards use each forward's own grid; a
     checkpointed backward over both cannot tell them apart and says so instead of guessing."""
-    torch.manual_seed(0)
-    model = _dyn_vit()
-    inject(model, MSLoRAConfig(**CFG))
-    randomize_adapters(model)
+    model = _injected_dyn_vit()
     a, b = torch.randn(2, 3, 32, 8), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         out_a, out_b = model(a), model(b)
@@ -319,10 +319,7 @@ def test_vit_dropped_tokens_are_refused():
 
 def test_vit_dynamic_traces_without_graph_breaks_and_compiles():
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _dyn_vit()
-    inject(model, MSLoRAConfig(**CFG))
-    randomize_adapters(model)
+    model = _injected_dyn_vit()
     x = torch.randn(2, 3, 32, 8)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -484,9 +481,7 @@ def test_deepcopy_and_pickle_keep_adapters_and_frozen_bn():
 
 
 def test_deepcopy_and_pickle_keep_the_vit_grid_hook():
-    model = _dyn_vit()
-    inject(model, MSLoRAConfig(**CFG))
-    randomize_adapters(model)
+    model = _injected_dyn_vit()
     x = torch.randn(2, 3, 32, 8)
     want = model(x)
     for clone in _clones(model):
