@@ -18,9 +18,10 @@ launch), flattens the leading dimensions and returns ``y`` alone.
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .triton import lora_linear as kernels
+from .triton._common import wrap_triton
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = kernels.MAX_RANK

@@ -6,6 +6,12 @@ one-element 1-D NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arr
 converted to Python scalars"). The fix converts through ``.item()``. It changes nothing but the
 interpreter's scalar conversion and is a no-op when the interpreter is not in use or already
 fixed; compiled GPU kernels never see it.
+
+``wrap_triton(kernel)``: ``torch.library.wrap_triton``, through which every launch inside a
+``triton_op`` goes, except that an interpreted kernel (``TRITON_INTERPRET=1``) is launched as it
+is. torch 2.13 does that itself; torch 2.11 (the GPU machine's) refuses an ``InterpretedFunction``
+("wrap_triton only works on functions annotated with triton.jit"), which would stop every op on
+the CPU. Interpreted kernels run eagerly on CPU tensors and are never traced, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ def fix_interpreter_for_numpy2() -> None:
 
     patched._mslora_fixed = True
     interpreter._patch_lang_tensor = patched
+
+
+def wrap_triton(kernel):
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def normalize_layout(x, data_format: str):

@@ -80,7 +80,7 @@ import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
-from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout
+from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout, wrap_triton
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -759,7 +759,6 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     gw, gbias = (wt["gate.weight"], wt["gate.bias"]) if o.gate else (dummy, dummy)
     zm_all = zmean.to(f32).contiguous() if o.pool and zmean is not None else None
 
-    wrap = torch.library.wrap_triton
     for i, (n0, n1) in enumerate(slices):
         # Batch slices of x, grad_out, grad_x: views with the full tensors' strides (sx, sg,
         # sgx), so every kernel addresses image n of the slice at n * sxn from the view's start.
@@ -776,14 +775,14 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         else:
             zm = gbuf
 
-        wrap(_bwd_z_kernel)[(ntiles,)](
+        wrap_triton(_bwd_z_kernel)[(ntiles,)](
             xs, wt["down.weight"], ng, nb, zs, c, d, h, w, cg, dg, *sx, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
             maxnreg=_z_maxnreg(maxnreg))
         if o.pool and zm is None:
             zm = zs.view(ns, hw, d).float().mean(1)
 
-        wrap(_bwd_main_kernel)[grid](
+        wrap_triton(_bwd_main_kernel)[grid](
             xs, gos, zs, zm, dcs, dus,
             wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks,
             woffs, gw, gbias, ng, nb, eg, eb,
@@ -801,7 +800,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         else:
             dzpool = gbuf
 
-        wrap(_bwd_dz_kernel)[grid](
+        wrap_triton(_bwd_dz_kernel)[grid](
             xs, gos, gxs, zs, dcs, dus, dzpool,
             wt["down.weight"], dw, ks, woffs, ng, nb,
             gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,

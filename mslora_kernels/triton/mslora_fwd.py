@@ -48,7 +48,8 @@ import triton.language as tl
 
 from ..config import MSLoRAOptions
 from ..workspace import image_slices, rows
-from ._common import MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides, normalize_layout
+from ._common import (MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides,
+                      normalize_layout, wrap_triton)
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -457,7 +458,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         stats_s = rows(stats, 0, ns * hw) if o.prenorm else stats
         glog_s = rows(glog, 0, ns * hw) if o.gate else glog
         part_s = rows(part, 0, ns * nt) if o.pool else part
-        torch.library.wrap_triton(_mslora_f1_kernel)[(nt, ns)](
+        wrap_triton(_mslora_f1_kernel)[(nt, ns)](
             xs, wt["down.weight"], nw, nb, gw, gb, zs, stats_s, glog_s, part_s,
             c, d, cg, dg, h, w, nt, sxn, sxc, sxh, sxw,
             PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
@@ -474,7 +475,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
             else:
                 zmean[n0:n1] = zmean_s
 
-        torch.library.wrap_triton(_mslora_f2_kernel)[(tiles2, ns)](
+        wrap_triton(_mslora_f2_kernel)[(tiles2, ns)](
             xs, outs, zs, stats_s, glog_s, zmean_s,
             wt["proj.weight"], wt["pw.weight"], wt["up.weight"], nw, nb, ew, eb, *dws,
             c, d, cg, dg, g, h, w, tiles_w, sxn, sxc, sxh, sxw, son, soc, soh, sow,
