@@ -110,14 +110,22 @@ def validate_lora_backend(backend: str) -> None:
                          "(there are no CUDA C++ kernels for the LoRA adapters)")
 
 
-def resolve_lora_backend(backend: str, device: torch.device, rank: int) -> str:
-    """``"reference"`` or ``"triton"`` for a call on ``device`` with a concatenated ``rank``."""
+# Fixed for the life of the process, like backends.fused_unavailable_reason: torch.compile
+# evaluates it once while tracing. Traced, importlib's find_spec inside it is a graph break in
+# torch 2.11, which fails ``fullgraph=True``.
+@torch.compiler.assume_constant_result
+def _fused_unavailable_reason(device: torch.device, rank: int) -> str | None:
     from .lora_ops import lora_linear_unavailable_reason  # late: imports triton
 
+    return triton_unavailable_reason(device) or lora_linear_unavailable_reason(rank)
+
+
+def resolve_lora_backend(backend: str, device: torch.device, rank: int) -> str:
+    """``"reference"`` or ``"triton"`` for a call on ``device`` with a concatenated ``rank``."""
     validate_lora_backend(backend)
     if backend == "reference":
         return backend
-    reason = triton_unavailable_reason(device) or lora_linear_unavailable_reason(rank)
+    reason = _fused_unavailable_reason(device, rank)
     if backend == "auto":
         return "triton" if device.type == "cuda" and reason is None else "reference"
     if reason is not None:
