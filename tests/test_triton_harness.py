@@ -79,3 +79,25 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
                    extra_path=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "broken" in r.stdout and "ERROR" in r.stdout and "1 failed" in r.stdout
+
+
+def test_compile_case_signature_follows_the_kernels_argument_order():
+    """Triton 3.3's ASTSource reads the signature by position, 3.6's by name: a case written in
+    another order (as mslora_bwd's dc_ptr and zmean_ptr once were) gave 3.3 the wrong types, so
+    a case keeps the kernel's order, and refuses a signature that names other arguments."""
+    import triton
+    import triton.language as tl
+
+    from mslora_kernels.triton._compile import CompileCase
+
+    @triton.jit
+    def kernel(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    case = CompileCase("k", kernel, {"b_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr",
+                                     "a_ptr": "*fp32"}, {"BLOCK": 64})
+    assert list(case.signature.items()) == [("a_ptr", "*fp32"), ("b_ptr", "*fp16"), ("n", "i32"),
+                                            ("BLOCK", "constexpr")]
+    with pytest.raises(ValueError, match=r"missing \['n'\], unknown \['m'\]"):
+        CompileCase("k", kernel, {"a_ptr": "*fp32", "b_ptr": "*fp16", "m": "i32",
+                                  "BLOCK": "constexpr"})

@@ -29,6 +29,19 @@ class CompileCase:
     divisible_by_16: tuple = ()
     maxnreg: int | None = None  # ptxas register cap per thread (None: ptxas chooses)
 
+    def __post_init__(self):
+        # ASTSource reads the signature in argument order in some Triton versions (3.3) and by
+        # name in others (3.6): keep it in the kernel's argument order, and name any mismatch.
+        names = getattr(self.fn, "arg_names", None)
+        if names is None:
+            return
+        missing = [n for n in names if n not in self.signature]
+        extra = [n for n in self.signature if n not in names]
+        if missing or extra:
+            raise ValueError(f"{self.name}: the signature does not match the kernel's arguments "
+                             f"(missing {missing}, unknown {extra})")
+        object.__setattr__(self, "signature", {n: self.signature[n] for n in names})
+
     def options(self) -> dict:
         """The launch options ``triton.compile`` takes for this case."""
         opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
