@@ -32,9 +32,15 @@ def fix_interpreter_for_numpy2() -> None:
     if getattr(orig, "_mslora_fixed", False):
         return
 
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):  # (tensor, scope) in Triton 3.6; (tensor) in 3.3
+        orig(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._mslora_fixed = True
     interpreter._patch_lang_tensor = patched
