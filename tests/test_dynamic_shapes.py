@@ -39,6 +39,7 @@ FAMILIES = {  # case-name prefix: (cases, what one adapter's joint graph launche
     "model-cuda": (2, MSLORA_CUDA),
     "lora": (2, ["_lora_linear_kernel", "_lora_linear_kernel"]),  # forward, input gradient
 }
+TORCH_BEFORE_2_11 = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11)
 MODEL_ADAPTERS = {"resnet": 3, "swin": 2}  # MSLoRA modules inject() places in each test model
 
 
@@ -64,7 +65,12 @@ def test_fused_ops_trace_with_dynamic_sizes(traced, family):
     assert len(cases) == count, sorted(cases)
     for name, c in cases.items():
         assert c["error"] is None, f"{name}:\n{c['error']}"
-        assert c["compilations"] == 2 and c["dynamic"] == [False, True], (name, c)
+        expected = [[False, True]]
+        if name.endswith("-sliced") and family == "mslora-triton" and TORCH_BEFORE_2_11:
+            # torch 2.7 guards on the slice starts' sym_min (the remainder of N over the slice
+            # count), so its third call, 11 images after 10, compiles once more (still dynamic)
+            expected.append([False, True, True])
+        assert c["dynamic"] in expected and c["compilations"] == len(c["dynamic"]), (name, c)
         for launched in c["launched"]:
             times = collections.Counter(launched)
             if family.startswith("model-"):  # each adapter once
