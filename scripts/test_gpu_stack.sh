@@ -6,14 +6,17 @@
 # its minutes on it, and it runs the timm and torchvision tests that CI skips. The GPU tests
 # still skip. Not part of CI, because of the download.
 # Usage: bash scripts/test_gpu_stack.sh [pytest arguments]   (default: tests -n 2, one per core)
+# Other versions: TORCH=2.9.1 TORCHVISION=0.24.1 TRITON=3.5.1 VENV=/tmp/v29 bash scripts/test_gpu_stack.sh
+# (the extension is built in place, for the venv's torch: run it from a clone, not your checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/mslora-gpu-stack}
+TORCH=${TORCH:-2.11.0} TORCHVISION=${TORCHVISION:-0.26.0} TRITON=${TRITON:-3.6.0}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
-pip_install torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm peft numpy safetensors tqdm \
+pip_install torch==$TORCH torchvision==$TORCHVISION triton==$TRITON timm peft numpy safetensors tqdm \
   pytest pytest-xdist pytest-timeout pytest-benchmark matplotlib pybind11 setuptools wheel
 pip_install --no-deps --no-build-isolation -e .
 "$PY" -c "import torch, torchvision, triton, timm; print('gpu stack: torch', torch.__version__, \
