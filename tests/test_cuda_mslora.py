@@ -6,6 +6,7 @@ checked on the CPU by test_cuda_host.py."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -158,9 +159,10 @@ def test_cuda_and_triton_agree(opts, no_tf32):
 @needs_ext
 @pytest.mark.parametrize("slots", [None, 7], ids=["default", "7"])
 def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
-    """bwd_dz with more tiles (12 images x 8 x 8 tiles = 768) than blocks (dz_slots: 4 per SM,
-    or 7, which does not divide 768): its dK / gate partial buffers have one row per block, every
-    row written (NaN-filled workspaces), gradients right and bitwise equal run to run."""
+    """bwd_dz with more tiles (12 images x 8 x 8 tiles = 768 with 8-row tiles, more with fewer
+    rows) than blocks (dz_slots: 4 per SM, or 7, which does not divide 768): its dK / gate partial
+    buffers have one row per block, every row written (NaN-filled workspaces), gradients right
+    and bitwise equal run to run."""
     import mslora_kernels.cuda.mslora as launcher
 
     o = MSLoRAOptions(40, 24, 4, gate=True, pool=True, enhance=True)
@@ -179,13 +181,16 @@ def test_cuda_bwd_dz_partials_are_bounded(slots, monkeypatch, no_tf32):
             seen["rows"] = {k: by_ptr[v][0] for k, v in ptrs.items()
                             if k in ("part_dw", "part_gate_w", "part_gate_b")}
             seen["blocks"], seen["tiles"] = ints["dz_blocks"], ints["tiles"] * ints["N"]
+            seen["th"] = ints["TH"]
         launch(kernel, dtype, nhwc, ints, ptrs)
 
     out, zmean = mslora_fwd(x, w, o)
     runs = [launcher.backward_impl(gout, x, w, o, zmean, recording, smem_bytes, limit,
                                    slots=slots) for _ in range(2)]
     bound = slots or launcher.dz_slots(x.device)
-    assert seen["tiles"] == 768 and seen["blocks"] == min(bound, 768)
+    # the tile rows follow shared memory (launcher.TILE_ROWS): the count follows them
+    assert seen["tiles"] == 12 * math.ceil(64 / seen["th"]) * math.ceil(64 / launcher.TILE_W)
+    assert seen["tiles"] > bound and seen["blocks"] == bound
     assert set(seen["rows"].values()) == {seen["blocks"]}
     (dx, grads), (dx2, grads2) = runs
     check_close("grad x", dx, g64[0], torch.float32)
