@@ -11,6 +11,8 @@ A fused backend is compared with the reference on the same random inputs and wei
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FP32_TOL = 1e-4
@@ -77,3 +79,15 @@ def check_close(name: str, actual: torch.Tensor, expected64: torch.Tensor, dtype
             f"{name}: relative error {err:.3e} exceeds the {dtype} tolerance {tol:.3e}{detail}"
         )
     return err
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 off for cuBLAS and cuDNN inside the block (SPEC's 1e-4 float32 rule is for full fp32
+    products; PyTorch's default lets cuDNN convolutions use TF32), restored after."""
+    old_mm, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_mm, old_cudnn

@@ -39,10 +39,7 @@ def _seed():
 @pytest.fixture
 def no_tf32():
     """Turn TF32 off for the test (SPEC's 1e-4 float32 rule)."""
-    old_mm = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old_mm
-    torch.backends.cudnn.allow_tf32 = old_cudnn
+    from mslora_kernels import testing  # here: the package loads after TRITON_INTERPRET is set
+
+    with testing.no_tf32():
+        yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mslora_kernels.testing import check_close, rel_error, tolerance
+from mslora_kernels.testing import check_close, no_tf32, rel_error, tolerance
 
 
 def test_rel_error_and_nan():
@@ -58,3 +58,17 @@ def test_few_element_results_get_a_floor_of_a_few_roundings(dtype):
     big = torch.ones(SMALL_NUMEL + 1, dtype=torch.float64)
     with pytest.raises(AssertionError, match="exceeds"):
         check_close("many", (big * (1 + 3 * eps)).to(dtype), big, dtype, baseline=big.to(dtype))
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_no_tf32_turns_both_off_and_restores_them(before):
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = mm.allow_tf32, cudnn.allow_tf32
+    try:
+        mm.allow_tf32 = cudnn.allow_tf32 = before
+        with pytest.raises(RuntimeError, match="inside"), no_tf32():
+            assert (mm.allow_tf32, cudnn.allow_tf32) == (False, False)
+            raise RuntimeError("inside")
+        assert (mm.allow_tf32, cudnn.allow_tf32) == (before, before)
+    finally:
+        mm.allow_tf32, cudnn.allow_tf32 = old
