@@ -320,8 +320,8 @@ def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
     _uneven(seen, 3)
     # Not bitwise: Inductor compiles the torch ops between the kernels its own way (on CUDA
     # pool's mean over the map becomes a sum times 1/HW), a last-bit change that reaches out.
-    torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dx1, dx0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5 * out0.abs().max().item())
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5 * dx0.abs().max().item())
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(),
                                    msg=lambda msg, k=k: f"grad {k}: {msg}")

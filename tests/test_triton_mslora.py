@@ -83,14 +83,16 @@ def ref_lowp(m, x, grad=None):
 
 
 def fused_grads(m, x, grad):
-    """Output and gradients through the module (the fused backend), in x's dtype."""
+    """Output and gradients through the module (the fused backend), in x's dtype: copies, which
+    later backward passes into the same parameters cannot change."""
     m.zero_grad(set_to_none=True)
     xg = x.detach().clone().requires_grad_(True)
     out = m(xg)
     out.backward(grad)
     # torch.compile's wrapper (OptimizedModule) names the parameters "_orig_mod.<name>"
     params = getattr(m, "_orig_mod", m).named_parameters()
-    return out, {"x": xg.grad, **{k: p.grad for k, p in params}}
+    grads = {"x": xg.grad, **{k: p.grad for k, p in params}}
+    return out, {k: None if g is None else g.clone() for k, g in grads.items()}
 
 
 def check_forward(m, x, *, tf32=False):
@@ -422,9 +424,12 @@ def test_torch_compile_fullgraph_matches_eager_gpu(fmt, mem, no_tf32):
     out_e, g_e = fused_grads(m, x, grad)
     cm = torch.compile(m, fullgraph=True)
     out_c, g_c = fused_grads(cm, x, grad)
-    torch.testing.assert_close(out_c, out_e)
-    for name in g_e:
-        torch.testing.assert_close(g_c[name], g_e[name], msg=name)
+    # Not bitwise: Inductor compiles the torch ops between the kernels its own way (pool's mean
+    # over the map, the partial sums' reductions), a last-bit change that the gradients' sums
+    # over pixels carry on. 1e-5 of each tensor's largest value: far below any real defect's.
+    for name, got, want in [("out", out_c, out_e), *((k, g_c[k], g_e[k]) for k in g_e)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                   msg=lambda msg, name=name: f"{name}: {msg}")
 
 
 @pytest.mark.gpu
@@ -432,8 +437,10 @@ def test_torch_compile_fullgraph_forward_gpu(no_tf32):
     m = make_module({"pool": True, "gate": True}, "channels_last", c=ODD["c"], d=ODD["d"],
                     g=ODD["g"], device="cuda")
     x = make_input("channels_last", None, n=2, c=ODD["c"], h=13, w=9, device="cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+    with torch.no_grad():  # not bitwise: see test_torch_compile_fullgraph_matches_eager_gpu
+        want = m(x)
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), want, rtol=1e-5,
+                                   atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.gpu
