@@ -98,9 +98,12 @@ def test_fused_refuses_unsupported_dtype(dtype):
 
 
 def test_module_refuses_float64_on_triton():
-    m = MSLoRA(8, 16, 2, backend="triton").double()
+    # On a GPU machine Triton runs on CUDA tensors only (no interpreter there): CPU tensors would
+    # be refused for their device first.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = MSLoRA(8, 16, 2, backend="triton").to(device).double()
     with pytest.raises(TypeError, match="float64"):
-        m(torch.randn(1, 8, 3, 3, dtype=torch.float64))
+        m(torch.randn(1, 8, 3, 3, dtype=torch.float64, device=device))
 
 
 def test_fused_refuses_weight_dtype_mismatch():
