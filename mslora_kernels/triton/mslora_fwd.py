@@ -48,8 +48,14 @@ import triton.language as tl
 
 from ..config import MSLoRAOptions
 from ..workspace import image_slices, rows
-from ._common import (MAX_PATHS, MAX_RANK, fix_interpreter_for_numpy2, nchw_strides,
-                      normalize_layout, wrap_triton)
+from ._common import (
+    MAX_PATHS,
+    MAX_RANK,
+    fix_interpreter_for_numpy2,
+    nchw_strides,
+    normalize_layout,
+    wrap_triton,
+)
 from ._compile import TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
