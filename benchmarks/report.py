@@ -6,13 +6,18 @@
 - ``speedup.png``: speed-up over eager per shape and provider, one panel per mode;
 - ``roofline.png``: fraction of the larger floor achieved, per shape and provider.
 Everything here is rendered from the rows; nothing is typed in by hand.
+
+    python -m benchmarks.report benchmarks/results/<run>   # re-render results.md and the plots
+                                                           # from that folder's results.json
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 JSON_NAME, CSV_NAME, MD_NAME = "results.json", "results.csv", "results.md"
@@ -57,10 +62,27 @@ def load(out: Path) -> tuple[dict, list[dict]]:
     return data["run"], data["rows"]
 
 
-def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
+def write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
+    """results.json, results.csv and results.md (cheap: rewritten as rows come in)."""
     write_rows(out, meta, rows)
+    render_tables(out)
+
+
+def render_tables(out: Path) -> None:
     meta, rows = load(out)  # render from what was written, exactly as readme.py will
     (Path(out) / MD_NAME).write_text(render_markdown(meta, rows, image_prefix=""))
+
+
+def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
+    """Every output: the tables and the plots."""
+    write_rows(out, meta, rows)
+    render_all(out)
+
+
+def render_all(out: Path) -> None:
+    """results.md and the plots, from the folder's results.json."""
+    render_tables(out)
+    meta, rows = load(out)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -80,7 +102,7 @@ def _cell(text: str) -> str:
 
 
 def _time_cell(r: dict) -> str:
-    if r.get("median_ms") is None:
+    if r.get("status") != "ok" or r.get("median_ms") is None:
         return f"**{r.get('status', 'failed')}**: {_cell(r.get('error') or 'no number')}"
     return f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}, {r['p80_ms']:.4g}]"
 
@@ -121,6 +143,8 @@ def render_markdown(meta: dict, rows: list[dict], image_prefix: str = "",
         f"({meta['fma_method']}).",
         "",
     ]
+    if meta.get("ended", "complete") != "complete":
+        lines += [f"> This run was {meta['ended']}: rows it did not reach are missing.", ""]
     if not meta["device"].startswith(("NVIDIA", "AMD")) and "cuda" not in meta["device"].lower():
         lines += ["> Not a GPU run: these numbers check the runner and mean nothing for the GPU.",
                   ""]
@@ -146,7 +170,9 @@ def render_markdown(meta: dict, rows: list[dict], image_prefix: str = "",
             "rate. `of floor` = larger floor / median. Peak: fwd+bwd allocation beyond inputs "
             "and weights (so it includes out and dx, which every provider must produce). "
             "`fwd` is a training forward (autograd recording); `bwd` replays backward on a "
-            "graph built beforehand.", "",
+            "graph built beforehand."
+            + (" fp32 rows ran with TF32 off (cuBLAS and cuDNN) for every provider."
+               if meta.get("fp32_rows_tf32") is False else ""), "",
             "| preset | shape | layout | dtype | mode | provider | time ms | img/s | GB/s | "
             "mem floor | FMA floor | of floor | peak MiB | x eager | x compile | goals |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -314,3 +340,20 @@ def plot_roofline(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Re-render a run's results.md and plots from its "
+                                            "results.json (e.g. a run cut off before its plots).")
+    p.add_argument("results_dir", help="a folder written by python -m benchmarks.run")
+    args = p.parse_args(argv)
+    if not (Path(args.results_dir) / JSON_NAME).exists():
+        print(f"{args.results_dir}: no {JSON_NAME}", file=sys.stderr)
+        return 2
+    render_all(Path(args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,6 +189,90 @@ def test_failing_provider_records_failure_text(tmp_path, monkeypatch):
     assert all(r["median_ms"] > 0 for r in rows if r["provider"] == "eager")
 
 
+SMALL_ARGS = ["--device", "cpu", "--tiny", "--providers", "eager", "--modes", "fwd,fwd+bwd",
+              "--cpu-reps", "1"]  # three groups: one per layout
+
+
+def test_a_mode_failing_after_its_timing_keeps_no_number(tmp_path, monkeypatch):
+    """The peak-memory measurement (after the timing) fails: the row is a failure with no time,
+    no floor fraction, no speed-up, and the markdown shows the failure, not the time."""
+    def peak(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(measure, "peak_memory_mb", peak)
+    assert bench_run.main(SMALL_ARGS + ["--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    failed = [r for r in rows if r["mode"] == "fwd+bwd"]
+    assert failed and all(r["status"] == "failed" and "simulated" in r["error"] for r in failed)
+    assert all(r[k] is None for r in failed for k in report.NUMBER_COLUMNS)
+    assert all(r["median_ms"] > 0 for r in rows if r["mode"] == "fwd")
+    md = (tmp_path / report.MD_NAME).read_text()
+    assert md.count("**failed**: fwd+bwd: RuntimeError: CUDA out of memory") == len(failed)
+
+
+def test_a_group_whose_set_up_fails_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The second group's module cannot be built (as after a kernel's CUDA error): its rows are
+    failures, the other groups are measured, and every output is written."""
+    real, calls = providers.make_base, []
+
+    def make_base(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(providers, "make_base", make_base)
+    assert bench_run.main(SMALL_ARGS + ["--out", str(tmp_path)]) == 0
+    assert len(calls) >= 3
+    meta, rows = report.load(tmp_path)
+    assert meta["ended"] == "complete"
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["layout"], []).append(r)
+    bad = [g for g in groups.values() if any(r["status"] == "failed" for r in g)]
+    assert len(bad) == 1 and all(r["status"] == "failed" and "group set-up" in r["error"]
+                                 and r["median_ms"] is None for r in bad[0])
+    assert sum(r["status"] == "ok" for r in rows) == len(rows) - len(bad[0])
+    assert all((tmp_path / f).exists() for f in report.OUTPUT_FILES)
+
+
+def test_sigterm_writes_what_was_measured(tmp_path, monkeypatch):
+    """A time limit's SIGTERM during the second group: the first group's rows, the tables and
+    the plots are written, and the run says it was cut off."""
+    import os
+    import signal
+
+    real, calls = bench_run.measure_group, []
+
+    def measure_group(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_run, "measure_group", measure_group)
+    with pytest.raises(SystemExit) as e:
+        bench_run.main(SMALL_ARGS + ["--out", str(tmp_path)])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    meta, rows = report.load(tmp_path)
+    assert meta["ended"].startswith("cut off") and rows
+    assert all(r["status"] == "ok" for r in rows)
+    assert "was cut off" in (tmp_path / report.MD_NAME).read_text()
+    assert all((tmp_path / f).exists() for f in report.OUTPUT_FILES)
+
+
+def test_report_re_renders_from_results_json(tmp_path):
+    assert bench_run.main(SMALL_ARGS + ["--out", str(tmp_path)]) == 0
+    md = (tmp_path / report.MD_NAME).read_text()
+    for f in (report.MD_NAME, report.SPEEDUP_PNG, report.ROOFLINE_PNG):
+        (tmp_path / f).unlink()
+    assert report.main([str(tmp_path)]) == 0
+    assert (tmp_path / report.MD_NAME).read_text() == md
+    assert (tmp_path / report.SPEEDUP_PNG).exists() and (tmp_path / report.ROOFLINE_PNG).exists()
+    assert report.main([str(tmp_path / "nothing")]) == 2
+
+
 def test_time_budget_skips_with_a_reason(tmp_path):
     assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager", "--time-budget",
                            "0", "--out", str(tmp_path)]) == 0
