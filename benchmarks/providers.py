@@ -3,7 +3,10 @@
 Providers (all share the same weights, copied from one module):
 - ``eager``: ``MSLoRA(backend="reference")``, the package's one reference;
 - ``compile``: ``torch.compile`` of that module (default mode, static shapes);
-- ``compile-max``: the same with ``mode="max-autotune"`` (only with ``--max-autotune``);
+- ``compile-max``: the same with ``mode="max-autotune-no-cudagraphs"`` (only with
+  ``--max-autotune``): autotuned kernels, without the CUDA graphs that plain "max-autotune" adds,
+  which no other provider gets, which hide their intermediates from the peak-memory count in a
+  private pool, and whose replays overwrite the outputs that the bwd mode keeps;
 - ``triton``: ``MSLoRA(backend="triton")``;
 - ``cuda``: ``MSLoRA(backend="cuda")``.
 
@@ -70,7 +73,7 @@ def build(provider: str, base: MSLoRA, compile_backend: str = "inductor"):
         # One cache per module instance: forget earlier shapes, so that no run ever hits the
         # recompile limit (which would fall back to eager silently) or turns dynamic.
         torch._dynamo.reset()
-        mode = "max-autotune" if provider == "compile-max" else None
+        mode = "max-autotune-no-cudagraphs" if provider == "compile-max" else None
         fn = torch.compile(base, backend=compile_backend, mode=mode, dynamic=False)
         return fn, (f"torch.compile(reference, backend={compile_backend!r}, mode={mode!r}, "
                     "dynamic=False)")
