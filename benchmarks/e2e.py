@@ -107,7 +107,9 @@ def time_train_step(model, batch: int, device: torch.device, image_size: int = I
     times = []
     for _ in range(steps):
         times.append(_time_once(step, device))
-    peak, note = measure.peak_memory_mb(step, device)
+    # Gradients to None first: the step's own gradients count in its peak (left alive from the
+    # step before, they would sit in the baseline, hiding full fine-tuning's largest buffer).
+    peak, note = measure.peak_memory_mb(step, device, reset=params)
     med, p20, p80 = measure._quantiles(times)
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "peak_mem_mb": peak,
             "peak_mem_note": note or "one step beyond the model, optimizer state and batch",
