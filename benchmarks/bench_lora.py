@@ -23,9 +23,9 @@ import datetime as dt
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: use this check
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.measure import git_commit  # noqa: E402
 from mslora_kernels.lora import LoRAPair, MSPLoRALinear, SerialLoRALinear  # noqa: E402
 
 BATCH = 64
@@ -137,18 +138,17 @@ def stamp(device: str) -> dict:
         triton_v = triton.__version__
     except ImportError:
         triton_v = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit()  # $MSLORA_COMMIT on the GPU machine, whose tree has no .git
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})"
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton_v,
             "cuda": torch.version.cuda, "commit": commit, "date": date}
 
 
-def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int) -> list[dict]:
+def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
+        on_row=None) -> list[dict]:
+    """Every (shape, provider) row; ``on_row(rows so far)`` after each (a cut-off run keeps
+    what it measured)."""
     meta = stamp(device)
     shapes, batch = (TINY_SHAPES, TINY_BATCH) if tiny else (SHAPES, BATCH)
     rows = []
@@ -164,8 +164,11 @@ def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int) -> li
             except Exception as e:  # noqa: BLE001 - a failure is a row, never a number
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             if device == "cuda":
-                torch.cuda.empty_cache()
+                with suppress(RuntimeError):  # a kernel's CUDA error: the next rows record it
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -175,7 +178,7 @@ def markdown(rows: list[dict]) -> str:
              f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, "
              f"commit {m['commit']}, {m['date']}", "",
              "| shape | d | tokens | provider | fwd ms (q20-q80) | fwd+bwd ms (q20-q80) | "
-             "x eager | peak MB | trainable |",
+             "x eager | peak MiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|"]
     eager = {(r["shape"], r["provider"].split("-")[1]): r for r in rows
              if r["provider"].startswith("eager") and not r["error"]}
@@ -213,15 +216,16 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is available")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
-    rows = run(a.device, a.tiny, dtype, a.providers, a.reps)
-    md = markdown(rows)
-    print(md)
+    write = None
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         tag = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = f"lora_{a.device}{'_tiny' if a.tiny else ''}_{tag}"
-        (a.out / f"{stem}.json").write_text(json.dumps({"rows": rows}, indent=1))
-        (a.out / f"{stem}.md").write_text(md)
+
+        def write(rows):  # rewritten after every row
+            (a.out / f"{stem}.json").write_text(json.dumps({"rows": rows}, indent=1))
+            (a.out / f"{stem}.md").write_text(markdown(rows))
+    print(markdown(run(a.device, a.tiny, dtype, a.providers, a.reps, on_row=write)))
     return 0
 
 
