@@ -6,7 +6,8 @@ Variants, each on a freshly built model (``timm.create_model(..., pretrained=Fal
 - ``mslora-eager`` / ``mslora-triton`` / ``mslora-cuda``: ``mslora_kernels.inject(model,
   MSLoRAConfig(backend=...))``, adapters and the classifier head train;
 - ``lora-peft``: standard LoRA from PEFT (r=8, alpha=16) on the same model's convolutions (ResNet)
-  or attention and MLP linears (Swin), adapters and the classifier head train.
+  or attention and MLP linears (Swin), adapters and the classifier head train; frozen BatchNorm
+  in eval mode, as ``inject`` leaves it for the MSLoRA variants.
 A variant that cannot run here (no timm, no PEFT, inject not importable, a backend not built)
 records why instead of a number.
 """
@@ -76,7 +77,13 @@ def build_model(model_key: str, variant: str, device: torch.device):
         cfg = LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS[model_key])
         model = get_peft_model(model, cfg)
         _unfreeze_head(model.get_base_model())
-        return model.to(device), f"PEFT LoRA r=8 alpha=16 on {PEFT_TARGETS[model_key]} + head"
+        # Frozen BatchNorm pinned to eval mode, as inject does for the MSLoRA variants: the same
+        # frozen backbone (no batch statistics, no running-stat updates) for every adapter.
+        from mslora_kernels.inject import freeze
+
+        freeze(model, keep={n for n, p in model.named_parameters() if p.requires_grad})
+        return model.to(device), (f"PEFT LoRA r=8 alpha=16 on {PEFT_TARGETS[model_key]} + head; "
+                                  "frozen BatchNorm in eval mode")
     raise ValueError(f"unknown end-to-end variant {variant!r}; expected one of {VARIANTS}")
 
 

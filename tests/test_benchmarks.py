@@ -381,6 +381,9 @@ def test_e2e_train_step_and_unavailable_variants(monkeypatch):
         else:  # inject or PEFT is importable here: the head and the adapters train, not the rest
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             assert trainable and len(trainable) < len(list(model.parameters()))
+            model.train()  # frozen BatchNorm stays in eval mode, for every adapter variant
+            bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            assert bns and not any(m.training for m in bns), variant
 
 
 def test_e2e_rows_skip_without_cuda(tmp_path):
