@@ -61,11 +61,16 @@ step install 150 "$PY" -m pip install --no-deps --no-build-isolation -e .
 XDIST=()
 WORKERS=${MSLORA_TEST_WORKERS:-8}
 if [ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
-  XDIST=(-n "$WORKERS")
+  XDIST=(-n "$WORKERS" --dist loadgroup)  # loadgroup: a group's tests share one worker
 fi
 
 if want tests; then
-  step pytest 450 "$PY" -m pytest tests -q -rfEs --durations=30 --timeout=300 \
+  # The GPU tests first, in a step of their own: what only this machine can check gets its
+  # verdict and summary even if the rest runs out of time. Then the rest of the suite (CI's, but
+  # here with CUDA present and no interpreter).
+  step pytest_gpu 270 "$PY" -m pytest tests -m gpu -q -rfEs --durations=20 --timeout=300 \
+    -p no:cacheprovider "${XDIST[@]}"
+  step pytest 170 "$PY" -m pytest tests -m "not gpu" -q -rfEs --durations=20 --timeout=300 \
     -p no:cacheprovider "${XDIST[@]}"
 fi
 if want sanitize; then

@@ -53,6 +53,8 @@ def traced():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trace_dynamic")  # one worker runs the (minutes-long) trace, once
+@pytest.mark.timeout(900)  # the first test pays for the trace
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_ops_trace_with_dynamic_sizes(traced, family):
     """Three calls of different N, H and W: one static compilation, then one with symbolic sizes

@@ -23,13 +23,13 @@ def _plan(tmp_path, phases: str | None) -> tuple[int, list[str], str]:
 
 
 @pytest.mark.parametrize("phases, steps", [
-    ("tests", ["install", "pytest"]),
+    ("tests", ["install", "pytest_gpu", "pytest"]),
     ("sanitize", ["install", "check", "sanitizer"]),
     ("bench", ["install", "bench", "bench_lora"]),
     ("pybench", ["install", "pybench"]),
-    ("tests,sanitize", ["install", "pytest", "check", "sanitizer"]),
-    ("all", ["install", "pytest", "check", "sanitizer", "bench", "bench_lora"]),
-    (None, ["install", "pytest", "check", "sanitizer", "bench", "bench_lora"]),
+    ("tests,sanitize", ["install", "pytest_gpu", "pytest", "check", "sanitizer"]),
+    ("all", ["install", "pytest_gpu", "pytest", "check", "sanitizer", "bench", "bench_lora"]),
+    (None, ["install", "pytest_gpu", "pytest", "check", "sanitizer", "bench", "bench_lora"]),
 ])
 def test_phases_run_their_steps_in_order(tmp_path, phases, steps):
     code, got, out = _plan(tmp_path, phases)
@@ -39,9 +39,12 @@ def test_phases_run_their_steps_in_order(tmp_path, phases, steps):
 
 
 def test_tests_phase_runs_the_whole_suite_with_a_timeout(tmp_path):
+    """The GPU tests, then every other test: together the whole suite, each with a timeout."""
     _, _, out = _plan(tmp_path, "tests")
-    line = next(x for x in out.splitlines() if x.startswith("=== pytest"))
-    assert " -m pytest tests " in line and "--timeout=" in line
+    lines = [x for x in out.splitlines() if x.startswith("=== pytest")]
+    assert len(lines) == 2
+    assert " -m pytest tests -m gpu " in lines[0] and " -m pytest tests -m not gpu " in lines[1]
+    assert all("--timeout=" in x for x in lines)
 
 
 def test_unknown_phase_is_refused(tmp_path):
