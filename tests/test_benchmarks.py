@@ -8,19 +8,13 @@ import csv
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import floors, measure, presets, providers, readme, report
+from benchmarks import run as bench_run
 from mslora_kernels.models import ResNet
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is not installed; it runs from the repository root
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import floors, measure, presets, providers, readme, report  # noqa: E402
-from benchmarks import run as bench_run  # noqa: E402
 
 TINY_ARGS = ["--device", "cpu", "--tiny", "--providers", "eager,compile,triton,cuda",
              "--compile-backend", "aot_eager", "--layouts", "channels_first,channels_last",
