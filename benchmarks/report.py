@@ -68,9 +68,11 @@ def write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
     render_tables(out)
 
 
-def render_tables(out: Path) -> None:
+def render_tables(out: Path) -> tuple[dict, list[dict]]:
+    """results.md from the folder's results.json; returns what it read."""
     meta, rows = load(out)  # render from what was written, exactly as readme.py will
     (Path(out) / MD_NAME).write_text(render_markdown(meta, rows, image_prefix=""))
+    return meta, rows
 
 
 def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -81,8 +83,7 @@ def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
 
 def render_all(out: Path) -> None:
     """results.md and the plots, from the folder's results.json."""
-    render_tables(out)
-    meta, rows = load(out)
+    _, rows = render_tables(out)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
