@@ -25,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: use this check
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.measure import git_commit  # noqa: E402
+from benchmarks.measure import git_commit, release  # noqa: E402
 from mslora_kernels.lora import LoRAPair, MSPLoRALinear, SerialLoRALinear  # noqa: E402
 
 BATCH = 64
@@ -166,9 +165,7 @@ def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
             rows.append(row)
             if on_row is not None:
                 on_row(rows)
-            if device == "cuda":
-                with suppress(RuntimeError):  # a kernel's CUDA error: the next rows record it
-                    torch.cuda.empty_cache()
+            release(device)
     return rows
 
 

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -193,6 +194,15 @@ def fma_rate(device: torch.device) -> dict:
 
 
 # ---- peak memory -------------------------------------------------------------------------------
+def release(device: torch.device | str) -> None:
+    """Give the caching allocator's free blocks back between providers; quiet where a kernel's
+    CUDA error has left the context unusable (the rows that follow record that error)."""
+    if torch.device(device).type == "cuda":
+        with suppress(RuntimeError):
+            torch.cuda.empty_cache()
+
+
+
 def peak_memory_mb(fn, device: torch.device, reset=()) -> tuple[float | None, str]:
     """Peak memory ``fn()`` allocates beyond what is allocated when it starts, in MiB.
 

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -239,20 +239,12 @@ def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args) -> lis
             except Exception as e:  # no number from a failed mode: what it measured goes
                 r.clear()
                 r.update(before, status="failed", error=f"{mode}: {_error_text(e)}")
-                _release(device)
+                measure.release(device)
         for t in resets:
             t.grad = None
     _compare(rows)
-    _release(device)
+    measure.release(device)
     return rows
-
-
-def _release(device: torch.device) -> None:
-    """Give cached blocks back between providers; quiet where a kernel's CUDA error has left the
-    context unusable (the rows that follow record that error)."""
-    if device.type == "cuda":
-        with suppress(RuntimeError):
-            torch.cuda.empty_cache()
 
 
 def _failed_group(shape, layout, dtype_name, goal_preset, p, e: BaseException) -> list[dict]:
@@ -265,7 +257,7 @@ def _failed_group(shape, layout, dtype_name, goal_preset, p, e: BaseException) -
             r.update(status="failed", error=f"group set-up: {_error_text(e)}")
             rows.append(r)
     _compare(rows)
-    _release(p["device"])
+    measure.release(p["device"])
     return rows
 
 
@@ -376,7 +368,7 @@ def measure_e2e(model_key: str, variant: str, p, args) -> dict:
         row.update(status="failed", error=_error_text(e))
     finally:
         del model
-        _release(device)
+        measure.release(device)
     return row
 
 
