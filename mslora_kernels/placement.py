@@ -14,6 +14,9 @@ Placement with ``targets="auto"``:
   identity unless anti-aliasing is on). Registered as ``<block>.mslora``.
 - ResNet ``BasicBlock`` (ResNet-18/34, beyond SPEC's tables): the same idea, on the input of
   ``conv2`` (after ``conv1 -> bn1 -> act1``).
+- timm's pre-activation ResNetV2 blocks, ``PreActBottleneck`` and ``PreActBasic``: the same
+  sites, the input of ``conv3`` (after ``conv2 -> norm3``, norm3 being BatchNorm and ReLU) and of
+  ``conv2`` (after ``conv1 -> norm2``).
 - Swin blocks (timm ``SwinTransformerBlock``, torchvision ``SwinTransformerBlock`` and
   ``SwinTransformerBlockV2``): one adapter on the block's output, channels-last ``(N, H, W, C)``,
   ``prenorm=True``. Old timm blocks that return ``(N, H*W, C)`` are reshaped with the block's
@@ -23,6 +26,9 @@ Placement with ``targets="auto"``:
   reshaped to their grid; the class and register tokens pass through untouched; ``prenorm=True``.
   The grid is the one the patch embedding made in this forward (a hook on ``patch_embed`` reads
   it), so timm's ``dynamic_img_size`` works at any image size, square or not.
+- torchvision's ``VisionTransformer`` (``conv_proj``, ``encoder.layers``): the same, on the
+  output of every ``EncoderBlock``, with its class token passed through; its image size is
+  fixed, so its grid is ``image_size // patch_size`` on each side.
 
 With ``targets`` given (a list of module-name suffixes or a regex, PEFT's rule), the adapter
 transforms the output of each module named, laid out as ``data_format`` says:
@@ -47,7 +53,10 @@ from .modules import MSLoRA
 TARGET_FORMATS = ("channels_first", "channels_last", "tokens")
 ADAPTER_NAME = "mslora"
 
-RESNET_BLOCKS = ("Bottleneck", "BasicBlock")
+# ResNet blocks by class name -> the conv whose input the adapter transforms (the one after the
+# 3x3 and its norm and activation). timm's ResNetV2 has pre-activation blocks of the same shape.
+RESNET_BLOCKS = {"Bottleneck": "conv3", "PreActBottleneck": "conv3",
+                 "BasicBlock": "conv2", "PreActBasic": "conv2"}
 SWIN_BLOCKS = ("SwinTransformerBlock", "SwinTransformerBlockV2", "SwinTransformerV2Block")
 
 
@@ -377,13 +386,14 @@ class _Site:
 
 
 def _layer_norm_width(block: nn.Module, name: str) -> int:
-    norm = getattr(block, "norm1", None)
-    if isinstance(norm, nn.LayerNorm):
-        return int(norm.normalized_shape[-1])
+    for attr in ("norm1", "ln_1"):  # timm's and torchvision's Swin; torchvision's ViT
+        norm = getattr(block, attr, None)
+        if isinstance(norm, nn.LayerNorm):
+            return int(norm.normalized_shape[-1])
     if isinstance(getattr(block, "dim", None), int):
         return block.dim
     raise ValueError(
-        f"inject: cannot tell the channel count of block {name!r} (no norm1 LayerNorm)"
+        f"inject: cannot tell the channel count of block {name!r} (no norm1 or ln_1 LayerNorm)"
     )
 
 
@@ -401,13 +411,20 @@ def _auto_sites(model: nn.Module, cfg: MSLoRAConfig) -> tuple[list[_Site], list]
             grid_hooks.append((m.patch_embed, tokens.patch_grid))
             for blk in m.blocks:
                 vit_blocks[id(blk)] = tokens
+        elif _is_torchvision_vit(m):
+            # A fixed, square image_size (torchvision asserts it), so a fixed grid; one class
+            # token in front.
+            side = int(m.image_size) // int(m.patch_size)
+            tokens = _TokenGrid(1 if hasattr(m, "class_token") else 0, (side, side))
+            for blk in m.encoder.layers:
+                vit_blocks[id(blk)] = tokens
     for name, m in model.named_modules():
         cls = type(m).__name__
         if id(m) in vit_blocks:
             sites.append(_Site(name, m, m, False, _layer_norm_width(m, name), "channels_last",
                                transformer_prenorm, vit_blocks[id(m)]))
         elif cls in RESNET_BLOCKS and isinstance(getattr(m, "conv2", None), nn.Conv2d):
-            nxt = m.conv3 if cls == "Bottleneck" else m.conv2
+            nxt = getattr(m, RESNET_BLOCKS[cls], None)
             if not isinstance(nxt, nn.Conv2d):
                 continue
             sites.append(_Site(name, m, nxt, True, nxt.in_channels, "channels_first", cnn_prenorm))
@@ -437,6 +454,17 @@ def _is_vit(m: nn.Module) -> bool:
         isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))
         and isinstance(getattr(m, "num_prefix_tokens", None), int)
         and hasattr(getattr(m, "patch_embed", None), "grid_size")
+    )
+
+
+def _is_torchvision_vit(m: nn.Module) -> bool:
+    """torchvision's VisionTransformer: conv_proj, encoder.layers, image_size and patch_size."""
+    layers = getattr(getattr(m, "encoder", None), "layers", None)
+    return (
+        isinstance(getattr(m, "conv_proj", None), nn.Conv2d)
+        and isinstance(layers, (nn.Sequential, nn.ModuleList))
+        and isinstance(getattr(m, "image_size", None), int)
+        and isinstance(getattr(m, "patch_size", None), int)
     )
 
 

@@ -61,6 +61,7 @@ MODELS = {
     "swin": (_swin, (2, 3, 16, 16)),
     "vit": (_vit, (2, 3, 20, 20)),
     "vit_reg": (lambda: _vit(reg=2), (2, 3, 20, 20)),
+    "torchvision_vit": (lambda: TorchvisionViT().eval(), (2, 3, 20, 20)),
 }
 
 
@@ -114,6 +115,85 @@ class OldTimmSwinBlock(nn.Module):
 OldTimmSwinBlock.__name__ = "SwinTransformerBlock"
 
 
+class PreActBottleneck(nn.Module):
+    """timm.models.resnetv2.PreActBottleneck: norm (BN+ReLU) before each conv, no output act."""
+
+    def __init__(self, c_in, width):
+        super().__init__()
+        self.norm1 = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU())
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.norm2 = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU())
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.norm3 = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU())
+        self.conv3 = nn.Conv2d(width, c_in, 1, bias=False)
+
+    def inner(self, x):
+        return self.norm3(self.conv2(self.norm2(self.conv1(self.norm1(x)))))
+
+    def forward(self, x):
+        return self.conv3(self.inner(x)) + x
+
+
+class PreActBasic(nn.Module):
+    """timm.models.resnetv2.PreActBasic: two 3x3 convs, each after its norm (BN+ReLU)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.norm2 = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def inner(self, x):
+        return self.norm2(self.conv1(self.norm1(x)))
+
+    def forward(self, x):
+        return self.conv2(self.inner(x)) + x
+
+
+class EncoderBlock(nn.Module):
+    """torchvision.models.vision_transformer.EncoderBlock's names: ln_1, self_attention, ln_2, mlp
+    (the attention is a Linear here: placement does not look at it)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.self_attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchvisionViT(nn.Module):
+    """torchvision's VisionTransformer layout: conv_proj, class_token, encoder.{pos_embedding,
+    layers, ln}, heads; a fixed, square image_size."""
+
+    def __init__(self, image_size=20, patch_size=4, dim=32, depth=2):
+        super().__init__()
+        self.image_size, self.patch_size = image_size, patch_size
+        self.conv_proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.encoder = nn.Module()
+        n = (image_size // patch_size) ** 2 + 1
+        self.encoder.pos_embedding = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+        self.encoder.layers = nn.Sequential(*[EncoderBlock(dim) for _ in range(depth)])
+        self.encoder.ln = nn.LayerNorm(dim)
+        self.heads = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        assert x.shape[-2:] == (self.image_size, self.image_size)
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.encoder.ln(self.encoder.layers(x + self.encoder.pos_embedding))
+        return self.heads(x[:, 0])
+
+
+TorchvisionViT.__name__ = "VisionTransformer"
+
+
 # --------------------------------------------------------------------------------------------------
 # Placement
 # --------------------------------------------------------------------------------------------------
@@ -138,11 +218,12 @@ def test_param_count_resnet_small():
                                        "layer3.0.mslora"]
 
 
-@pytest.mark.parametrize("name", ["swin", "vit"])
+@pytest.mark.parametrize("name", ["swin", "vit", "torchvision_vit"])
 def test_param_count_transformers_small(name):
     model = MODELS[name][0]()
-    widths = [b.norm1.normalized_shape[0] for n, b in model.named_modules()
-              if type(b).__name__ in ("SwinTransformerBlock", "Block")]
+    widths = [getattr(b, "norm1", getattr(b, "ln_1", None)).normalized_shape[0]
+              for n, b in model.named_modules()
+              if type(b).__name__ in ("SwinTransformerBlock", "Block", "EncoderBlock")]
     inject(model, MSLoRAConfig(**CFG))
     # SPEC's count plus the prenorm LayerNorm's 2C per block
     expected = sum(mslora_param_count(c, **CFG) + 2 * c for c in widths)
@@ -170,6 +251,28 @@ def test_resnet_placement_after_conv2_bn2_act2():
             got = block(x)
         assert a.options.channels == 8 and not a.options.prenorm
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [PreActBottleneck(16, 8), PreActBasic(8)],
+                         ids=["bottleneck", "basic"])
+def test_preact_resnet_placement_after_the_3x3_and_its_bn_relu(block):
+    """timm's ResNetV2: the adapter takes the last conv's input, norm(conv 3x3 (...))."""
+    block.eval()
+    for bn in block.modules():  # non-trivial BatchNorm statistics
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, block.conv1.in_channels, 7, 5)
+    inject(block, MSLoRAConfig(**CFG))
+    randomize_adapters(block)
+    a = block.mslora
+    last = block.conv3 if isinstance(block, PreActBottleneck) else block.conv2
+    with torch.no_grad():
+        want = last._conv_forward(a(block.inner(x)), last.weight, None) + x
+        got = block(x)
+    assert a.options.channels == 8 and not a.options.prenorm
+    assert not torch.equal(a(block.inner(x)), block.inner(x))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_swin_placement_end_of_block():
@@ -209,6 +312,23 @@ def test_vit_placement_prefix_tokens_pass_through(reg):
         torch.testing.assert_close(got[:, :p], ref[:, :p], rtol=0, atol=0)
         want = blk.mslora(ref[:, p:].reshape(2, 5, 5, 32)).reshape(2, 25, 32)
         torch.testing.assert_close(got[:, p:], want, rtol=0, atol=0)
+
+
+def test_torchvision_vit_placement_class_token_passes_through():
+    model = TorchvisionViT(image_size=24, patch_size=4).eval()  # a 6x6 grid
+    blk = model.encoder.layers[1]
+    x = torch.randn(2, 1 + 36, 32)
+    ref = blk(x)
+    inject(model, MSLoRAConfig(**CFG))
+    randomize_adapters(model)
+    assert sorted(adapters(model)) == ["encoder.layers.0.mslora", "encoder.layers.1.mslora"]
+    with torch.no_grad():
+        got = blk(x)
+        torch.testing.assert_close(got[:, :1], ref[:, :1], rtol=0, atol=0)
+        want = blk.mslora(ref[:, 1:].reshape(2, 6, 6, 32)).reshape(2, 36, 32)
+        torch.testing.assert_close(got[:, 1:], want, rtol=0, atol=0)
+        assert not torch.equal(got, ref)
+        assert not torch.equal(model(torch.randn(2, 3, 24, 24)), model.heads.bias.expand(2, 5))
 
 
 # ViT grids: the patch embedding's grid of this forward, never a guess from the token count.
@@ -505,7 +625,7 @@ def test_save_load_reproduces_outputs_exactly(name, tmp_path):
     torch.manual_seed(1)
     base = make()
     base_state = copy.deepcopy(base.state_dict())
-    head = ["fc"] if name == "resnet" else ["head"]
+    head = [{"resnet": "fc", "torchvision_vit": "heads"}.get(name, "head")]
     model = inject(base, MSLoRAConfig(**CFG, trainable=head))
     randomize_adapters(model)
     with torch.no_grad():
@@ -605,10 +725,20 @@ def _check_model(model, expected, shape):
         assert not torch.equal(model(x), before)
 
 
-def test_torchvision_resnet50_and_swin_b():
+def test_torchvision_resnet50_swin_b_vit():
     tvm = pytest.importorskip("torchvision.models")
     _check_model(tvm.resnet50(), RESNET50_MSLORA, (1, 3, 64, 64))
     _check_model(tvm.swin_b(), SWINB_MSLORA + SWINB_LN, (1, 3, 224, 224))
+    vit = tvm.vit_b_16()
+    nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision zero-inits the head
+    _check_model(vit, 12 * (mslora_param_count(768) + 2 * 768), (1, 3, 224, 224))
+
+
+def test_timm_preact_resnetv2_50():
+    timm = pytest.importorskip("timm")
+    # zero_init_last would zero conv3, right after the adapter, and hide it from the output
+    _check_model(timm.create_model("resnetv2_50", zero_init_last=False), RESNET50_MSLORA,
+                 (1, 3, 64, 64))
 
 
 def test_timm_resnet50_swin_b_vit():
