@@ -43,8 +43,9 @@ from mslora_kernels.workspace import workspace_budget
 from . import e2e, floors, measure, presets, providers, report
 
 DEFAULT_E2E_BATCH = 64
-# --quick: work not started by then is recorded as skipped. The GPU check gives the run 300 s;
-# the imports before the clock starts, the last row begun and the plots need the rest.
+# --quick: work not started by then is recorded as skipped (the GPU check passes its own
+# --time-budget, a minute under its step's limit, for the imports, the last row begun and the
+# plots).
 QUICK_BUDGET_S = 210.0
 KERNEL_SHARE = 0.7  # of the budget, for kernel shapes when end-to-end rows follow
 
