@@ -92,3 +92,15 @@ def test_bad_arguments_are_refused(tmp_path, phases, budget, message):
     assert code == 2
     assert steps == []
     assert message in out
+
+
+def test_every_file_with_gpu_tests_has_its_place_in_the_gpu_order():
+    """conftest orders the GPU run by file (what matters most first, should the limit stop it); a
+    file missing from that list would silently run last."""
+    from conftest import GPU_FILE_ORDER
+
+    tests = Path(__file__).resolve().parent
+    with_gpu = {p.name for p in tests.glob("test_*.py")
+                if re.search(r"^@pytest\.mark\.gpu$", p.read_text(), re.M)}
+    assert with_gpu == set(GPU_FILE_ORDER)
+    assert GPU_FILE_ORDER[:2] == ("test_cuda_mslora.py", "test_triton_mslora.py")
