@@ -189,8 +189,11 @@ def n_input_sets(x_bytes: int, device: torch.device) -> int:
     return max(2, min(32, math.ceil(2 * measure.l2_bytes(device) / max(1, 2 * x_bytes))))
 
 
-def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args) -> list[dict]:
-    """Every provider x mode row of one (shape, layout, dtype)."""
+def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args,
+                  done: list[dict] | None = None) -> list[dict]:
+    """Every provider x mode row of one (shape, layout, dtype), each appended to ``done`` once
+    finished, so that a run stopped in the middle of a group keeps the rows it finished."""
+    rows = [] if done is None else done
     device, dtype = p["device"], providers.DTYPES[dtype_name]
     base = providers.make_base(shape.c, p["rank"], p["groups_g"], p["kernel_sizes"], layout,
                                dtype, device)
@@ -201,15 +204,14 @@ def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args) -> lis
     ds = [torch.randn_like(x).detach() for x in xs]
     with torch.no_grad():
         ref_out = base(xs[0]).float()
-    rows = []
     for prov in p["providers"]:
         prov_rows = {m: _new_row(shape, layout, dtype_name, m, prov, p, goal_preset)
                      for m in p["modes"]}
-        rows += prov_rows.values()
         reason = providers.unavailable(prov, device)
         if reason:
             for r in prov_rows.values():
                 r.update(status="unavailable", error=reason)
+            rows += prov_rows.values()
             continue
         try:
             fn, detail = providers.build(prov, base, args.compile_backend)
@@ -219,6 +221,7 @@ def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args) -> lis
         except Exception as e:  # the provider failed: its rows say how, with no number
             for r in prov_rows.values():
                 r.update(status="failed", error=_error_text(e))
+            rows += prov_rows.values()
             continue
         params = [q for q in fn.parameters() if q.requires_grad]
         resets = xs + params
@@ -241,6 +244,7 @@ def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args) -> lis
                 r.clear()
                 r.update(before, status="failed", error=f"{mode}: {_error_text(e)}")
                 measure.release(device)
+            rows.append(r)
         for t in resets:
             t.grad = None
     _compare(rows)
@@ -259,6 +263,21 @@ def _failed_group(shape, layout, dtype_name, goal_preset, p, e: BaseException) -
             rows.append(r)
     _compare(rows)
     measure.release(p["device"])
+    return rows
+
+
+CUT_OFF = "the run was stopped (its time limit) before this row was finished"
+
+
+def _unfinished_rows(done: list[dict], shape, layout, dtype_name, goal_preset, p) -> list[dict]:
+    """The rows of a group that a stopped run did not finish, as "cut off" rows with no number."""
+    have = {(r["provider"], r["mode"]) for r in done}
+    rows = []
+    for prov in p["providers"]:
+        for mode in p["modes"]:
+            if (prov, mode) not in have:
+                rows.append(_new_row(shape, layout, dtype_name, mode, prov, p, goal_preset))
+                rows[-1].update(status="cut off", error=CUT_OFF)
     return rows
 
 
@@ -490,14 +509,20 @@ def _run_groups(p, args, rates, meta, stamp_cols, out, rows, over_budget) -> Non
                     rows.append({**r, **stamp_cols})
             continue
         t0 = time.monotonic()
+        group: list[dict] = []
         try:
             # fp32 rows: TF32 off, so that every provider computes what SPEC's fp32 contract
             # asks (the fused kernels never use TF32 for it; cuDNN would, by default, for eager)
             with no_tf32() if dtype_name == "fp32" else nullcontext():
-                group = measure_group(shape, layout, dtype_name, goal_preset, p, rates, args)
+                measure_group(shape, layout, dtype_name, goal_preset, p, rates, args, group)
         except Exception as e:  # the group's set-up failed (e.g. a CUDA error left by a kernel)
             group = _failed_group(shape, layout, dtype_name, goal_preset, p, e)
-        rows += [{**r, **stamp_cols} for r in group]
+        except BaseException:  # stopped (SIGTERM's SystemExit, Ctrl-C): keep what it finished
+            group += _unfinished_rows(group, shape, layout, dtype_name, goal_preset, p)
+            _compare(group)
+            raise
+        finally:
+            rows += [{**r, **stamp_cols} for r in group]
         print(f"[bench] {shape.long_label} {layout} {dtype_name}: "
               f"{time.monotonic() - t0:.1f} s", flush=True)
         report.write_tables(out, meta, rows)

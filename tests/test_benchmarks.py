@@ -251,8 +251,45 @@ def test_sigterm_writes_what_was_measured(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
     meta, rows = report.load(tmp_path)
     assert meta["ended"].startswith("cut off") and rows
-    assert all(r["status"] == "ok" for r in rows)
+    first, second = rows[:2], rows[2:]  # the group stopped before it measured anything
+    assert [r["layout"] for r in rows] == ["channels_first"] * 2 + ["channels_first_cl"] * 2
+    assert all(r["status"] == "ok" for r in first)
+    assert all(r["status"] == "cut off" and r["median_ms"] is None for r in second)
     assert "was cut off" in (tmp_path / report.MD_NAME).read_text()
+    assert all((tmp_path / f).exists() for f in report.OUTPUT_FILES)
+
+
+def test_sigterm_in_a_group_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """SIGTERM while the first group's second provider compiles (the slow part of a group, where
+    a time limit most likely falls): the first provider's rows are kept with their numbers, the
+    rest of the group is "cut off" with none, and the tables and plots are written."""
+    import os
+    import signal
+
+    real = providers.build
+
+    def build(prov, *a, **k):
+        if prov == "compile":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(prov, *a, **k)
+
+    monkeypatch.setattr(providers, "build", build)
+    args = ["--device", "cpu", "--tiny", "--providers", "eager,compile", "--modes", "fwd,fwd+bwd",
+            "--cpu-reps", "1", "--compile-backend", "aot_eager", "--layouts", "channels_first"]
+    with pytest.raises(SystemExit):
+        bench_run.main(args + ["--out", str(tmp_path)])
+    meta, rows = report.load(tmp_path)
+    assert meta["ended"].startswith("cut off")
+    got = {(r["provider"], r["mode"]): r for r in rows}
+    assert set(got) == {(p, m) for p in ("eager", "compile") for m in ("fwd", "fwd+bwd")}
+    assert all(got["eager", m]["status"] == "ok" and got["eager", m]["median_ms"] > 0
+               for m in ("fwd", "fwd+bwd"))
+    for m in ("fwd", "fwd+bwd"):
+        r = got["compile", m]
+        assert r["status"] == "cut off" and r["error"] == bench_run.CUT_OFF
+        assert all(r[k] is None for k in report.NUMBER_COLUMNS)
+    md = (tmp_path / report.MD_NAME).read_text()
+    assert md.count("**cut off**") == 2
     assert all((tmp_path / f).exists() for f in report.OUTPUT_FILES)
 
 
