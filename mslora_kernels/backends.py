@@ -35,22 +35,33 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend does not support {device.type!r} tensors"
 
 
-def cuda_extension():
-    """The compiled extension ``mslora_kernels._C``, or None when it was not built."""
+def _load_extension():
+    """``(mslora_kernels._C, None)``, or ``(None, why it cannot be had)``."""
     try:
         from . import _C
-    except ImportError:
-        return None
-    return _C
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}._C":
+            return None, (
+                "which was not built (setup.py builds it only when nvcc is found and "
+                "MSLORA_SKIP_CUDA_BUILD is unset)"
+            )
+        return None, f"which does not import: {e}"
+    except ImportError as e:  # built, but it does not load (another Python's ABI, a bad symbol)
+        return None, f"which was built but does not load: {e}"
+    return _C, None
+
+
+def cuda_extension():
+    """The compiled extension ``mslora_kernels._C``, or None when it was not built or does not
+    load (:func:`cuda_unavailable_reason` says which)."""
+    return _load_extension()[0]
 
 
 def cuda_unavailable_reason(device: torch.device) -> str | None:
     """Why the CUDA C++ backend cannot run on ``device``, or None if it can."""
-    if cuda_extension() is None:
-        return (
-            "the CUDA backend needs the compiled extension mslora_kernels._C, which was not "
-            "built (setup.py builds it only when nvcc is found and MSLORA_SKIP_CUDA_BUILD is unset)"
-        )
+    ext, why = _load_extension()
+    if ext is None:
+        return f"the CUDA backend needs the compiled extension mslora_kernels._C, {why}"
     if device.type != "cuda":
         return f"the CUDA backend needs a CUDA tensor, got a {device.type!r} tensor"
     return None

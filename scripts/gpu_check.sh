@@ -6,7 +6,8 @@
 # (MSLORA_GPU_BUDGET_S, default 480 s): its steps run in order of what the open issues need most,
 # each with a limit cut to what the budget still holds, and a step that no longer fits is recorded
 # as skipped, never half-counted:
-#     install      pip install -e . (builds the CUDA extension, sm_90 only, every core)
+#     install      pip install -e . (builds the CUDA extension, sm_90 only, every core), and
+#                  fails unless the CUDA backend is then ready
 #     pytest_gpu   the GPU tests (tests -m gpu): kernels against the reference, opcheck,
 #                  torch.compile, CUDA graphs, CUDA vs Triton
 #     sanitizer    compute-sanitizer memcheck and racecheck on small CUDA-backend cases
@@ -140,7 +141,11 @@ fi
 read -r -a GPU_TESTS <<< "${MSLORA_GPU_TESTS:-tests}"
 PYTEST=(-q -rfEs --durations=20 --timeout=300 -p no:cacheprovider)
 
-run_step install TERM "$PY" -m pip install --no-deps --no-build-isolation -e .
+# The extension must load here: without it every CUDA test would skip and the run look green.
+run_step install TERM bash -c '"$0" -m pip install --no-deps --no-build-isolation -e . &&
+  "$0" -c "from mslora_kernels.backends import cuda_unavailable_reason as r; import torch, sys;
+why = r(torch.device(\"cuda\")); print(\"install: CUDA backend\", why or \"ready\");
+sys.exit(1 if why else 0)"' "$PY"
 run_step pytest_gpu INT "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${PYTEST[@]}" "${XDIST[@]}"
 # The sanitizer's own logs stay on the machine (8 files come back); their tails go to the log.
 run_step sanitizer TERM bash -c 'bash scripts/cuda_sanitize.sh /tmp/sanitize; rc=$?;

@@ -69,6 +69,28 @@ def test_package_works_without_extension():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_an_extension_that_does_not_load_says_so():
+    """A _C that was built but does not load (another Python's ABI, an undefined symbol) is not
+    reported as "not built": the reason carries the loader's message."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'mslora_kernels._C':\n"
+        "            raise ImportError('_C.so: undefined symbol: _Z3foov')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import torch\n"
+        "from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason\n"
+        "assert cuda_extension() is None\n"
+        "why = cuda_unavailable_reason(torch.device('cuda'))\n"
+        "assert 'built but does not load' in why and 'undefined symbol: _Z3foov' in why, why\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
 def _compile_check(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mslora_kernels.checks.cuda_compile", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mslora_kernels.backends import cuda_extension
+from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason
 from mslora_kernels.cuda.gelu import gelu_fwd
 
 needs_ext = pytest.mark.skipif(cuda_extension() is None,
-                               reason="mslora_kernels._C is not built (no nvcc at install)")
+                               reason=str(cuda_unavailable_reason(torch.device("cuda"))))
 
 
 def test_refuses_cpu_tensor():

@@ -13,13 +13,14 @@ import torch
 from test_cuda_host import _nan_workspaces
 
 from mslora_kernels import MSLoRA, ops
-from mslora_kernels.backends import cuda_extension
+from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason
 from mslora_kernels.config import MSLoRAOptions
 from mslora_kernels.cuda.mslora import mslora_bwd, mslora_fwd
 from mslora_kernels.reference import mslora as reference
 from mslora_kernels.testing import check_close
 
-needs_ext = pytest.mark.skipif(cuda_extension() is None, reason="mslora_kernels._C is not built")
+needs_ext = pytest.mark.skipif(cuda_extension() is None,
+                               reason=str(cuda_unavailable_reason(torch.device("cuda"))))
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last_memory", "nhwc"]
@@ -268,6 +269,11 @@ def test_cuda_launcher_refuses_bad_weights():
         mslora_fwd(x, {k: v.half() for k, v in w.items()}, o)
     with pytest.raises(ValueError, match="shape"):
         mslora_fwd(x, {**w, "pw.weight": w["pw.weight"][:2]}, o)
+    po = MSLoRAOptions(8, 4, 2, pool=True)
+    pw = _weights(po, "cuda")
+    _, zmean = mslora_fwd(x, pw, po)
+    with pytest.raises(ValueError, match="zmean must be a CUDA tensor"):  # not a raw host pointer
+        mslora_bwd(torch.randn_like(x), x, pw, po, zmean.cpu())
 
 
 # ------------------------------------------ the module path (ops.py's custom ops)

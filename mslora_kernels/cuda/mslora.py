@@ -457,6 +457,10 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: Mapping[str, to
                deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(grad_x, grads)`` per the contract; always deterministic (see the module doc)."""
     check_inputs("mslora_bwd (cuda)", x, weights, o, grad_out)
-    if o.pool and (zmean is None or tuple(zmean.shape) != (x.shape[0], o.rank)):
-        raise ValueError(f"mslora_bwd (cuda): pool needs zmean of shape ({x.shape[0]}, {o.rank})")
+    if o.pool:
+        if zmean is None or tuple(zmean.shape) != (x.shape[0], o.rank):
+            raise ValueError(
+                f"mslora_bwd (cuda): pool needs zmean of shape ({x.shape[0]}, {o.rank})")
+        # the kernels read it through a raw pointer: a CPU zmean would be an illegal address
+        _ext.check_tensor("mslora_bwd (cuda)", "zmean", zmean, device=x.device, contiguous=False)
     return backward_impl(grad_out, x, weights, o, zmean, *_gpu(x.device))
