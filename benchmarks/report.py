@@ -172,6 +172,11 @@ def render_markdown(meta: dict, rows: list[dict], image_prefix: str = "",
             "and weights (so it includes out and dx, which every provider must produce). "
             "`fwd` is a training forward (autograd recording); `bwd` replays backward on a "
             "graph built beforehand."
+            + (" Each provider's branch H(x) = out - x is checked against eager's "
+               "(`rel_err_vs_eager` in the JSON): one off by more than "
+               + ", ".join(f"{v:g} ({k})" for k, v in meta["branch_tolerance"].items())
+               + " is recorded as failed, with no number." if meta.get("branch_tolerance")
+               else "")
             + (" fp32 rows ran with TF32 off (cuBLAS and cuDNN) for every provider."
                if meta.get("fp32_rows_tf32") is False else ""), "",
             "| preset | shape | layout | dtype | mode | provider | time ms | img/s | GB/s | "

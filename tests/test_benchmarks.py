@@ -293,6 +293,34 @@ def test_sigterm_in_a_group_keeps_its_finished_rows(tmp_path, monkeypatch):
     assert all((tmp_path / f).exists() for f in report.OUTPUT_FILES)
 
 
+def test_a_provider_with_a_wrong_output_records_a_failure_not_a_time(tmp_path, monkeypatch):
+    """A provider whose branch H(x) is off (here by 1% of x, a sixth of the branch) gets no
+    number: a fast kernel that computes the wrong thing must not show as a speed-up."""
+    real = providers.build
+
+    class Off(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 0.01 * x
+
+    def build(prov, *a, **k):
+        fn, detail = real(prov, *a, **k)
+        return (Off(fn) if prov == "compile" else fn), detail
+
+    monkeypatch.setattr(providers, "build", build)
+    args = ["--device", "cpu", "--tiny", "--providers", "eager,compile", "--modes", "fwd",
+            "--cpu-reps", "1", "--compile-backend", "aot_eager", "--layouts", "channels_first"]
+    assert bench_run.main(args + ["--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    eager, compiled = rows
+    assert eager["status"] == "ok" and eager["rel_err_vs_eager"] == 0
+    assert compiled["status"] == "failed" and "wrong output" in compiled["error"]
+    assert all(compiled[k] is None for k in report.NUMBER_COLUMNS)
+
+
 def test_report_re_renders_from_results_json(tmp_path):
     assert bench_run.main(SMALL_ARGS + ["--out", str(tmp_path)]) == 0
     md = (tmp_path / report.MD_NAME).read_text()
@@ -335,7 +363,7 @@ def test_quick_plan():
                    ("swin_b", 3, 64, "channels_last", "bf16"),
                    ("detection", 1, 2, "channels_first", "bf16")]
     assert p["modes"] == ["fwd", "fwd+bwd"]
-    assert p["providers"] == ["eager", "compile", "triton", "cuda"]
+    assert p["providers"] == ["eager", "triton", "cuda", "compile"]  # compile's cold start last
     assert p["e2e_models"] == ["resnet50", "swin_b"] and p["budget"] == bench_run.QUICK_BUDGET_S
     full = bench_run.plan(bench_run.parse_args(["--device", "cpu", "--max-autotune"]))
     assert len(full["groups"]) == 9 * 3 * 3 and "compile-max" in full["providers"]
@@ -377,8 +405,16 @@ def test_gpu_rates_and_a_small_run(tmp_path):
                            "--batch", "4", "--dtypes", "bf16", "--layouts", "channels_first",
                            "--e2e", "none", "--out", str(tmp_path)]) == 0
     _, rows = report.load(tmp_path)
-    eager = [r for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd"]
-    assert eager[0]["peak_mem_mb"] > 0 and math.isfinite(eager[0]["median_ms"])
+    # every provider that can run here ran every mode (the runner records a failure and goes
+    # on, so its exit status alone would not say), with an output that matches eager's
+    ran = [r for r in rows if providers.unavailable(r["provider"], dev) is None]
+    assert {r["provider"] for r in ran} >= {"eager", "compile", "triton"}
+    for r in ran:
+        assert r["status"] == "ok", (r["provider"], r["mode"], r["error"])
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        assert r["rel_err_vs_eager"] <= bench_run.BRANCH_TOLERANCE["bf16"]
+        if r["mode"] == "fwd+bwd":
+            assert r["peak_mem_mb"] > 0, r["provider"]
 
 
 class _TinyResNet(ResNet):
