@@ -11,7 +11,12 @@ cross-entropy does the same).
 ``MSLORA_WORKSPACE_MB`` (default 64) sets the budget in MiB. It is read when a launcher runs
 (under ``torch.compile``: when it traces). A compiled graph has a fixed number of slices; with
 dynamic shapes their sizes stay symbolic, so the graph serves every batch that gives the same
-count (the launchers run once per slice, so a batch that needs more slices recompiles).
+count (the launchers run once per slice, so a batch that needs more slices recompiles). The
+budget is not part of torch.compile's cache keys: a Triton-backend graph that Inductor's or
+AOTAutograd's on-disk cache kept from another process keeps the slicing it was traced with
+(only memory, never results, depends on it). Set the variable the same way for runs that share
+a cache, or turn the caches off (``torch.compiler.config.force_disable_caches``) when changing
+it.
 
 A slice also never holds more than :data:`MAX_IMAGES_PER_SLICE` images: both backends launch a
 slice's images along grid axis 1, which CUDA caps at 65535 blocks, so any batch size runs (a

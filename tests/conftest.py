@@ -21,6 +21,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(_threads)
     os.environ["OMP_NUM_THREADS"] = str(_threads)
+    # and Inductor's compile workers (by default one per core in every worker: 8 workers on 16
+    # cores would start 128); read when torch._inductor.config is first imported, after this
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_threads))
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -289,7 +289,7 @@ def test_gpu_backward_peak_memory_stays_within_budget(backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
+def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32, monkeypatch):
     """torch.compile(fullgraph=True) of the module with the launchers cut into uneven slices
     (the slicing loop runs at trace time: static shapes, batch-slice views passed to the
     kernels, outputs written into slices of one tensor): output, grad x and the deterministic
@@ -299,6 +299,10 @@ def test_gpu_torch_compile_fullgraph_over_slices(backend, per_slice, no_tf32):
     reason = mslora_unavailable_reason(backend)
     if reason is not None:
         pytest.skip(reason)
+    # The slicing happens at trace time, and Inductor's and AOTAutograd's on-disk caches (shared
+    # by the xdist workers and by re-runs on the machine) would serve a graph traced before,
+    # with no call to image_slices: trace afresh.
+    monkeypatch.setattr(torch.compiler.config, "force_disable_caches", True)
     s = SHAPE
     m = _module(s["c"], s["d"], s["g"], s["ks"], ALL_ON, "channels_first").float().cuda()
     m.backend, m.deterministic = backend, True
