@@ -12,7 +12,10 @@ of one forward+backward beyond inputs and weights. The input requires grad, as i
 Providers: ``frozen`` (the bare Linear, no adapter: the floor), ``eager-serial`` /
 ``fused-serial`` (Serial LoRA r=8, reference vs Triton), ``eager-msplora`` / ``fused-msplora``
 (MSPLoRA ranks (8, 4, 2)), ``peft-lora`` (PEFT's LoRA r=8 on the same Linear). A provider that
-fails records its error text, never a number. ``--out DIR`` writes one JSON and one markdown file.
+fails records its error text, never a number, and so does a fused provider whose update
+(its output minus the frozen Linear's) differs from its eager twin's by more than
+``DELTA_TOLERANCE`` (relative; the twins get the same adapter weights). ``--out DIR`` writes one
+JSON and one markdown file.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ SHAPES = [  # (name, d, tokens per image)
 TINY_SHAPES = [("tiny_vit", 40, 37), ("tiny_swin", 24, 49)]
 TINY_BATCH = 2
 SERIAL_RANK, MSP_RANKS, PEFT_RANK = 8, (8, 4, 2), 8
+# fused vs eager update, relative: a 16-bit output's rounding alone puts 10-20% on the update
+# (about 3% of the output for Serial LoRA), so the bound only catches a broken kernel; the GPU
+# tests judge accuracy
+DELTA_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.3, torch.bfloat16: 0.6}
 
 
 def _nonzero_pair(pair: LoRAPair) -> LoRAPair:
@@ -131,6 +138,29 @@ def measure(mod: nn.Module, x: torch.Tensor, device: str, reps: int) -> dict:
     return out
 
 
+def check_update(prov: str, mod: nn.Module, x: torch.Tensor, y0: torch.Tensor,
+                 eager: dict) -> float | None:
+    """The relative error of a fused provider's update ``mod(x) - y0`` against its eager twin's
+    (kept in ``eager`` by kind); raises if beyond DELTA_TOLERANCE. None for the others."""
+    kind = prov.split("-")[-1]
+    if kind not in ("serial", "msplora"):
+        return None
+    with torch.no_grad():
+        delta = mod(x).float() - y0
+    if prov.startswith("eager"):
+        eager[kind] = delta
+        return None
+    ref = eager.get(kind)
+    if ref is None:
+        return None
+    rel = ((delta - ref).norm() / ref.norm()).item()
+    tol = DELTA_TOLERANCE[x.dtype]
+    if not rel <= tol:  # NaN too
+        raise RuntimeError(f"wrong output: its update differs from eager-{kind}'s by {rel:.3g} "
+                           f"(relative; at most {tol:g})")
+    return rel
+
+
 def stamp(device: str) -> dict:
     try:
         import triton
@@ -155,17 +185,24 @@ def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
         torch.manual_seed(0)
         base = nn.Linear(d, 3 * d).to(device, dtype)
         x = torch.randn(batch, tokens, d, device=device, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            y0 = base(x).float()
+        eager: dict = {}
         for prov in providers:
             row = {**meta, "shape": shape, "d": d, "tokens": batch * tokens, "batch": batch,
                    "dtype": str(dtype).removeprefix("torch."), "provider": prov, "error": None}
             try:
-                row.update(measure(make_provider(prov, base), x, device, reps))
+                torch.manual_seed(1)  # eager-X and fused-X get the same adapter weights
+                mod = make_provider(prov, base)
+                row["update_rel_err_vs_eager"] = check_update(prov, mod, x, y0, eager)
+                row.update(measure(mod, x, device, reps))
             except Exception as e:  # noqa: BLE001 - a failure is a row, never a number
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             rows.append(row)
             if on_row is not None:
                 on_row(rows)
             release(device)
+        del y0, eager
     return rows
 
 

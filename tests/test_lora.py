@@ -556,6 +556,34 @@ def test_bench_lora_tiny_cpu(tmp_path):
     for row in rows:
         assert {"gpu", "torch", "triton", "cuda", "date", "shape"} <= row.keys()
         assert (row.get("error") is not None) or row["fwd_bwd_ms"]["median"] > 0
+    # the fused rows ran (interpreted) and matched their eager twins to fp32's bound
+    fused = [row for row in rows if row["provider"].startswith("fused")]
+    assert len(fused) == 4 and all(row["error"] is None for row in fused), fused
+    assert all(row["update_rel_err_vs_eager"] <= 1e-3 for row in fused)
+
+
+def test_bench_lora_records_a_wrong_update_as_a_failure(monkeypatch):
+    """A fused provider whose update is off gets no number (here: twice the update)."""
+    from benchmarks import bench_lora
+
+    real = bench_lora.make_provider
+
+    class Doubled(nn.Module):
+        def __init__(self, inner, base):
+            super().__init__()
+            self.inner, self.base = inner, base
+
+        def forward(self, x):
+            return 2 * self.inner(x) - self.base(x)
+
+    def make(name, base):
+        mod = real("eager-serial" if name == "fused-serial" else name, base)
+        return Doubled(mod, base) if name == "fused-serial" else mod
+
+    monkeypatch.setattr(bench_lora, "make_provider", make)
+    rows = bench_lora.run("cpu", True, torch.float32, ["eager-serial", "fused-serial"], 1)
+    assert [r["error"] is None for r in rows] == [True, False, True, False]
+    assert all("wrong output" in r["error"] and "fwd_ms" not in r for r in rows[1::2])
 
 
 @pytest.mark.parametrize("make_config", [lambda: SerialLoRAConfig(rank=4),
