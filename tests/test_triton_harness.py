@@ -101,3 +101,61 @@ def test_compile_case_signature_follows_the_kernels_argument_order():
     with pytest.raises(ValueError, match=r"missing \['n'\], unknown \['m'\]"):
         CompileCase("k", kernel, {"a_ptr": "*fp32", "b_ptr": "*fp16", "m": "i32",
                                   "BLOCK": "constexpr"})
+
+
+# ---- the compile check covers what the launchers launch ------------------------------------
+def _record_launches(monkeypatch, module) -> list:
+    """(kernel, keyword arguments) of every launch the launcher ``module`` makes."""
+    launches = []
+    real = module.wrap_triton
+
+    class _Recorded:
+        def __init__(self, kernel):
+            self.kernel, self.launcher = kernel, real(kernel)
+
+        def __getitem__(self, grid):
+            run = self.launcher[grid]
+
+            def call(*args, **kw):
+                launches.append((self.kernel, kw))
+                return run(*args, **kw)
+            return call
+
+    monkeypatch.setattr(module, "wrap_triton", _Recorded)
+    return launches
+
+
+def _as_compiled(kernel, kw, cases) -> bool:
+    """Is this launch one of ``cases``: the same kernel, constexprs and launch options (what is
+    left out takes Triton's defaults: 4 warps, 3 stages, no register cap)?"""
+    opts = (kw.get("num_warps", 4), kw.get("num_stages", 3), kw.get("maxnreg"))
+    cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    return any(c.fn is kernel and c.constexprs == cx
+               and (c.num_warps, c.num_stages, c.maxnreg) == opts for c in cases)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [{}, dict.fromkeys(
+    ("prenorm", "enhance", "pool", "gate", "shuffle"), True)], ids=["plain", "all"])
+def test_launches_are_configurations_the_compile_check_compiles(monkeypatch, opts):
+    """Every forward and backward launch at D=128, K=(3,5,7) (the compile check's D and K) is a
+    configuration the check compiles, launch options included: what it reports (registers,
+    spills, shared memory) is what runs. (A backward that left num_stages out ran Triton's
+    default of 3 stages while the check compiled 2.)"""
+    from mslora_kernels import MSLoRA
+    from mslora_kernels.triton import mslora_bwd as bwd
+    from mslora_kernels.triton import mslora_fwd as fwd
+
+    m = MSLoRA(8, 128, 4, (3, 5, 7), **opts)
+    weights = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(1, 8, 3, 5)
+    f_launches, b_launches = _record_launches(monkeypatch, fwd), _record_launches(monkeypatch, bwd)
+    out, zmean = fwd.mslora_fwd(x, weights, m.options)
+    for det in (False, True):
+        bwd.mslora_bwd(torch.randn_like(out), x, weights, m.options, zmean, deterministic=det)
+    assert len(f_launches) == 2 and len(b_launches) == 6
+    f_cases, b_cases = fwd.compile_cases(), bwd.compile_cases()
+    for kernel, kw in f_launches:
+        assert _as_compiled(kernel, kw, f_cases), (kernel, kw)
+    for kernel, kw in b_launches:
+        assert _as_compiled(kernel, kw, b_cases), (kernel, kw)

@@ -93,6 +93,10 @@ DET_PROGRAMS = 264
 # the shape only, never of the machine.
 DET_PARTIAL_BUDGET = 1 << 23
 BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped products)
+# software pipelining depth, the same in the launches and the compile check (the check's register,
+# spill and shared-memory figures are those of what runs; left out, a launch took Triton's
+# default of 3: 88.5 KB of shared memory for fp32 D=128 det B1 where the check had read 67.8 KB)
+NUM_STAGES = 2
 BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
 
 
@@ -778,7 +782,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         wrap_triton(_bwd_z_kernel)[(ntiles,)](
             xs, wt["down.weight"], ng, nb, zs, c, d, h, w, cg, dg, *sx, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
-            maxnreg=_z_maxnreg(maxnreg))
+            num_stages=NUM_STAGES, maxnreg=_z_maxnreg(maxnreg))
         if o.pool and zm is None:
             zm = zs.view(ns, hw, d).float().mean(1)
 
@@ -792,7 +796,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
             ns, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
             POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
-            maxnreg=maxnreg)
+            num_stages=NUM_STAGES, maxnreg=maxnreg)
 
         if o.pool:
             pool_sum = pool_sec[:, :ns * d].sum(0).view(ns, d)
@@ -807,7 +811,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
             ns, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
             DET=deterministic, num_warps=warps,
-            maxnreg=maxnreg)
+            num_stages=NUM_STAGES, maxnreg=maxnreg)
 
     flat = gbuf.sum(0) if deterministic else gbuf[0]
     grads = {}
@@ -866,7 +870,7 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                 sig.update({k: "constexpr" for k in cx})
                 cases.append(CompileCase(
                     f"mslora_bwd_z[{dt},D={d},w{warps},{'prenorm' if prenorm else 'plain'}]",
-                    _bwd_z_kernel, sig, cx, num_warps=warps,
+                    _bwd_z_kernel, sig, cx, num_warps=warps, num_stages=NUM_STAGES,
                     maxnreg=_z_maxnreg(maxnreg)))
             for opts in _OPTION_SETS:
                 for det in (False, True):
@@ -893,7 +897,8 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, **opts, DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_main[{tag}]", _bwd_main_kernel, sig,
-                                             cx, num_warps=warps, maxnreg=maxnreg))
+                                             cx, num_warps=warps, num_stages=NUM_STAGES,
+                                             maxnreg=maxnreg))
 
                     sig = {nm: f"*{dt}" for nm in ("x_ptr", "go_ptr", "gx_ptr")}
                     for nm in ("z_ptr", "dc_ptr"):
@@ -915,5 +920,6 @@ def compile_cases(ranks=(128,)) -> list[CompileCase]:
                     cx = dict(blocks, PRENORM=opts["PRENORM"], POOL=opts["POOL"], DET=det)
                     sig.update({k: "constexpr" for k in cx})
                     cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
-                                             num_warps=warps, maxnreg=maxnreg))
+                                             num_warps=warps, num_stages=NUM_STAGES,
+                                             maxnreg=maxnreg))
     return cases
