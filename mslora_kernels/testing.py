@@ -12,6 +12,7 @@ A fused backend is compared with the reference on the same random inputs and wei
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -71,7 +72,12 @@ def check_close(name: str, actual: torch.Tensor, expected64: torch.Tensor, dtype
     for bf16 and fp16).
     """
     err = rel_error(actual, expected64)
+    if not math.isfinite(err):  # whatever the tolerance, even an infinite one
+        raise AssertionError(f"{name}: the result has NaN or inf values")
     base = rel_error(baseline, expected64) if baseline is not None else None
+    if base is not None and not math.isfinite(base):
+        raise AssertionError(f"{name}: the reference's own {dtype} run has NaN or inf values, "
+                             "so no tolerance can be set from it (choose inputs it can compute)")
     tol = tolerance(dtype, baseline_error=base, tf32=tf32, numel=actual.numel())
     if not err <= tol:  # also catches NaN
         detail = f", reference's own {dtype} error {base:.3e}" if base is not None else ""

@@ -17,6 +17,19 @@ def test_rel_error_and_nan():
     assert rel_error(bad, e) == float("inf")
 
 
+def test_non_finite_results_fail_even_against_a_non_finite_baseline():
+    ref = torch.randn(100, dtype=torch.float64)
+    nan = torch.full((100,), float("nan"), dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match="x: the result has NaN or inf values"):
+        check_close("x", nan, ref, torch.bfloat16, baseline=ref.bfloat16())
+    with pytest.raises(AssertionError, match="x: the result has NaN or inf values"):
+        check_close("x", nan, ref, torch.bfloat16, baseline=nan)
+    inf_base = ref.bfloat16()
+    inf_base[0] = float("inf")
+    with pytest.raises(AssertionError, match="reference's own torch.bfloat16 run has NaN or inf"):
+        check_close("x", ref.bfloat16(), ref, torch.bfloat16, baseline=inf_base)
+
+
 def test_fp32_rule():
     assert tolerance(torch.float32) == 1e-4
     assert tolerance(torch.float32, tf32=True) == 1e-3
