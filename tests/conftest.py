@@ -7,6 +7,7 @@ here, before anything imports triton, unless the caller already chose.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -61,6 +62,17 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test's torch.compile starts from empty caches: the code Dynamo keeps for
+    ``MSLoRA.forward`` (one entry per options, layout, dtype and backend compiled) outlives the
+    modules, and the ninth compile of it in one process is a hard error under fullgraph=True
+    (the recompile limit, 8), which a one-worker run of the GPU tests reaches."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -161,3 +161,19 @@ def test_compute_dtype_follows_input_and_autocast():
     torch.testing.assert_close(y.float(), m(x), atol=0.1, rtol=0.05)
     y.float().sum().backward()
     assert m.pw.weight.grad is not None and m.pw.weight.grad.dtype == torch.float32
+
+
+# Ten configurations, each a fresh Dynamo cache entry on MSLoRA.forward: more than the
+# recompile limit (8) in one process, which conftest's _fresh_dynamo keeps apart per test (the GPU
+# suite compiles the module in more configurations than that).
+COMPILE_CONFIGS = [dict(prenorm=p, pool=q, data_format=f) for p in (False, True)
+                   for q in (False, True) for f in ("channels_first", "channels_last")]
+COMPILE_CONFIGS += [dict(gate=True), dict(enhance=True, shuffle=True)]
+
+
+@pytest.mark.parametrize("kwargs", COMPILE_CONFIGS)
+def test_compile_fullgraph_in_any_number_of_configurations(kwargs):
+    m = MSLoRA(8, 4, 2, (3,), backend="reference", **kwargs)
+    shape = (1, 8, 5, 3) if m.options.data_format == "channels_first" else (1, 5, 3, 8)
+    x = torch.randn(shape)
+    torch.testing.assert_close(torch.compile(m, backend="eager", fullgraph=True)(x), m(x))
