@@ -33,8 +33,10 @@
 #                         timeout_s of the budget plus a minute
 #   MSLORA_GPU_TESTS      what pytest_gpu runs (default `tests`), e.g. a file or `tests -k cuda`
 #                         for a re-run of what failed
-#   MSLORA_TEST_WORKERS   pytest-xdist workers (default 8; xdist is installed there): the GPU
-#                         tests' time is mostly Triton's and Inductor's compiles, one core each
+#   MSLORA_TEST_WORKERS   pytest-xdist workers (default: one per core; xdist is installed there):
+#                         the GPU tests' time is mostly Triton's and Inductor's compiles, one
+#                         core each (about 1,400 CPU-seconds of Triton compiles alone, measured
+#                         on the CPU machine with the GPU tests' configurations)
 #   MSLORA_GPU_CHECK_DRY  print the plan without running anything; each step is taken to use
 #                         its whole limit, so the plan shows what a worst case would skip
 set -uo pipefail
@@ -134,7 +136,7 @@ torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)
 } 2>&1 | tee -a "$LOG"
 
 XDIST=()
-WORKERS=${MSLORA_TEST_WORKERS:-8}
+WORKERS=${MSLORA_TEST_WORKERS:-$(nproc)}
 if [ "$WORKERS" -gt 1 ] && { [ -n "$DRY" ] || "$PY" -c "import xdist" 2>/dev/null; }; then
   XDIST=(-n "$WORKERS" --dist loadgroup)  # loadgroup: a group's tests share one worker
 fi
