@@ -51,6 +51,13 @@ def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
     assert not glob.glob(str(tmp_path / "lib" / "**" / "_C*.so"), recursive=True)
 
 
+def _run_ok(code: str) -> None:
+    """Run ``code`` in a fresh Python from the checkout; it must print ok."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
 def test_package_works_without_extension():
     code = (
         "import sys; sys.modules['mslora_kernels._C'] = None  # as if never built\n"
@@ -64,9 +71,7 @@ def test_package_works_without_extension():
         "import mslora_kernels.cuda.gelu, mslora_kernels.cuda.mslora\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    _run_ok(code)
 
 
 def test_an_extension_that_does_not_load_says_so():
@@ -86,9 +91,7 @@ def test_an_extension_that_does_not_load_says_so():
         "assert 'built but does not load' in why and 'undefined symbol: _Z3foov' in why, why\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    _run_ok(code)
 
 
 def _compile_check(*args) -> subprocess.CompletedProcess:
