@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: use this check
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.measure import git_commit, release  # noqa: E402
+from benchmarks.measure import check_output, git_commit, release  # noqa: E402
 from mslora_kernels.lora import LoRAPair, MSPLoRALinear, SerialLoRALinear  # noqa: E402
 
 BATCH = 64
@@ -153,12 +153,8 @@ def check_update(prov: str, mod: nn.Module, x: torch.Tensor, y0: torch.Tensor,
     ref = eager.get(kind)
     if ref is None:
         return None
-    rel = ((delta - ref).norm() / ref.norm()).item()
-    tol = DELTA_TOLERANCE[x.dtype]
-    if not rel <= tol:  # NaN too
-        raise RuntimeError(f"wrong output: its update differs from eager-{kind}'s by {rel:.3g} "
-                           f"(relative; at most {tol:g})")
-    return rel
+    return check_output(f"its {kind} update", delta, ref,
+                        DELTA_TOLERANCE[x.dtype])
 
 
 def stamp(device: str) -> dict:

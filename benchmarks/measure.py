@@ -194,6 +194,16 @@ def fma_rate(device: torch.device) -> dict:
 
 
 # ---- peak memory -------------------------------------------------------------------------------
+def check_output(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """``||got - ref|| / ||ref||`` in fp32 on their device (a provider's output is checked once,
+    before it is timed); raises "wrong output" beyond ``tol``, NaN included."""
+    rel = ((got - ref).norm() / ref.norm()).item()
+    if not rel <= tol:
+        raise RuntimeError(f"wrong output: {what} differs from eager's by {rel:.3g} (relative; "
+                           f"at most {tol:g})")
+    return rel
+
+
 def release(device: torch.device | str) -> None:
     """Give the caching allocator's free blocks back between providers; quiet where a kernel's
     CUDA error has left the context unusable (the rows that follow record that error)."""
