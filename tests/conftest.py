@@ -66,7 +66,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Every test's torch.compile starts from empty caches: the code Dynamo keeps for
+    """Every test's torch.compile starts from empty caches (tests that count graphs or
+    recompiles rely on it, and reset nothing themselves): the code Dynamo keeps for
     ``MSLoRA.forward`` (one entry per options, layout, dtype and backend compiled) outlives the
     modules, and the ninth compile of it in one process is a hard error under fullgraph=True
     (the recompile limit, 8), which a one-worker run of the GPU tests reaches."""

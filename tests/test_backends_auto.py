@@ -157,11 +157,9 @@ def test_auto_under_torch_compile_ranks_without_the_map_size(sized_ranking_file,
     def f(x):
         return x + (1.0 if backends.resolve_backend("auto", cuda, x, o) == "cuda" else 2.0)
 
-    torch._dynamo.reset()
     compiled = torch.compile(f, backend=count, fullgraph=True, dynamic=dynamic)
     for s, eager_winner in ((14, "triton"), (28, "cuda"), (56, "cuda"), (15, "triton")):
         x = torch.zeros(2, 64, s, s + 1, dtype=torch.bfloat16)
         assert backends.resolve_backend("auto", cuda, x, o) == eager_winner
         assert compiled(x)[0, 0, 0, 0].item() == 1.0, (s, dynamic)
     assert len(graphs) == (1 if dynamic else 4)
-    torch._dynamo.reset()

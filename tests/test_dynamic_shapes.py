@@ -100,7 +100,6 @@ def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, mem, no_tf32):
         pytest.skip("mslora_kernels._C is not built")
     opts = {"pool": True, "gate": True, "prenorm": True}
     m = make_module(opts, fmt, c=40, d=24, g=4, backend=backend, device="cuda")
-    torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     for n, h, w in SIZES:
         x = make_input(fmt, mem, n=n, c=40, h=h, w=w, device="cuda").requires_grad_()
@@ -114,7 +113,6 @@ def test_gpu_compiled_module_follows_changing_sizes(backend, fmt, mem, no_tf32):
         check_close(f"grad x {size}", x.grad, want_grads["x"], torch.float32)
         for k, p in m.named_parameters():
             check_close(f"grad {k} {size}", p.grad, want_grads[k], torch.float32)
-    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
@@ -132,7 +130,6 @@ def test_gpu_compiled_lora_follows_changing_token_counts(kind, no_tf32):
         mod = lora.MSPLoRALinear(base, pairs, backend="triton")
     for p in mod.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    torch._dynamo.reset()
     compiled = torch.compile(mod, fullgraph=True)
     for n, t in ((4, 197), (3, 50), (7, 13)):
         x = torch.randn(n, t, 48, device="cuda", requires_grad=True)
@@ -149,4 +146,3 @@ def test_gpu_compiled_lora_follows_changing_token_counts(kind, no_tf32):
         check_close(f"{kind} out {(n, t)}", out, want.double(), torch.float32)
         for i, (g, wg) in enumerate(zip(grads, want_grads, strict=True)):
             check_close(f"{kind} grad {i} {(n, t)}", g, wg.double(), torch.float32)
-    torch._dynamo.reset()

@@ -438,7 +438,6 @@ def test_vit_dropped_tokens_are_refused():
 
 
 def test_vit_dynamic_traces_without_graph_breaks_and_compiles():
-    torch._dynamo.reset()
     model = _injected_dyn_vit()
     x = torch.randn(2, 3, 32, 8)
     explanation = torch._dynamo.explain(model)(x)

@@ -226,7 +226,6 @@ def test_autocast_gpu(kind, dtype, no_tf32):
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_dynamo_no_graph_breaks_reference_cpu(kind):
     """Dynamo traces the hooks and the reference adapters in one graph (no compile, just trace)."""
-    torch._dynamo.reset()
     model, shape = make_model(kind)
     x, _ = batch(shape)
     explanation = torch._dynamo.explain(model)(x)
@@ -237,7 +236,6 @@ def test_dynamo_no_graph_breaks_reference_cpu(kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_compile_fullgraph_gpu(kind, no_tf32):
-    torch._dynamo.reset()
     model, shape = make_model(kind, backend="auto")
     model.cuda()
     x, y = batch(shape)
