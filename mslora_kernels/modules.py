@@ -59,8 +59,12 @@ def check_input(x: torch.Tensor, o: MSLoRAOptions, param: torch.Tensor) -> None:
             f"data_format={o.data_format!r}, but the module was built for {o.channels} channels "
             f"(input shape {tuple(x.shape)})"
         )
-    if x.numel() == 0:
-        raise ValueError(f"MSLoRA: input is empty, shape {tuple(x.shape)}")
+    h, w = x.shape[2:] if o.data_format == "channels_first" else x.shape[1:3]
+    if h == 0 or w == 0:  # an empty batch (N = 0) is fine; an empty map has no H(x)
+        raise ValueError(
+            f"MSLoRA: input has an empty feature map (H={h}, W={w}) in the {layout} layout of "
+            f"data_format={o.data_format!r}, shape {tuple(x.shape)}"
+        )
     if x.device != param.device:
         raise ValueError(
             f"MSLoRA: input is on {x.device} but the module's parameters are on {param.device}"
@@ -138,7 +142,9 @@ class MSLoRA(nn.Module):
         o = self.options
         backend = resolve_backend(self.backend, x.device, x, o)
         with torch.autocast(x.device.type, enabled=False):
-            if backend == "reference":
+            # An empty batch launches no kernel: the reference gives its empty output and the
+            # weights' zero gradients, as the fused backends would.
+            if backend == "reference" or x.shape[0] == 0:
                 return reference.mslora(x, weights, self.options)
             deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
             return ops.mslora(x, weights, self.options, backend, deterministic)

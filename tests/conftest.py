@@ -35,8 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # then the integration (compile, slices, training), then the LoRA GEMM and the benchmark runner.
 GPU_FILE_ORDER = ("test_cuda_mslora.py", "test_triton_mslora.py", "test_triton_bwd.py",
                   "test_cuda_gelu.py", "test_triton_harness.py", "test_slices.py",
-                  "test_training.py", "test_dynamic_shapes.py", "test_lora_triton.py",
-                  "test_benchmarks.py")
+                  "test_training.py", "test_modules.py", "test_dynamic_shapes.py",
+                  "test_lora_triton.py", "test_benchmarks.py")
 
 
 def _gpu_file_rank(item) -> int:

@@ -208,6 +208,22 @@ def test_identity_at_init(name):
     assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_empty_batch_through_injected_model(name):
+    """An empty batch goes through every placement (the token and grid reshapes included), as
+    it goes through the model without adapters."""
+    make, shape = MODELS[name]
+    model = make()
+    x = torch.randn((0, *shape[1:]))
+    before = model(x)
+    inject(model, MSLoRAConfig(**CFG))
+    out = model(x)
+    assert out.shape == before.shape and out.shape[0] == 0
+    out.sum().backward()
+    grads = [a.up.weight.grad for a in adapters(model).values()]
+    assert grads and all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+
+
 def test_param_count_resnet_small():
     model = _resnet()
     inner = [b.conv3.in_channels for b in model.modules() if isinstance(b, Bottleneck)]

@@ -117,12 +117,54 @@ def test_bad_configuration_is_refused(kwargs, message):
     ("channels_first", torch.randn(1, 6, 5, 5), ValueError, r"6 channels.*built for 8"),
     ("channels_last", torch.randn(1, 8, 5, 5), ValueError, r"5 channels.*\(N, H, W, C\)"),
     ("channels_first", torch.ones(1, 8, 5, 5, dtype=torch.int64), TypeError, r"floating-point"),
-    ("channels_first", torch.randn(0, 8, 5, 5), ValueError, r"empty"),
+    ("channels_first", torch.randn(2, 8, 0, 5), ValueError, r"empty feature map \(H=0, W=5\)"),
+    ("channels_last", torch.randn(2, 5, 0, 8), ValueError, r"empty feature map \(H=5, W=0\)"),
 ])
 def test_bad_input_is_refused(fmt, x, exc, message):
     m = MSLoRA(8, 8, 2, data_format=fmt)
     with pytest.raises(exc, match=message):
         m(x)
+
+
+def _empty_batch_cases(backends):
+    return [(b, dt, fmt, mem) for b in backends
+            for dt in (torch.float32, torch.float16, torch.bfloat16)
+            for fmt, mem in (("channels_first", None), ("channels_first", torch.channels_last),
+                             ("channels_last", None))]
+
+
+def _check_empty_batch(backend, dtype, fmt, mem, device):
+    """N = 0, as PyTorch's own layers take it: an empty output of x's shape and dtype, an empty
+    dx, and every weight's gradient zero."""
+    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), data_format=fmt, backend=backend, **ALL_OPTS)
+    m = m.to(device)
+    shape = (0, 12, 5, 7) if fmt == "channels_first" else (0, 5, 7, 12)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if mem is not None:
+        x = x.contiguous(memory_format=mem)
+    x.requires_grad_(True)
+    y = m(x)
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert torch.count_nonzero(p.grad) == 0, name
+
+
+@pytest.mark.parametrize("backend, dtype, fmt, mem", _empty_batch_cases(available_backends("cpu")),
+                         ids=str)
+def test_empty_batch_cpu(backend, dtype, fmt, mem):
+    _check_empty_batch(backend, dtype, fmt, mem, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, dtype, fmt, mem",
+                         _empty_batch_cases(("reference", "triton", "cuda")), ids=str)
+def test_empty_batch_gpu(backend, dtype, fmt, mem):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _check_empty_batch(backend, dtype, fmt, mem, "cuda")
 
 
 def test_device_mismatch_is_refused():
