@@ -19,6 +19,23 @@
 
 namespace mslora {
 
+// Preconditions that the GPU enforces only by faulting (a vector or WMMA access off its
+// alignment): the host test build (tests/host, which defines MSLORA_HOST_BUILD) checks them where
+// the device code relies on them, records the first one broken, and fails the launch with it;
+// the device build checks nothing.
+#if defined(MSLORA_HOST_BUILD) && !defined(__CUDACC__)
+void host_precondition_failed(const char* what);  // tests/host/mslora_host.cpp
+#define MSLORA_HOST_EXPECT(cond, what) \
+  ((cond) ? (void)0 : ::mslora::host_precondition_failed(what))
+#else
+#define MSLORA_HOST_EXPECT(cond, what) ((void)0)
+#endif
+
+// Whether p is a multiple of `bytes` (a power of two) in the address space.
+MSLORA_HD bool is_aligned(const void* p, std::uintptr_t bytes) {
+  return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
 // Dtype codes shared with the Python launchers (mslora_kernels/cuda/_ext.py).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

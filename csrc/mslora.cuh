@@ -268,6 +268,8 @@ MSLORA_HD void load_ws_vec(const T* src, float (&v)[V]) {
   MSLORA_UNROLL
   for (int j = 0; j < V; ++j) v[j] = to_f32(e[j]);
 #else
+  MSLORA_HOST_EXPECT(is_aligned(src, V * sizeof(T)),
+                     "load_ws_vec: a vector load's address is not a multiple of its size");
   for (int j = 0; j < V; ++j) v[j] = to_f32(src[j]);
 #endif
 }

@@ -79,6 +79,15 @@ MSLORA_HD void block_mma(const MmaArgs<T>& m, int tid, int nt) {
     wmma::store_matrix_sync(out, acc, m.ldo, wmma::mem_row_major);
 #else
     if (tid % 32 != 0) continue;  // one "lane" does the warp's tile on the host
+    // WMMA's load / store rules, which the GPU enforces by faulting (see the comment above).
+    MSLORA_HOST_EXPECT(is_aligned(a, 32) && (!a_lo || is_aligned(a_lo, 32)) &&
+                           is_aligned(b, 32) && is_aligned(out, 32),
+                       "block_mma: a WMMA operand is not 32-byte aligned");
+    MSLORA_HOST_EXPECT(m.lda % 8 == 0 && m.ldb % 8 == 0 && m.ldo % 4 == 0,
+                       "block_mma: a WMMA leading dimension is not a multiple of 8 (A, B) or "
+                       "4 (out) elements");
+    MSLORA_HOST_EXPECT(m.Mp % 16 == 0 && m.Np % 16 == 0 && m.Kp % 16 == 0,
+                       "block_mma: padded sizes are not multiples of 16");
     for (int i = 0; i < 16; ++i) {
       for (int j = 0; j < 16; ++j) {
         float acc = m.accumulate ? out[i * m.ldo + j] : 0.0f;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -29,22 +30,44 @@ ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("g++") or shutil.which("c++")
 
 
-@pytest.fixture(scope="session")
-def host(tmp_path_factory):
+# A prebuilt host module to test instead of building one: the sanitizer run
+# (test_host_kernels_under_address_sanitizer) points its pytest here.
+HOST_MODULE_ENV = "MSLORA_HOST_MODULE"
+# AddressSanitizer and UndefinedBehaviorSanitizer, any report fatal.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-g"]
+
+
+def _build_host(dest: Path, sanitize: bool = False) -> Path:
+    """Compiles tests/host/mslora_host.cpp into ``dest`` (a folder); the module's path."""
     if CXX is None:
         pytest.skip("no host C++ compiler")
     pybind11 = pytest.importorskip("pybind11")
-    out = tmp_path_factory.mktemp("host") / ("mslora_host" + sysconfig.get_config_var("EXT_SUFFIX"))
-    # -O2 without -ffast-math: the host float math must be IEEE, as the device's is.
-    cmd = [CXX, "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{ROOT / 'csrc'}",
+    out = dest / ("mslora_host" + sysconfig.get_config_var("EXT_SUFFIX"))
+    # -O2 without -ffast-math: the host float math must be IEEE, as the device's is (-O1 for the
+    # sanitizers: their builds are several times slower to compile at -O2).
+    opt = ["-O1", *SANITIZE_FLAGS] if sanitize else ["-O2"]
+    cmd = [CXX, *opt, "-shared", "-fPIC", "-std=c++17", f"-I{ROOT / 'csrc'}",
            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
            str(ROOT / "tests" / "host" / "mslora_host.cpp"), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
-    spec = importlib.util.spec_from_file_location("mslora_host", out)
+    return out
+
+
+def _load_host(path: Path):
+    spec = importlib.util.spec_from_file_location("mslora_host", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    prebuilt = os.environ.get(HOST_MODULE_ENV)
+    if prebuilt:
+        return _load_host(Path(prebuilt))
+    return _load_host(_build_host(tmp_path_factory.mktemp("host")))
 
 
 def _launcher(host, smem_limit):
@@ -605,6 +628,85 @@ def test_host_bwd_dz_block_runs_are_race_free(host, schedule, slots):
     schedule (blocks in reverse order too)."""
     o, w, x, gout, _ = _dz_case(2)
     _check_every_schedule(host, schedule, o, x, w, gout, 227 * 1024, slots)
+
+
+# ------------------------------------------------ device preconditions and the sanitizers
+
+
+@pytest.mark.parametrize("which, offset, broken", [
+    ("mma", 0, ""), ("mma", 32, ""), ("mma", 16, "not 32-byte aligned"),
+    ("vec", 0, ""), ("vec", 16, ""), ("vec", 8, "not a multiple of its size"),
+])
+def test_host_build_checks_the_device_alignment_rules(host, which, offset, broken):
+    """The host build checks what the GPU enforces only by faulting: WMMA operands 32-byte
+    aligned, a 16-byte vector load at a multiple of 16. (Every launch of the other tests runs
+    these checks, and fails on the first one broken.)"""
+    got = host.check_preconditions(which, offset)
+    assert (got == "") if not broken else (broken in got), got
+
+
+def _libasan() -> str | None:
+    if CXX is None:
+        return None
+    r = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = r.stdout.strip()
+    return path if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.fixture(scope="session")
+def sanitized_host(tmp_path_factory):
+    """(the module built with ASan + UBSan, the environment its process needs)."""
+    if os.environ.get(HOST_MODULE_ENV):
+        pytest.skip("already in the sanitizer run")
+    libasan = _libasan()
+    if libasan is None:
+        pytest.skip(f"{CXX or 'no C++ compiler'} has no AddressSanitizer runtime (libasan.so)")
+    path = _build_host(tmp_path_factory.mktemp("host-asan"), sanitize=True)
+    # Python itself is not instrumented: the runtime must come first; leaks are Python's.
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+               UBSAN_OPTIONS="print_stacktrace=1", **{HOST_MODULE_ENV: str(path)})
+    return path, env
+
+
+def _run_sanitized(env, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_address_sanitizer_sees_what_the_kernels_could_do_wrong(sanitized_host):
+    """The sanitized build's run would show a kernel reading past a tensor or writing past its
+    block's shared memory (else the clean run below would prove nothing)."""
+    path, env = sanitized_host
+    load = (f"import importlib.util as u, torch; s = u.spec_from_file_location('mslora_host', "
+            f"{str(path)!r}); h = u.module_from_spec(s); s.loader.exec_module(h); ")
+    past_tensor = _run_sanitized(env, load + (
+        "v = torch.randn(100).half(); out = torch.empty(101); "
+        "h.from_storage(1, v.data_ptr(), out.data_ptr(), 101)"))
+    assert past_tensor.returncode != 0
+    assert "heap-buffer-overflow" in past_tensor.stderr, past_tensor.stderr[-3000:]
+    past_shared = _run_sanitized(env, load + "h.shared_overflow(1000)")
+    assert past_shared.returncode != 0
+    assert "heap-buffer-overflow" in past_shared.stderr, past_shared.stderr[-3000:]
+    clean = _run_sanitized(env, load + "print(h.check_preconditions('mma', 0) or 'ok')")
+    assert clean.returncode == 0 and clean.stdout.strip() == "ok", clean.stderr[-3000:]
+
+
+def test_host_kernels_under_address_sanitizer(sanitized_host):
+    """Every kernel of this file's serial-executor tests (all dtypes, layouts, options, shapes,
+    tile widths, tensor-core chunks, bwd_dz runs) in the ASan + UBSan build: no access outside
+    a tensor or a block's shared memory, no undefined behaviour. The CPU's counterpart of
+    compute-sanitizer's memcheck on the GPU (scripts/cuda_sanitize.sh). The threads executor's
+    fibers are left out: AddressSanitizer does not follow their stack switches."""
+    _, env = sanitized_host
+    r = subprocess.run(
+        # -s and unbuffered: a sanitizer report ends the process at once, and would otherwise
+        # be lost in pytest's capture of the failing test, with the progress written so far
+        [sys.executable, "-u", "-m", "pytest", __file__, "-q", "-s", "-p", "no:xdist", "-p",
+         "no:cacheprovider", "-k", "not race_free and not threads_executor and not sanitiz"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    tail = (r.stdout[-3000:] + r.stderr[-6000:])
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail
 
 
 if __name__ == "__main__":

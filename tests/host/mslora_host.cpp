@@ -16,6 +16,8 @@
 // Exposes the same mslora_launch / mslora_smem_bytes as the real binding
 // (tests/test_cuda_host.py), plus the storage conversions themselves (to_storage / from_storage)
 // so that the tests can hold them against torch's casts.
+// The kernels' host-only precondition checks (MSLORA_HOST_EXPECT, csrc/common.cuh) are on.
+#define MSLORA_HOST_BUILD 1
 #include "lowp_host.h"  // first: the kernels' to_f32 / from_f32 must see its overloads
 
 #include <pybind11/pybind11.h>
@@ -23,7 +25,9 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -52,6 +56,34 @@ static void with_dtype(int dtype, F&& f) {
 #undef MSLORA_HOST_DISPATCH
   throw std::invalid_argument("host build: unknown dtype code " + std::to_string(dtype));
 }
+
+// The first device precondition (MSLORA_HOST_EXPECT) a launch broke, "" when none: the launch
+// runs to its end, as a GPU kernel would, and then fails with it (a throw inside the threads
+// executor's fibers could not unwind).
+static std::string g_fault;
+
+void mslora::host_precondition_failed(const char* what) {
+  if (g_fault.empty()) g_fault = what;
+}
+
+// One block's dynamic shared memory: exactly `floats` floats, 128-byte aligned as the device's
+// `extern __shared__ __align__(128)` array is (so the alignment preconditions are checked
+// against real addresses), and a heap block of its own, so that an address sanitizer build
+// sees any access past its end. Filled with NaN: any read of a value no stage wrote shows up
+// in the result.
+struct SharedMem {
+  std::unique_ptr<float, decltype(&std::free)> mem{nullptr, &std::free};
+
+  explicit SharedMem(int64_t floats) {
+    void* m = nullptr;
+    const size_t bytes = size_t(std::max<int64_t>(floats, 1)) * sizeof(float);
+    if (posix_memalign(&m, 128, bytes) != 0)
+      throw std::runtime_error("host build: cannot allocate shared memory");
+    mem.reset(static_cast<float*>(m));
+    std::fill_n(mem.get(), bytes / sizeof(float), __builtin_nanf(""));
+  }
+  float* data() { return mem.get(); }
+};
 
 struct HostEx {
   int nt;
@@ -211,14 +243,14 @@ static int launch(const std::string& kernel, int dtype, bool nhwc, py::dict ints
     throw std::invalid_argument("host build: grid (" + std::to_string(g.first) + ", " +
                                 std::to_string(g.second) + ") outside CUDA's limits");
   const bool reversed = g_schedule > 0;  // the threads executor's blocks: see the file comment
+  g_fault.clear();
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t iy = 0; iy < g.second; ++iy) {
       for (int64_t ix = 0; ix < g.first; ++ix) {
         const int64_t by = reversed ? g.second - 1 - iy : iy;
         const int64_t bx = reversed ? g.first - 1 - ix : ix;
-        // Fill shared memory with NaN: any read of a value no stage wrote shows up in the result.
-        std::vector<float> sm(size_t(smem_floats(k, p)) + 1, __builtin_nanf(""));
+        SharedMem sm(smem_floats(k, p));
         run_with_executor([&](auto& ex) {
           if (nhwc) run_block<T, true>(k, p, int(bx), int(by), sm.data(), ex);
           else run_block<T, false>(k, p, int(bx), int(by), sm.data(), ex);
@@ -226,7 +258,42 @@ static int launch(const std::string& kernel, int dtype, bool nhwc, py::dict ints
       }
     }
   });
+  if (!g_fault.empty())
+    throw std::runtime_error("host build: kernel " + kernel + " broke a device precondition: " +
+                             g_fault);
   return 0;
+}
+
+// The precondition checks on their own, for the tests: "mma" runs block_mma on one 16x16x16
+// fp16 tile with every operand `offset` bytes past a 128-byte boundary; "vec" one 16-byte
+// load_ws_vec of 8 fp16 values `offset` bytes past one. Returns the precondition broken, "" if
+// none.
+static std::string check_preconditions(const std::string& which, int offset) {
+  if (which != "mma" && which != "vec") throw std::invalid_argument("unknown check " + which);
+  g_fault.clear();
+  SharedMem buf(4 * 1024);
+  char* base = reinterpret_cast<char*>(buf.data()) + offset;
+  if (which == "mma") {
+    const host_half* a = reinterpret_cast<const host_half*>(base);
+    const host_half* b = reinterpret_cast<const host_half*>(base + 1024);
+    float* out = reinterpret_cast<float*>(base + 2048);
+    std::fill_n(buf.data(), 768, 0.0f);  // a and b: zeros in either storage type
+    block_mma<host_half>(MmaArgs<host_half>{a, nullptr, 16, b, 16, out, 16, 16, 16, 16, 1,
+                                            false}, 0, 32);
+  } else {
+    std::fill_n(buf.data(), 16, 0.0f);
+    float v[8];
+    load_ws_vec<8>(reinterpret_cast<const host_half*>(base), v);
+  }
+  return g_fault;
+}
+
+// Writes the float just past a block's shared memory of `floats` floats: an address sanitizer
+// build must report it (the test that its run would see a kernel do the same).
+static void shared_overflow(int64_t floats) {
+  SharedMem sm(floats);
+  volatile float* p = sm.data();
+  p[floats] = 1.0f;
 }
 
 // ------------------------------------------- toy bodies: what the threads executor must catch
@@ -306,6 +373,8 @@ PYBIND11_MODULE(mslora_host, m) {
   m.def("mslora_smem_bytes", [](const std::string& kernel, py::dict ints) {
     return int64_t(sizeof(float)) * smem_floats(kernel_id(kernel), params_from_dicts(ints, py::dict()));
   });
+  m.def("check_preconditions", &check_preconditions);
+  m.def("shared_overflow", &shared_overflow);
   m.def("to_storage", &to_storage);
   m.def("from_storage", &from_storage);
 }
