@@ -6,6 +6,7 @@ here, before anything imports triton, unless the caller already chose.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -74,6 +75,19 @@ def _fresh_dynamo():
     yield
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _triton_memcheck():
+    """Under the interpreter, every Triton launch of every test is memchecked
+    (tests/triton_memcheck.py): no lane may load, store or add outside its tensor arguments."""
+    if not INTERPRET or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from triton_memcheck import triton_memcheck
+
+    with triton_memcheck():
+        yield
 
 
 @pytest.fixture
