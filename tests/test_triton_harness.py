@@ -135,18 +135,20 @@ def _as_compiled(kernel, kw, cases) -> bool:
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("rank", [24, 128])
 @pytest.mark.parametrize("opts", [{}, dict.fromkeys(
     ("prenorm", "enhance", "pool", "gate", "shuffle"), True)], ids=["plain", "all"])
-def test_launches_are_configurations_the_compile_check_compiles(monkeypatch, opts):
-    """Every forward and backward launch at D=128, K=(3,5,7) (the compile check's D and K) is a
-    configuration the check compiles, launch options included: what it reports (registers,
-    spills, shared memory) is what runs. (A backward that left num_stages out ran Triton's
-    default of 3 stages while the check compiled 2.)"""
+def test_launches_are_configurations_the_compile_check_compiles(monkeypatch, opts, rank):
+    """Every forward and backward launch at K=(3,5,7) and D=128 or D=24 (the compile check's K
+    and ranks: its D=32 cases are those of every D from 17 to 32) is a configuration the check
+    compiles, launch options included: what it reports (registers, spills, shared memory) is
+    what runs. (A backward that left num_stages out ran Triton's default of 3 stages while the
+    check compiled 2.)"""
     from mslora_kernels import MSLoRA
     from mslora_kernels.triton import mslora_bwd as bwd
     from mslora_kernels.triton import mslora_fwd as fwd
 
-    m = MSLoRA(8, 128, 4, (3, 5, 7), **opts)
+    m = MSLoRA(8, rank, 4, (3, 5, 7), **opts)
     weights = {k: v.detach() for k, v in m.named_parameters()}
     x = torch.randn(1, 8, 3, 5)
     f_launches, b_launches = _record_launches(monkeypatch, fwd), _record_launches(monkeypatch, bwd)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The ranks whose configurations the kernel modules' compile_cases() list: 128 (the default) and
+# 32, which stands for every D from 17 to 32 (the tile shapes follow next_power_of_2(D); D is a
+# runtime argument), the tests' odd D = 24 among them.
+COMPILE_RANKS = (32, 128)
 
 
 @dataclass(frozen=True)

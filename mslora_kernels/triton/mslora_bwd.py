@@ -81,7 +81,7 @@ import triton.language as tl
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
 from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout, wrap_triton
-from ._compile import TRITON_DTYPE, CompileCase
+from ._compile import COMPILE_RANKS, TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
@@ -595,17 +595,19 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     per pixel (fp32 products run on CUDA cores with both operands in registers; the MMA
     operands of the K = D products t = R s and ds = R^T dt are the largest share in 16 bits).
     From BLOCK_D = 128 up: 16 warps on sm_90 and newer, 8 before (what spills least in the
-    compile check). maxnreg (fp32 only; None: ptxas chooses): the register file (64K) over the
-    threads, at most 255, so that ptxas uses all of it (left alone it took 64 registers for fp32
-    det B1 at 16 warps and spilled 8 KB; in fp16/bf16 it already takes them all). B0 takes
-    ``_z_maxnreg`` of it.
+    compile check). Below 128, 8 warps: the same tiles as with 4, half of each in a thread's
+    registers (sm_90, BLOCK_D = 32: B1's spills per thread fell from 0.96-7.4 KB to 0-2.7 KB in
+    fp32 and from 0.04-0.84 KB to 0-0.09 KB in fp16/bf16, B2's fp32 ones from 0.2-2.6 KB to
+    0-1.2 KB; BLOCK_D = 16: fp32 B1 from 0.8-3.4 KB to 0-1.3 KB, 16-bit from 0.26 KB to none;
+    at BLOCK_D = 64 16 warps helped fp32 a little and cost fp16 plain, so it stays at 8).
+    maxnreg (fp32 only; None: ptxas chooses): the register file (64K) over the threads, at most
+    255, so that ptxas uses all of it (left alone it took 64 registers for fp32 det B1 at 16
+    warps and spilled 8 KB; in fp16/bf16 it already takes them all). B0 takes ``_z_maxnreg`` of
+    it.
     """
     bd = max(16, triton.next_power_of_2(d))
     bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
-    if bd >= 128:
-        warps = 16 if sm90 else 8
-    else:
-        warps = 8 if bd == 64 else 4
+    warps = 16 if bd >= 128 and sm90 else 8
     maxnreg = min(255, 65536 // (32 * warps)) if dtype == torch.float32 else None
     return bp, bd, warps, maxnreg
 
@@ -843,9 +845,9 @@ def _opt_tag(opts: dict) -> str:
     return "+".join(on) if on else "plain"
 
 
-def compile_cases(ranks=(128,)) -> list[CompileCase]:
-    """Every configuration the launcher picks for D in ``ranks`` (default {128}), for fp32, fp16
-    and bf16, both reduction modes, and the option sets in ``_OPTION_SETS``.
+def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
+    """Every configuration the launcher picks for D in ``ranks`` (default COMPILE_RANKS), for fp32,
+    fp16 and bf16, both reduction modes, and the option sets in ``_OPTION_SETS``.
 
     Layouts are not separate cases: all three are the same kernels with runtime element strides.
     Kernel sizes are runtime values (loops over the packed taps), so K does not enter the

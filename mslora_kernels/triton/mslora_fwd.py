@@ -56,7 +56,7 @@ from ._common import (
     normalize_layout,
     wrap_triton,
 )
-from ._compile import TRITON_DTYPE, CompileCase
+from ._compile import COMPILE_RANKS, TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
@@ -513,7 +513,6 @@ COMPILE_OPTION_SETS = (
     {"enhance": True},
     {"prenorm": True, "enhance": True, "pool": True, "gate": True, "shuffle": True},
 )
-COMPILE_RANKS = (128,)
 COMPILE_KERNEL_SIZES = (3, 5, 7)
 
 
