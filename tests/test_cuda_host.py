@@ -662,8 +662,11 @@ def sanitized_host(tmp_path_factory):
     if libasan is None:
         pytest.skip(f"{CXX or 'no C++ compiler'} has no AddressSanitizer runtime (libasan.so)")
     path = _build_host(tmp_path_factory.mktemp("host-asan"), sanitize=True)
-    # Python itself is not instrumented: the runtime must come first; leaks are Python's.
-    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+    # Python itself is not instrumented: the runtime must come first; leaks are Python's. The
+    # host kernels need no GPU, and CUDA's driver and ASan's shadow memory do not mix: on a GPU
+    # machine the process sees none (and the shadow gap is left unprotected, as CUDA needs).
+    env = dict(os.environ, LD_PRELOAD=libasan, CUDA_VISIBLE_DEVICES="",
+               ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0",
                UBSAN_OPTIONS="print_stacktrace=1", **{HOST_MODULE_ENV: str(path)})
     return path, env
 
