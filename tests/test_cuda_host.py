@@ -676,9 +676,10 @@ def _run_sanitized(env, code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_address_sanitizer_sees_what_the_kernels_could_do_wrong(sanitized_host):
-    """The sanitized build's run would show a kernel reading past a tensor or writing past its
-    block's shared memory (else the clean run below would prove nothing)."""
+def test_sanitizers_see_what_the_kernels_could_do_wrong(sanitized_host):
+    """The sanitized build's run would show a kernel reading past a tensor, writing past its
+    block's shared memory or overflowing a signed index (else the clean run below would prove
+    nothing)."""
     path, env = sanitized_host
     load = (f"import importlib.util as u, torch; s = u.spec_from_file_location('mslora_host', "
             f"{str(path)!r}); h = u.module_from_spec(s); s.loader.exec_module(h); ")
@@ -690,7 +691,11 @@ def test_address_sanitizer_sees_what_the_kernels_could_do_wrong(sanitized_host):
     past_shared = _run_sanitized(env, load + "h.shared_overflow(1000)")
     assert past_shared.returncode != 0
     assert "heap-buffer-overflow" in past_shared.stderr, past_shared.stderr[-3000:]
-    clean = _run_sanitized(env, load + "print(h.check_preconditions('mma', 0) or 'ok')")
+    overflow = _run_sanitized(env, load + "h.add_ints(2**31 - 1, 1)")
+    assert overflow.returncode != 0
+    assert "signed integer overflow" in overflow.stderr, overflow.stderr[-3000:]
+    clean = _run_sanitized(env, load + "assert h.add_ints(2, 3) == 5; "
+                                       "print(h.check_preconditions('mma', 0) or 'ok')")
     assert clean.returncode == 0 and clean.stdout.strip() == "ok", clean.stderr[-3000:]
 
 

@@ -365,6 +365,13 @@ static void from_storage(int dtype, std::uintptr_t src, std::uintptr_t dst, int6
   });
 }
 
+// A signed int overflow (undefined behaviour): an undefined behaviour sanitizer build must stop
+// at it, as it would at an overflowing index in a kernel. Returns a + b otherwise.
+static int add_ints(int a, int b) {
+  volatile int x = a;
+  return x + b;
+}
+
 PYBIND11_MODULE(mslora_host, m) {
   m.def("mslora_launch", &launch);
   m.def("set_schedule", [](int64_t seed) { g_schedule = seed; },
@@ -375,6 +382,7 @@ PYBIND11_MODULE(mslora_host, m) {
   });
   m.def("check_preconditions", &check_preconditions);
   m.def("shared_overflow", &shared_overflow);
+  m.def("add_ints", &add_ints);
   m.def("to_storage", &to_storage);
   m.def("from_storage", &from_storage);
 }
