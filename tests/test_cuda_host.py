@@ -655,7 +655,8 @@ def _libasan() -> str | None:
 
 @pytest.fixture(scope="session")
 def sanitized_host(tmp_path_factory):
-    """(the module built with ASan + UBSan, the environment its process needs)."""
+    """The environment of a process that loads the module built with ASan + UBSan (its path in
+    HOST_MODULE_ENV)."""
     if os.environ.get(HOST_MODULE_ENV):
         pytest.skip("already in the sanitizer run")
     libasan = _libasan()
@@ -668,34 +669,35 @@ def sanitized_host(tmp_path_factory):
     env = dict(os.environ, LD_PRELOAD=libasan, CUDA_VISIBLE_DEVICES="",
                ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0",
                UBSAN_OPTIONS="print_stacktrace=1", **{HOST_MODULE_ENV: str(path)})
-    return path, env
+    return env
 
 
 def _run_sanitized(env, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    """``code`` in a sanitized process, with the sanitized module loaded as ``h``."""
+    load = (f"import importlib.util as u, torch; s = u.spec_from_file_location('mslora_host', "
+            f"{env[HOST_MODULE_ENV]!r}); h = u.module_from_spec(s); s.loader.exec_module(h); ")
+    return subprocess.run([sys.executable, "-c", load + code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _expect_report(env, code: str, report: str) -> None:
+    r = _run_sanitized(env, code)
+    assert r.returncode != 0, f"no sanitizer report for {code!r}"
+    assert report in r.stderr, r.stderr[-3000:]
 
 
 def test_sanitizers_see_what_the_kernels_could_do_wrong(sanitized_host):
     """The sanitized build's run would show a kernel reading past a tensor, writing past its
     block's shared memory or overflowing a signed index (else the clean run below would prove
     nothing)."""
-    path, env = sanitized_host
-    load = (f"import importlib.util as u, torch; s = u.spec_from_file_location('mslora_host', "
-            f"{str(path)!r}); h = u.module_from_spec(s); s.loader.exec_module(h); ")
-    past_tensor = _run_sanitized(env, load + (
-        "v = torch.randn(100).half(); out = torch.empty(101); "
-        "h.from_storage(1, v.data_ptr(), out.data_ptr(), 101)"))
-    assert past_tensor.returncode != 0
-    assert "heap-buffer-overflow" in past_tensor.stderr, past_tensor.stderr[-3000:]
-    past_shared = _run_sanitized(env, load + "h.shared_overflow(1000)")
-    assert past_shared.returncode != 0
-    assert "heap-buffer-overflow" in past_shared.stderr, past_shared.stderr[-3000:]
-    overflow = _run_sanitized(env, load + "h.add_ints(2**31 - 1, 1)")
-    assert overflow.returncode != 0
-    assert "signed integer overflow" in overflow.stderr, overflow.stderr[-3000:]
-    clean = _run_sanitized(env, load + "assert h.add_ints(2, 3) == 5; "
-                                       "print(h.check_preconditions('mma', 0) or 'ok')")
+    env = sanitized_host
+    _expect_report(env, "v = torch.randn(100).half(); out = torch.empty(101); "
+                        "h.from_storage(1, v.data_ptr(), out.data_ptr(), 101)",
+                   "heap-buffer-overflow")
+    _expect_report(env, "h.shared_overflow(1000)", "heap-buffer-overflow")
+    _expect_report(env, "h.add_ints(2**31 - 1, 1)", "signed integer overflow")
+    clean = _run_sanitized(env, "assert h.add_ints(2, 3) == 5; "
+                                "print(h.check_preconditions('mma', 0) or 'ok')")
     assert clean.returncode == 0 and clean.stdout.strip() == "ok", clean.stderr[-3000:]
 
 
@@ -705,7 +707,7 @@ def test_host_kernels_under_address_sanitizer(sanitized_host):
     a tensor or a block's shared memory, no undefined behaviour. The CPU's counterpart of
     compute-sanitizer's memcheck on the GPU (scripts/cuda_sanitize.sh). The threads executor's
     fibers are left out: AddressSanitizer does not follow their stack switches."""
-    _, env = sanitized_host
+    env = sanitized_host
     r = subprocess.run(
         # -s and unbuffered: a sanitizer report ends the process at once, and would otherwise
         # be lost in pytest's capture of the failing test, with the progress written so far

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from unittest import mock
 
 import numpy as np
 import torch
@@ -122,12 +123,14 @@ def triton_memcheck():
         _check("atomic_cas", ptr, None)
         return orig["create_atomic_cas"](ptr, cmp, val, *rest)
 
-    executor._init_args_hst, executor.__call__ = init_args_hst, call
-    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
-    builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
-    try:
+    # mock.patch.object restores each attribute as it was (the builder's methods are the
+    # class's: the instance is left without attributes of its own again)
+    with contextlib.ExitStack() as patches:
+        for target, name, fn in ((executor, "_init_args_hst", init_args_hst),
+                                 (executor, "__call__", call),
+                                 (builder, "create_masked_load", masked_load),
+                                 (builder, "create_masked_store", masked_store),
+                                 (builder, "create_atomic_rmw", atomic_rmw),
+                                 (builder, "create_atomic_cas", atomic_cas)):
+            patches.enter_context(mock.patch.object(target, name, fn))
         yield
-    finally:
-        executor._init_args_hst, executor.__call__ = orig_init, orig_call
-        for name, fn in orig.items():
-            setattr(builder, name, fn)
