@@ -116,21 +116,6 @@ MSLORA_HD float ws_load(const T* w, int64_t i) { return to_f32(w[i]); }
 template <typename T>
 MSLORA_HD void ws_store(T* w, int64_t i, float v) { w[i] = from_f32<T>(v); }
 
-// Mean and 1/sqrt(var + eps) of x over C at one pixel (two passes, fp32).
-template <typename T, bool kNHWC>
-MSLORA_HD void x_stats(const Params& p, int n, int64_t q, float* mu, float* rstd) {
-  float sum = 0.f;
-  for (int c = 0; c < p.C; ++c) sum += load_act<T, kNHWC>(p, p.x, n, c, q);
-  const float m = sum / p.C;
-  float var = 0.f;
-  for (int c = 0; c < p.C; ++c) {
-    const float d = load_act<T, kNHWC>(p, p.x, n, c, q) - m;
-    var += d * d;
-  }
-  *mu = m;
-  *rstd = 1.0f / sqrtf(var / p.C + kLnEps);
-}
-
 // u = x, or LayerNorm_C(x) under prenorm (stats of this pixel given).
 template <typename T, bool kNHWC>
 MSLORA_HD float load_u(const Params& p, int n, int c, int64_t q, float mu, float rstd) {
@@ -313,6 +298,12 @@ MSLORA_HD void load_z_halo(const Params& p, const T* zimg, int c0, int h0, int w
     load_z_halo_v<1>(p, zimg, c0, h0, w0, rows, cols, plane, dst, tid, nt);
 }
 
+// Per-pixel sums over the C channels (channel_sums below) run kSumParts threads per pixel;
+// their partial sums take sums_scratch_floats(np, K) floats of shared memory for np pixels
+// and K sums (a padded row of kSumParts + 1 per pixel and sum).
+constexpr int kSumParts = 16;
+MSLORA_HD int64_t sums_scratch_floats(int np, int K) { return int64_t(np) * (kSumParts + 1) * K; }
+
 // ------------------------------------------------------------------------- tile geometry
 
 struct Tile {
@@ -368,11 +359,12 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
 // multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
 // column x of channel ch at ch * zplane + y * hw_ + x) and gate sigmoids sig [nk][P], which
 // share their space with the tensor-core operands: the products only start once the sum is
-// done.
+// done. Under prenorm the first stages (x's LN_C statistics) use `scratch` from buf0 on, before
+// anything else is written there.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
-  int64_t stats, buf0, buf1, buf2, buf3, zt, sig;  // offsets
+  int64_t stats, buf0, buf1, buf2, buf3, zt, sig, scratch;  // offsets
   int64_t zplane;     // channel plane stride of zt
   TcSmem tc;
   int64_t total;
@@ -390,7 +382,10 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
   s.zt = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
   s.sig = s.zt + int64_t(p.CH) * s.zplane;
-  const int64_t end = s.sig + int64_t(p.nk) * s.P;
+  s.scratch = s.buf0;
+  const int64_t scratch_end = s.scratch + (p.prenorm ? sums_scratch_floats(s.P, 1) : 0);
+  const int64_t sig_end = s.sig + int64_t(p.nk) * s.P;
+  const int64_t end = sig_end > scratch_end ? sig_end : scratch_end;
   s.tc = tc_smem(p, s.P, s.zt);
   s.total = p.tc && s.tc.end > end ? s.tc.end : end;
   return s;
@@ -424,14 +419,23 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
   return s;
 }
 
-// prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][C], then the
-// tensor-core operands (Params::tc).
+// prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][du_stride] (an odd
+// row stride: the lanes of a warp that differ in pixel read 32 different banks), then the
+// tensor-core operands (Params::tc), which share their space with the scratch of the per-pixel
+// channel sums (prenorm: x's LN_C statistics, and bwd_dx's two LN_C backward means); the sums
+// and the products never run at the same time.
+MSLORA_HD int du_stride(const Params& p) { return p.C | 1; }
+MSLORA_HD int64_t pixel_scratch(const Params& p, bool dx) {
+  return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * du_stride(p) : 0);
+}
 MSLORA_HD TcSmem pixel_tc_smem(const Params& p, bool dx) {
-  return tc_smem(p, p.PB, 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0));
+  return tc_smem(p, p.PB, pixel_scratch(p, dx));
 }
 MSLORA_HD int64_t pixel_smem_floats(const Params& p, bool dx) {
-  const int64_t end = 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * p.C : 0);
-  return p.tc ? pixel_tc_smem(p, dx).end : end;
+  const int64_t end =
+      pixel_scratch(p, dx) + (p.prenorm ? sums_scratch_floats(p.PB, dx ? 2 : 1) : 0);
+  const int64_t tc_end = p.tc ? pixel_tc_smem(p, dx).end : 0;
+  return tc_end > end ? tc_end : end;
 }
 
 // ------------------------------------------------------------ channel products on tensor cores
@@ -567,6 +571,79 @@ MSLORA_HD void tc_grouped_out(const Params& p, const TcSmem& L, float* sm, int M
   }
 }
 
+// ------------------------------------------------------------ per-pixel sums over channels
+//
+// A per-pixel reduction over the C channels of the activations (x's LN_C statistics, bwd_dx's
+// two LN_C backward means) runs kSumParts threads per pixel: part j sums f over the channels
+// c = j, j + kSumParts, ... into `scratch` (sums_scratch_floats), and then one thread per pixel
+// adds the parts in order (deterministic) and hands the K sums to `out`. The threads run pixels
+// fastest in NCHW (a warp reads neighbouring pixels of a channel) and parts fastest in NHWC
+// (neighbouring channels of a pixel): coalesced reads in both layouts, and every thread of the
+// block busy where one thread a pixel left most of them idle (prep and bwd_dx: PB pixels, 256
+// threads) and, in NHWC, read the warp's 32 pixels C elements apart.
+//   pix(pl) -> RowPix: pixel pl of the np (q < 0: outside the image; f is not called for it);
+//   f(rp, pl, c, acc): adds channel c's terms to acc[0 .. K);
+//   out(pl, rp, sums): the K sums of pixel pl.
+template <int K, bool kNHWC, class Ex, class Pix, class F, class Out>
+MSLORA_HD void channel_sums(const Params& p, int np, float* scratch, Pix&& pix, F&& f, Out&& out,
+                            Ex& ex) {
+  auto slot = [&](int pl, int part) {
+    return (kNHWC ? int64_t(pl) * (kSumParts + 1) + part : int64_t(part) * np + pl) * K;
+  };
+  ex.stage([&](int tid) {
+    for (int i = tid; i < np * kSumParts; i += ex.nt) {
+      const int pl = kNHWC ? i / kSumParts : i % np, part = kNHWC ? i % kSumParts : i / np;
+      const RowPix rp = pix(pl);
+      float acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = 0.f;
+      if (rp.q >= 0)
+        for (int c = part; c < p.C; c += kSumParts) f(rp, pl, c, acc);
+      for (int k = 0; k < K; ++k) scratch[slot(pl, part) + k] = acc[k];
+    }
+  });
+  ex.stage([&](int tid) {
+    for (int pl = tid; pl < np; pl += ex.nt) {
+      float sums[K];
+      for (int k = 0; k < K; ++k) sums[k] = 0.f;
+      for (int part = 0; part < kSumParts; ++part)
+        for (int k = 0; k < K; ++k) sums[k] += scratch[slot(pl, part) + k];
+      out(pl, pix(pl), sums);
+    }
+  });
+}
+
+// LN_C statistics of x at np pixels (two passes, fp32): stats[sstride * pl] = mean over C,
+// stats[sstride * pl + 1] = 1 / sqrt(var + eps); 0 and 1 for a pixel outside the image.
+template <typename T, bool kNHWC, class Ex, class Pix>
+MSLORA_HD void x_stats(const Params& p, int np, Pix&& pix, float* stats, int sstride,
+                       float* scratch, Ex& ex) {
+  channel_sums<1, kNHWC>(
+      p, np, scratch, pix,
+      [&](const RowPix& rp, int, int c, float* acc) {
+        acc[0] += load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q);
+      },
+      [&](int pl, const RowPix& rp, const float* sums) {
+        stats[sstride * pl] = rp.q < 0 ? 0.f : sums[0] / p.C;
+      },
+      ex);
+  channel_sums<1, kNHWC>(
+      p, np, scratch, pix,
+      [&](const RowPix& rp, int pl, int c, float* acc) {
+        const float d = load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q) - stats[sstride * pl];
+        acc[0] += d * d;
+      },
+      [&](int pl, const RowPix& rp, const float* sums) {
+        stats[sstride * pl + 1] = rp.q < 0 ? 1.f : 1.0f / sqrtf(sums[0] / p.C + kLnEps);
+      },
+      ex);
+}
+
+// Pixel pl of the PB-pixel block starting at pix0 (prep, bwd_dx).
+MSLORA_HD RowPix block_pixel(const Params& p, int64_t pix0, int pl) {
+  const int64_t pix = pix0 + pl;
+  return pix < int64_t(p.N) * hw(p) ? RowPix{int(pix / hw(p)), pix % hw(p)} : RowPix{0, -1};
+}
+
 // ------------------------------------------------------------------------------- kernels
 
 // prep: z[pix][e] = down(u)[e] for the PB pixels of block bx (pixels flattened over N*H*W).
@@ -574,26 +651,12 @@ template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
   float* stats = sm;  // [PB][2]
-  if (p.prenorm) {
-    ex.stage([&](int tid) {
-      for (int pl = tid; pl < p.PB; pl += ex.nt) {
-        const int64_t pix = pix0 + pl;
-        if (pix < npix) x_stats<T, kNHWC>(p, int(pix / hw(p)), pix % hw(p), &stats[2 * pl], &stats[2 * pl + 1]);
-      }
-    });
-  }
+  auto pix = [&](int pl) { return block_pixel(p, pix0, pl); };
+  if (p.prenorm) x_stats<T, kNHWC>(p, p.PB, pix, stats, 2, sm + pixel_scratch(p, false), ex);
   const bool tc = use_tc<T>(p);
   const TcSmem L = pixel_tc_smem(p, false);
   if constexpr (kTensorCoreType<T>) {
-    if (tc) {
-      tc_grouped_in<T, kNHWC>(
-          p, L, sm, p.PB,
-          [&](int r) {
-            const int64_t pix = pix0 + r;
-            return pix < npix ? RowPix{int(pix / hw(p)), pix % hw(p)} : RowPix{0, -1};
-          },
-          p.down, stats, 2, ex);
-    }
+    if (tc) tc_grouped_in<T, kNHWC>(p, L, sm, p.PB, pix, p.down, stats, 2, ex);
   }
   ex.stage([&](int tid) {
     for (int64_t i = tid; i < int64_t(p.PB) * p.D; i += ex.nt) {
@@ -617,12 +680,14 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
   const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
+  if (p.prenorm)  // first: its scratch overlaps the buffers, the halo tile and sig
+    x_stats<T, kNHWC>(
+        p, P, [&](int pl) { return RowPix{t.n, tile_pixel(p, t, pl)}; }, stats, 4,
+        sm + L.scratch, ex);
   ex.stage([&](int tid) {
-    for (int pl = tid; pl < P; pl += ex.nt) {
-      const int64_t q = tile_pixel(p, t, pl);
+    for (int pl = tid; !p.prenorm && pl < P; pl += ex.nt) {
       stats[4 * pl] = 0.f;
       stats[4 * pl + 1] = 1.f;
-      if (q >= 0 && p.prenorm) x_stats<T, kNHWC>(p, t.n, q, &stats[4 * pl], &stats[4 * pl + 1]);
     }
     if (p.gate) {
       for (int i = tid; i < P * p.nk; i += ex.nt) {
@@ -1110,29 +1175,31 @@ MSLORA_HD void bwd_dz_body(const Params& p, int block, float* sm, Ex& ex) {
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
-  float *stats = sm, *du = sm + 4 * p.PB;  // stats [PB][4]: x mean, rstd, m1, m2
+  // stats [PB][4]: x mean, rstd, m1, m2; du [PB][ldu]
+  const int ldu = du_stride(p);
+  float *stats = sm, *du = sm + 4 * p.PB, *scratch = sm + pixel_scratch(p, true);
+  auto pix = [&](int pl) { return block_pixel(p, pix0, pl); };
   const int cg = p.C / p.G, dg = p.D / p.G;
   const bool tc = use_tc<T>(p);
   const T *da = ws<T>(p.da), *dz = ws<T>(p.dz);
-  ex.stage([&](int tid) {
-    for (int pl = tid; pl < p.PB; pl += ex.nt) {
-      const int64_t pix = pix0 + pl;
-      if (pix < npix && p.prenorm) x_stats<T, kNHWC>(p, int(pix / hw(p)), pix % hw(p), &stats[4 * pl], &stats[4 * pl + 1]);
-    }
-    for (int64_t i = tid; !tc && i < int64_t(p.PB) * p.C; i += ex.nt) {
-      const int pl = int(i / p.C), c = int(i % p.C);
-      const int64_t pix = pix0 + pl;
-      if (pix >= npix) continue;
-      const int g = c / cg, j = c % cg;
-      float acc = 0.f;
-      for (int ee = 0; ee < dg; ++ee) {
-        const int e = g * dg + ee;
-        acc += p.proj[int64_t(e) * cg + j] * ws_load(da, pix * p.D + e) +
-               p.down[int64_t(e) * cg + j] * ws_load(dz, pix * p.D + e);
+  if (p.prenorm) x_stats<T, kNHWC>(p, p.PB, pix, stats, 4, scratch, ex);
+  if (!tc) {
+    ex.stage([&](int tid) {
+      for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
+        const int pl = int(i / p.C), c = int(i % p.C);
+        const int64_t pix = pix0 + pl;
+        if (pix >= npix) continue;
+        const int g = c / cg, j = c % cg;
+        float acc = 0.f;
+        for (int ee = 0; ee < dg; ++ee) {
+          const int e = g * dg + ee;
+          acc += p.proj[int64_t(e) * cg + j] * ws_load(da, pix * p.D + e) +
+                 p.down[int64_t(e) * cg + j] * ws_load(dz, pix * p.D + e);
+        }
+        du[int64_t(pl) * ldu + c] = acc;
       }
-      du[i] = acc;
-    }
-  });
+    });
+  }
   if constexpr (kTensorCoreType<T>) {
     if (tc) {  // du on tensor cores: A = [da | dz] of the group (K = 2 D/G, exact in T),
                // B = [proj; down]
@@ -1149,26 +1216,24 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
             return k < dg ? p.proj[int64_t(g * dg + k) * cg + j]
                           : p.down[int64_t(g * dg + k - dg) * cg + j];
           },
-          [&](int r, int c, float y) { du[int64_t(r) * p.C + c] = y; }, ex);
+          [&](int r, int c, float y) { du[int64_t(r) * ldu + c] = y; }, ex);
     }
   }
-  if (p.prenorm) {
-    ex.stage([&](int tid) {
-      for (int pl = tid; pl < p.PB; pl += ex.nt) {
-        const int64_t pix = pix0 + pl;
-        if (pix >= npix) continue;
-        const int n = int(pix / hw(p));
-        float m1 = 0.f, m2 = 0.f;
-        for (int c = 0; c < p.C; ++c) {
-          const float xh = (load_act<T, kNHWC>(p, p.x, n, c, pix % hw(p)) - stats[4 * pl]) * stats[4 * pl + 1];
-          const float g = du[int64_t(pl) * p.C + c] * p.norm_w[c];
-          m1 += g;
-          m2 += g * xh;
-        }
-        stats[4 * pl + 2] = m1 / p.C;
-        stats[4 * pl + 3] = m2 / p.C;
-      }
-    });
+  if (p.prenorm) {  // m1 = mean_C(du * norm_w), m2 = mean_C(du * norm_w * xhat)
+    channel_sums<2, kNHWC>(
+        p, p.PB, scratch, pix,
+        [&](const RowPix& rp, int pl, int c, float* acc) {
+          const float xh =
+              (load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q) - stats[4 * pl]) * stats[4 * pl + 1];
+          const float g = du[int64_t(pl) * ldu + c] * p.norm_w[c];
+          acc[0] += g;
+          acc[1] += g * xh;
+        },
+        [&](int pl, const RowPix&, const float* sums) {
+          stats[4 * pl + 2] = sums[0] / p.C;
+          stats[4 * pl + 3] = sums[1] / p.C;
+        },
+        ex);
   }
   ex.stage([&](int tid) {
     for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
@@ -1177,7 +1242,7 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
       if (pix >= npix) continue;
       const int n = int(pix / hw(p));
       const int64_t q = pix % hw(p);
-      float g = du[int64_t(pl) * p.C + c];
+      float g = du[int64_t(pl) * ldu + c];
       if (p.prenorm) {
         const float xh = (load_act<T, kNHWC>(p, p.x, n, c, q) - stats[4 * pl]) * stats[4 * pl + 1];
         g = stats[4 * pl + 1] * (g * p.norm_w[c] - stats[4 * pl + 2] - xh * stats[4 * pl + 3]);
@@ -1191,8 +1256,8 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
           const int64_t pix = pix0 + pl;
           if (pix >= npix) continue;
           const float xh = (load_act<T, kNHWC>(p, p.x, int(pix / hw(p)), c, pix % hw(p)) - stats[4 * pl]) * stats[4 * pl + 1];
-          gw += du[int64_t(pl) * p.C + c] * xh;
-          gb += du[int64_t(pl) * p.C + c];
+          gw += du[int64_t(pl) * ldu + c] * xh;
+          gb += du[int64_t(pl) * ldu + c];
         }
         p.part_norm_w[int64_t(bx) * p.C + c] = gw;
         p.part_norm_b[int64_t(bx) * p.C + c] = gb;

@@ -273,6 +273,26 @@ def test_host_backward_is_deterministic(host):
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in w)
 
 
+@pytest.mark.parametrize("opts", [{"prenorm": True}, OPTION_SETS[1]], ids=["prenorm", "all"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("c", [150, 34])
+def test_host_layernorm_sums_at_wide_channels_and_offset_inputs(host, c, layout, opts):
+    """The per-pixel sums over C (x's LN_C statistics in prep, fwd, bwd_tile and bwd_dx, and
+    bwd_dx's LN backward means; csrc's channel_sums) split C over 16 threads a pixel: here C is
+    wider than the SHAPES' and not a multiple of 16 (parts of 10 and 9, or 3 and 2, channels),
+    and x sits at 100 + N(0, 1), where a one-pass E[x^2] - E[x]^2 loses the variance in fp32
+    (tried: relative errors of 0.8-1.1e-3, over SPEC's 1e-4) and the two passes do not (errors
+    under 1e-5). 70 pixels: partial pixel blocks and tiles."""
+    o, x, wt, gout = _case((2, c, 5, 7, 8, 2, (3, 5)), torch.float32, opts, layout)
+    with torch.no_grad():
+        x.add_(100.0)
+    check = _reference_checker(x, wt, o, gout)
+    launcher = _launcher(host, 227 * 1024)
+    out, zmean = forward_impl(x, wt, o, *launcher)
+    dx, grads = backward_impl(gout, x, wt, o, zmean, *launcher)
+    check(out, dx, grads)
+
+
 # Shapes for the tensor-core products (N, C, H, W, D, G, kernel sizes): D=40 pads to 48 (three
 # k steps and n tiles) and 13 x 9 leaves partial tiles; C/G = 75 streams the grouped C -> D
 # products in three K chunks (the last partial) and the D -> C ones in three column chunks
