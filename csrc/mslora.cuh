@@ -359,8 +359,9 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
 // multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
 // column x of channel ch at ch * zplane + y * hw_ + x) and gate sigmoids sig [nk][P], which
 // share their space with the tensor-core operands: the products only start once the sum is
-// done. Under prenorm the first stages (x's LN_C statistics) use `scratch` from buf0 on, before
-// anything else is written there.
+// done. The per-pixel sums (pixel_sums: x's LN_C statistics under prenorm, before zt and sig
+// are written; enhance's LN_D statistics and backward means, after the last read of zt and sig
+// and outside the tensor-core products) use `scratch`, from zt on.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
@@ -382,8 +383,9 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
   s.zt = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
   s.sig = s.zt + int64_t(p.CH) * s.zplane;
-  s.scratch = s.buf0;
-  const int64_t scratch_end = s.scratch + (p.prenorm ? sums_scratch_floats(s.P, 1) : 0);
+  s.scratch = s.zt;
+  const int sums = p.enhance ? 2 : p.prenorm ? 1 : 0;  // the most sums at once
+  const int64_t scratch_end = s.scratch + (sums ? sums_scratch_floats(s.P, sums) : 0);
   const int64_t sig_end = s.sig + int64_t(p.nk) * s.P;
   const int64_t end = sig_end > scratch_end ? sig_end : scratch_end;
   s.tc = tc_smem(p, s.P, s.zt);
@@ -573,43 +575,68 @@ MSLORA_HD void tc_grouped_out(const Params& p, const TcSmem& L, float* sm, int M
 
 // ------------------------------------------------------------ per-pixel sums over channels
 //
-// A per-pixel reduction over the C channels of the activations (x's LN_C statistics, bwd_dx's
-// two LN_C backward means) runs kSumParts threads per pixel: part j sums f over the channels
-// c = j, j + kSumParts, ... into `scratch` (sums_scratch_floats), and then one thread per pixel
-// adds the parts in order (deterministic) and hands the K sums to `out`. The threads run pixels
-// fastest in NCHW (a warp reads neighbouring pixels of a channel) and parts fastest in NHWC
-// (neighbouring channels of a pixel): coalesced reads in both layouts, and every thread of the
-// block busy where one thread a pixel left most of them idle (prep and bwd_dx: PB pixels, 256
-// threads) and, in NHWC, read the warp's 32 pixels C elements apart.
-//   pix(pl) -> RowPix: pixel pl of the np (q < 0: outside the image; f is not called for it);
-//   f(rp, pl, c, acc): adds channel c's terms to acc[0 .. K);
-//   out(pl, rp, sums): the K sums of pixel pl.
-template <int K, bool kNHWC, class Ex, class Pix, class F, class Out>
-MSLORA_HD void channel_sums(const Params& p, int np, float* scratch, Pix&& pix, F&& f, Out&& out,
-                            Ex& ex) {
-  auto slot = [&](int pl, int part) {
-    return (kNHWC ? int64_t(pl) * (kSumParts + 1) + part : int64_t(part) * np + pl) * K;
+// A per-pixel reduction over channels (LN_C's statistics of x and its backward's two means;
+// enhance's LN_D statistics of s0 and its backward's two means) runs kSumParts threads per
+// pixel: part(pl, j, acc) adds to acc[0 .. K) the terms of pixel pl's channels j,
+// j + kSumParts, ...; the parts go through `scratch` (sums_scratch_floats), and then one
+// thread per pixel adds them in order (deterministic) and hands the K sums to out(pl, sums).
+// Every thread of the block is busy where one thread per pixel left most of them idle (prep and
+// bwd_dx: PB = 32 pixels, 256 threads; the tile kernels: 64) with the whole row in series.
+// kPartsFastest: the threads run parts fastest (a warp reads neighbouring channels of two
+// pixels: NHWC activations, and the pixel-major rows in shared memory, where a thread per pixel
+// read D apart, one bank for the whole warp when 32 divides D), else pixels fastest (a warp
+// reads neighbouring pixels of one channel: NCHW activations).
+template <int K, bool kPartsFastest, class Ex, class Part, class Out>
+MSLORA_HD void pixel_sums(int np, float* scratch, Part&& part, Out&& out, Ex& ex) {
+  auto slot = [&](int pl, int j) {
+    return (kPartsFastest ? int64_t(pl) * (kSumParts + 1) + j : int64_t(j) * np + pl) * K;
   };
   ex.stage([&](int tid) {
     for (int i = tid; i < np * kSumParts; i += ex.nt) {
-      const int pl = kNHWC ? i / kSumParts : i % np, part = kNHWC ? i % kSumParts : i / np;
-      const RowPix rp = pix(pl);
+      const int pl = kPartsFastest ? i / kSumParts : i % np;
+      const int j = kPartsFastest ? i % kSumParts : i / np;
       float acc[K];
       for (int k = 0; k < K; ++k) acc[k] = 0.f;
-      if (rp.q >= 0)
-        for (int c = part; c < p.C; c += kSumParts) f(rp, pl, c, acc);
-      for (int k = 0; k < K; ++k) scratch[slot(pl, part) + k] = acc[k];
+      part(pl, j, acc);
+      for (int k = 0; k < K; ++k) scratch[slot(pl, j) + k] = acc[k];
     }
   });
   ex.stage([&](int tid) {
     for (int pl = tid; pl < np; pl += ex.nt) {
       float sums[K];
       for (int k = 0; k < K; ++k) sums[k] = 0.f;
-      for (int part = 0; part < kSumParts; ++part)
-        for (int k = 0; k < K; ++k) sums[k] += scratch[slot(pl, part) + k];
-      out(pl, pix(pl), sums);
+      for (int j = 0; j < kSumParts; ++j)
+        for (int k = 0; k < K; ++k) sums[k] += scratch[slot(pl, j) + k];
+      out(pl, sums);
     }
   });
+}
+
+// pixel_sums over the C channels of the activations at np pixels, pix(pl) -> RowPix (q < 0:
+// outside the image, sums 0): f(rp, pl, c, acc) adds channel c's terms, out(pl, rp, sums).
+template <int K, bool kNHWC, class Ex, class Pix, class F, class Out>
+MSLORA_HD void channel_sums(const Params& p, int np, float* scratch, Pix&& pix, F&& f, Out&& out,
+                            Ex& ex) {
+  pixel_sums<K, kNHWC>(
+      np, scratch,
+      [&](int pl, int j, float* acc) {
+        const RowPix rp = pix(pl);
+        if (rp.q >= 0)
+          for (int c = j; c < p.C; c += kSumParts) f(rp, pl, c, acc);
+      },
+      [&](int pl, const float* sums) { out(pl, pix(pl), sums); }, ex);
+}
+
+// pixel_sums over the D channels of np pixel-major rows in shared memory:
+// f(pl, d, i = pl * D + d, acc) adds channel d's terms.
+template <int K, class Ex, class F, class Out>
+MSLORA_HD void row_sums(const Params& p, int np, float* scratch, F&& f, Out&& out, Ex& ex) {
+  pixel_sums<K, true>(
+      np, scratch,
+      [&](int pl, int j, float* acc) {
+        for (int d = j; d < p.D; d += kSumParts) f(pl, d, int64_t(pl) * p.D + d, acc);
+      },
+      out, ex);
 }
 
 // LN_C statistics of x at np pixels (two passes, fp32): stats[sstride * pl] = mean over C,
@@ -741,18 +768,21 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
       }
     });
   }
-  if (p.enhance) {
-    ex.stage([&](int tid) {
-      for (int pl = tid; pl < P; pl += ex.nt) {
-        const float* v = s0 + int64_t(pl) * p.D;
-        float sum = 0.f, var = 0.f;
-        for (int d = 0; d < p.D; ++d) sum += v[d];
-        const float mu = sum / p.D;
-        for (int d = 0; d < p.D; ++d) var += (v[d] - mu) * (v[d] - mu);
-        stats[4 * pl + 2] = mu;
-        stats[4 * pl + 3] = 1.0f / sqrtf(var / p.D + kLnEps);
-      }
-    });
+  if (p.enhance) {  // LN_D statistics of s0 (two passes)
+    float* scratch = sm + L.scratch;
+    row_sums<1>(
+        p, P, scratch, [&](int, int, int64_t i, float* acc) { acc[0] += s0[i]; },
+        [&](int pl, const float* sums) { stats[4 * pl + 2] = sums[0] / p.D; }, ex);
+    row_sums<1>(
+        p, P, scratch,
+        [&](int pl, int, int64_t i, float* acc) {
+          const float dv = s0[i] - stats[4 * pl + 2];
+          acc[0] += dv * dv;
+        },
+        [&](int pl, const float* sums) {
+          stats[4 * pl + 3] = 1.0f / sqrtf(sums[0] / p.D + kLnEps);
+        },
+        ex);
     ex.stage([&](int tid) {
       for (int i = tid; i < P * p.D; i += ex.nt) {
         const int pl = i / p.D, d = i % p.D;
@@ -822,8 +852,14 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         if (tile_pixel(p, t, pl) < 0) continue;
         const float* w = p.up + int64_t(c) * dg;
         const float* mv = m + int64_t(pl) * p.D + (c / cg) * dg;
+        // NCHW: the lanes differ in pixel, whose rows of m lie D floats apart (one bank for the
+        // whole warp when 32 divides D), so each starts at its own column and wraps around.
+        int j = kNHWC ? 0 : pl % dg;
         float y = 0.f;
-        for (int j = 0; j < dg; ++j) y += w[j] * mv[j];
+        for (int n = 0; n < dg; ++n) {
+          y += w[j] * mv[j];
+          if (++j == dg) j = 0;
+        }
         store(pl, c, y);
       }
     });
@@ -917,20 +953,19 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
     // v = xhat * gamma + beta, s = GELU(v): dv = ds * GELU'(v); dxhat = dv * gamma;
     // ds0 = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). stats[4pl+0/1] are free
     // now (a is done) and hold the two means.
-    ex.stage([&](int tid) {
-      for (int pl = tid; pl < P; pl += ex.nt) {
-        float m1 = 0.f, m2 = 0.f;
-        for (int d = 0; d < p.D; ++d) {
-          const int64_t i = int64_t(pl) * p.D + d;
+    row_sums<2>(
+        p, P, sm + L.scratch,
+        [&](int pl, int d, int64_t i, float* acc) {
           const float xh = (s0[i] - stats[4 * pl + 2]) * stats[4 * pl + 3];
           const float dxh = tb[i] * gelu_grad(xh * p.enorm_w[d] + p.enorm_b[d]) * p.enorm_w[d];
-          m1 += dxh;
-          m2 += dxh * xh;
-        }
-        stats[4 * pl] = m1 / p.D;
-        stats[4 * pl + 1] = m2 / p.D;
-      }
-    });
+          acc[0] += dxh;
+          acc[1] += dxh * xh;
+        },
+        [&](int pl, const float* sums) {
+          stats[4 * pl] = sums[0] / p.D;
+          stats[4 * pl + 1] = sums[1] / p.D;
+        },
+        ex);
     ex.stage([&](int tid) {  // ds0 into ab; dv * xhat into s (buf1), dv into tb
       for (int i = tid; i < P * p.D; i += ex.nt) {
         const int pl = i / p.D, d = i % p.D;
