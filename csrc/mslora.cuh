@@ -707,7 +707,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
   const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
-  if (p.prenorm)  // first: its scratch overlaps the buffers, the halo tile and sig
+  if (p.prenorm)  // first: its scratch (from zt on) may reach into sig, written next
     x_stats<T, kNHWC>(
         p, P, [&](int pl) { return RowPix{t.n, tile_pixel(p, t, pl)}; }, stats, 4,
         sm + L.scratch, ex);
