@@ -71,6 +71,8 @@ struct Params {
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
+  float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
+                          // fwd / bwd_tile / bwd_dx read it
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
   // workspaces, pixel-major (N*H*W, D): z and ds0 fp32: the depthwise passes read them with
   // halos and they feed the few-element weight gradients (dK, gate), which a 16-bit z or ds0
@@ -359,9 +361,8 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
 // multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
 // column x of channel ch at ch * zplane + y * hw_ + x) and gate sigmoids sig [nk][P], which
 // share their space with the tensor-core operands: the products only start once the sum is
-// done. The per-pixel sums (pixel_sums: x's LN_C statistics under prenorm, before zt and sig
-// are written; enhance's LN_D statistics and backward means, after the last read of zt and sig
-// and outside the tensor-core products) use `scratch`, from zt on.
+// done. The per-pixel sums (pixel_sums: enhance's LN_D statistics and backward means, after the
+// last read of zt and sig and outside the tensor-core products) use `scratch`, from zt on.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
@@ -384,8 +385,7 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.zt = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
   s.sig = s.zt + int64_t(p.CH) * s.zplane;
   s.scratch = s.zt;
-  const int sums = p.enhance ? 2 : p.prenorm ? 1 : 0;  // the most sums at once
-  const int64_t scratch_end = s.scratch + (sums ? sums_scratch_floats(s.P, sums) : 0);
+  const int64_t scratch_end = s.scratch + sums_scratch_floats(s.P, p.enhance ? 2 : 0);
   const int64_t sig_end = s.sig + int64_t(p.nk) * s.P;
   const int64_t end = sig_end > scratch_end ? sig_end : scratch_end;
   s.tc = tc_smem(p, s.P, s.zt);
@@ -424,8 +424,8 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
 // prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][du_stride] (an odd
 // row stride: the lanes of a warp that differ in pixel read 32 different banks), then the
 // tensor-core operands (Params::tc), which share their space with the scratch of the per-pixel
-// channel sums (prenorm: x's LN_C statistics, and bwd_dx's two LN_C backward means); the sums
-// and the products never run at the same time.
+// channel sums (prenorm: prep's LN_C statistics of x, bwd_dx's two LN_C backward means); the
+// sums and the products never run at the same time.
 MSLORA_HD int du_stride(const Params& p) { return p.C | 1; }
 MSLORA_HD int64_t pixel_scratch(const Params& p, bool dx) {
   return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * du_stride(p) : 0);
@@ -435,7 +435,7 @@ MSLORA_HD TcSmem pixel_tc_smem(const Params& p, bool dx) {
 }
 MSLORA_HD int64_t pixel_smem_floats(const Params& p, bool dx) {
   const int64_t end =
-      pixel_scratch(p, dx) + (p.prenorm ? sums_scratch_floats(p.PB, dx ? 2 : 1) : 0);
+      pixel_scratch(p, dx) + sums_scratch_floats(p.PB, p.prenorm ? (dx ? 2 : 1) : 0);
   const int64_t tc_end = p.tc ? pixel_tc_smem(p, dx).end : 0;
   return tc_end > end ? tc_end : end;
 }
@@ -639,28 +639,28 @@ MSLORA_HD void row_sums(const Params& p, int np, float* scratch, F&& f, Out&& ou
       out, ex);
 }
 
-// LN_C statistics of x at np pixels (two passes, fp32): stats[sstride * pl] = mean over C,
-// stats[sstride * pl + 1] = 1 / sqrt(var + eps); 0 and 1 for a pixel outside the image.
+// LN_C statistics of x at np pixels (two passes, fp32), into stats [np][2]: mean over C and
+// 1 / sqrt(var + eps); 0 and 1 for a pixel outside the image. prep takes them once per pass
+// (Params::xstats).
 template <typename T, bool kNHWC, class Ex, class Pix>
-MSLORA_HD void x_stats(const Params& p, int np, Pix&& pix, float* stats, int sstride,
-                       float* scratch, Ex& ex) {
+MSLORA_HD void x_stats(const Params& p, int np, Pix&& pix, float* stats, float* scratch, Ex& ex) {
   channel_sums<1, kNHWC>(
       p, np, scratch, pix,
       [&](const RowPix& rp, int, int c, float* acc) {
         acc[0] += load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q);
       },
       [&](int pl, const RowPix& rp, const float* sums) {
-        stats[sstride * pl] = rp.q < 0 ? 0.f : sums[0] / p.C;
+        stats[2 * pl] = rp.q < 0 ? 0.f : sums[0] / p.C;
       },
       ex);
   channel_sums<1, kNHWC>(
       p, np, scratch, pix,
       [&](const RowPix& rp, int pl, int c, float* acc) {
-        const float d = load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q) - stats[sstride * pl];
+        const float d = load_act<T, kNHWC>(p, p.x, rp.n, c, rp.q) - stats[2 * pl];
         acc[0] += d * d;
       },
       [&](int pl, const RowPix& rp, const float* sums) {
-        stats[sstride * pl + 1] = rp.q < 0 ? 1.f : 1.0f / sqrtf(sums[0] / p.C + kLnEps);
+        stats[2 * pl + 1] = rp.q < 0 ? 1.f : 1.0f / sqrtf(sums[0] / p.C + kLnEps);
       },
       ex);
 }
@@ -673,13 +673,14 @@ MSLORA_HD RowPix block_pixel(const Params& p, int64_t pix0, int pl) {
 
 // ------------------------------------------------------------------------------- kernels
 
-// prep: z[pix][e] = down(u)[e] for the PB pixels of block bx (pixels flattened over N*H*W).
+// prep: z[pix][e] = down(u)[e] for the PB pixels of block bx (pixels flattened over N*H*W);
+// under prenorm also x's LN_C statistics -> Params::xstats, for the kernels after it.
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
   float* stats = sm;  // [PB][2]
   auto pix = [&](int pl) { return block_pixel(p, pix0, pl); };
-  if (p.prenorm) x_stats<T, kNHWC>(p, p.PB, pix, stats, 2, sm + pixel_scratch(p, false), ex);
+  if (p.prenorm) x_stats<T, kNHWC>(p, p.PB, pix, stats, sm + pixel_scratch(p, false), ex);
   const bool tc = use_tc<T>(p);
   const TcSmem L = pixel_tc_smem(p, false);
   if constexpr (kTensorCoreType<T>) {
@@ -695,26 +696,26 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
                tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
                   : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs));
     }
+    for (int i = tid; p.prenorm && i < 2 * p.PB; i += ex.nt)  // [PB][2] -> xstats[pix0 ...]
+      if (pix0 + i / 2 < npix) p.xstats[2 * pix0 + i] = stats[i];
   });
 }
 
-// Stages shared by fwd and bwd_tile: LN_C stats of x, gate sigmoids, s0 (multi-scale sum),
-// enhance (s = GELU(LN_D(s0)), written to `s_out`, which may alias s0). stats: [P][4] =
-// (x mean, x rstd, s0 mean, s0 rstd).
+// Stages shared by fwd and bwd_tile: LN_C stats of x (from Params::xstats), gate sigmoids, s0
+// (multi-scale sum), enhance (s = GELU(LN_D(s0)), written to `s_out`, which may alias s0).
+// stats: [P][4] = (x mean, x rstd, s0 mean, s0 rstd).
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const TileSmem& L,
                              float* s0, float* s_out, Ex& ex) {
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
   const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
-  if (p.prenorm)  // first: its scratch (from zt on) may reach into sig, written next
-    x_stats<T, kNHWC>(
-        p, P, [&](int pl) { return RowPix{t.n, tile_pixel(p, t, pl)}; }, stats, 4,
-        sm + L.scratch, ex);
   ex.stage([&](int tid) {
-    for (int pl = tid; !p.prenorm && pl < P; pl += ex.nt) {
-      stats[4 * pl] = 0.f;
-      stats[4 * pl + 1] = 1.f;
+    for (int pl = tid; pl < P; pl += ex.nt) {
+      const int64_t q = tile_pixel(p, t, pl), xi = 2 * (int64_t(t.n) * hw(p) + q);
+      const bool ln = p.prenorm && q >= 0;
+      stats[4 * pl] = ln ? p.xstats[xi] : 0.f;
+      stats[4 * pl + 1] = ln ? p.xstats[xi + 1] : 1.f;
     }
     if (p.gate) {
       for (int i = tid; i < P * p.nk; i += ex.nt) {
@@ -1217,7 +1218,15 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int cg = p.C / p.G, dg = p.D / p.G;
   const bool tc = use_tc<T>(p);
   const T *da = ws<T>(p.da), *dz = ws<T>(p.dz);
-  if (p.prenorm) x_stats<T, kNHWC>(p, p.PB, pix, stats, 4, scratch, ex);
+  if (p.prenorm) {
+    ex.stage([&](int tid) {  // x's LN_C statistics, from prep
+      for (int pl = tid; pl < p.PB; pl += ex.nt) {
+        if (pix0 + pl >= npix) continue;
+        stats[4 * pl] = p.xstats[2 * (pix0 + pl)];
+        stats[4 * pl + 1] = p.xstats[2 * (pix0 + pl) + 1];
+      }
+    });
+  }
   if (!tc) {
     ex.stage([&](int tid) {
       for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {

@@ -484,9 +484,9 @@ WORKSPACES = ("z", "s", "mp", "dt", "da", "ds0", "dz")
 def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
     (N*H*W, D) tensor of x's dtype (the kernels' T) but z and ds0, fp32 (FP32_WORKSPACES), and
-    every partial-sum buffer fp32; each kernel gets the workspaces it reads or writes; s, m'
-    and dt are freed before dz is allocated, z and ds0 before bwd_dx; results right (NaN-filled
-    buffers)."""
+    every partial-sum buffer fp32; prenorm's xstats (prep's LN_C statistics of x) is (N*H*W, 2)
+    fp32; each kernel gets the workspaces it reads or writes; s, m' and dt are freed before dz
+    is allocated, z and ds0 before bwd_dx; results right (NaN-filled buffers)."""
     import mslora_kernels.cuda.mslora as launcher
 
     assert launcher.FP32_WORKSPACES == ("z", "ds0")
@@ -504,21 +504,23 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     def recording(kernel, code, nhwc, ints, ptrs):
         by_ptr = {t.data_ptr(): t for t in made}
         for k, v in ptrs.items():
-            if k in WORKSPACES or k.startswith("part_"):
+            if k in WORKSPACES or k.startswith("part_") or k == "xstats":
                 t = by_ptr[v]
-                want = (torch.float32 if k in ("z", "ds0") or k.startswith("part_") else dtype,
-                        (n * h * w, d) if k in WORKSPACES else t.shape)
-                assert (t.dtype, t.shape) == want, (kernel, k, t.dtype, t.shape)
-        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES})
+                fp32 = k in ("z", "ds0", "xstats") or k.startswith("part_")
+                shape = {"xstats": (n * h * w, 2)}.get(k, (n * h * w, d) if k in WORKSPACES
+                                                       else t.shape)
+                assert (t.dtype, t.shape) == (torch.float32 if fp32 else dtype, shape), \
+                    (kernel, k, t.dtype, t.shape)
+        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES + ("xstats",)})
         launch(kernel, code, nhwc, ints, ptrs)
 
     out, zmean = forward_impl(x, wt, o, recording, smem_bytes, limit)
     assert zmean.dtype == torch.float32
-    assert seen == {"prep": [{"z"}], "fwd": [{"z"}]}
+    assert seen == {"prep": [{"z", "xstats"}], "fwd": [{"z", "xstats"}]}
     seen.clear()
     dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
-    assert seen == {"prep": [{"z"}], "bwd_tile": [set(WORKSPACES) - {"dz"}],
-                    "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz"}]}
+    assert seen == {"prep": [{"z", "xstats"}], "bwd_tile": [set(WORKSPACES) - {"dz"} | {"xstats"}],
+                    "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz", "xstats"}]}
     _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
@@ -527,7 +529,7 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
 def test_workspace_bytes_per_pixel(fmt, prenorm):
     """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
     ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output where C is
-    large, plus the partial sums; fp32: every workspace 4 D B."""
+    large, plus the partial sums and, under prenorm, xstats (8 B); fp32: every workspace 4 D B."""
     from mslora_kernels.config import MSLoRAOptions
     from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
 
@@ -540,7 +542,7 @@ def test_workspace_bytes_per_pixel(fmt, prenorm):
     got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
     want = max(2 * 128 * 4 + 4 * 128 * 2, 2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2,
                2 * 128 * 2 + copy * 1024 * 2 + prenorm * (1024 * 2 + 8))
-    assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32
+    assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32 + prenorm * 8
     assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
                                      pixel_block=32) <= got
     assert workspace_bytes_fixed(o, 10) > workspace_bytes_fixed(o, 1) > 0

@@ -196,6 +196,12 @@ def _partial(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return _ws(rows, cols, like, torch.float32)
 
 
+def _xstats(npix: int, o: MSLoRAOptions, x: torch.Tensor) -> torch.Tensor | None:
+    """Under prenorm, the (npix, 2) fp32 LN_C mean and 1/std of x that prep writes and the
+    kernels after it read (Params::xstats); else None."""
+    return _ws(npix, 2, x, torch.float32) if o.prenorm else None
+
+
 def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
                               nchw_memory: bool | None = None,
                               tile_pixels: int = TILE_ROWS[-1] * TILE_W,
@@ -218,7 +224,8 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
 
     plus, all along, the fp32 partial sums that grow with the pixels: pool and enhance
     (3 D fp32 a tile of ``tile_pixels``) and prenorm (2 C fp32 a block of ``pixel_block``
-    pixels). ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
+    pixels), and under prenorm the kernels' LN_C statistics of x (xstats, 8 B).
+    ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
     (default: ``o.data_format == "channels_first"``; channels_last memory has no copies). The
     tile and block default to the smallest tile (pessimistic for the tile partials) and the
     largest pixel block (what the planner takes unless C is in the thousands); the plan's own
@@ -236,7 +243,7 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
               size["da"] + size["dz"] + copy * c * b + o.prenorm * (c * b + 8)]
     partials = (int(o.pool) + 2 * int(o.enhance)) * d * 4 / tile_pixels + \
         int(o.prenorm) * 2 * c * 4 / pixel_block
-    return max(phases) + partials
+    return max(phases) + partials + int(o.prenorm) * 8
 
 
 def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
@@ -260,10 +267,11 @@ def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: Sme
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     z = _workspace("z", n * h * w, o, x)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, **w32))
+    xstats = _xstats(n * h * w, o, x)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, xstats=xstats, **w32))
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
-           _ptrs(x=xc, out=out, z=z, zmean=zmean, **w32))
+           _ptrs(x=xc, out=out, z=z, zmean=zmean, xstats=xstats, **w32))
     return zmean
 
 
@@ -308,8 +316,12 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _partial(blocks, c, x), _partial(blocks, c, x)
     common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(z=ws["z"])})
-    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(**ws)})
+    # prep's LN_C statistics of x for bwd_tile and bwd_dx (prenorm); the tensor is held here
+    # until bwd_dx (the kernels see only its pointer)
+    xstats_t = _xstats(npix, o, x)
+    xstats = _ptrs(xstats=xstats_t)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **xstats, **_ptrs(z=ws["z"])})
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **xstats, **_ptrs(**ws)})
 
     # Dense weight gradients: GEMMs in x's dtype (fp32 accumulation) over the workspaces and
     # the activations, no fp32 copies (grouped ones per group); to fp32 in grads32.
@@ -327,7 +339,8 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **_ptrs(pool_dz=pool_dz, **ws)})
     del ws["z"], ws["ds0"]  # bwd_dx and the GEMMs below need da and dz only
-    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **_ptrs(dx=dx, **ws)})
+    launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK},
+           {**common, **xstats, **_ptrs(dx=dx, **ws)})
 
     u = _pixel_major(x, o)
     if o.prenorm:  # in x's dtype, as the reference computes it
@@ -364,13 +377,13 @@ def _slices(x: torch.Tensor, o: MSLoRAOptions, bytes_per_pixel: float) -> list[t
 def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
                  smem_limit: int):
     """(out, zmean) with the given kernel launcher; x already validated. Runs
-    :func:`_forward_slice` over slices of whole images whose workspace (z, fp32) fits the
-    workspace budget (``mslora_kernels.workspace``), each writing its images of one ``out``;
-    every value is per image, so slicing changes no result."""
+    :func:`_forward_slice` over slices of whole images whose workspaces (z and xstats, fp32)
+    fit the workspace budget (``mslora_kernels.workspace``), each writing its images of one
+    ``out``; every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
     out = torch.empty_like(xc)
     zmeans = []
-    for n0, n1 in _slices(x, o, 4 * o.rank):
+    for n0, n1 in _slices(x, o, 4 * o.rank + 8 * int(o.prenorm)):  # z, xstats
         zmeans.append(_forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit,
                                      out=out[n0:n1]))
     return out, torch.cat(zmeans) if o.pool else None
