@@ -1279,35 +1279,42 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
         },
         ex);
   }
-  ex.stage([&](int tid) {
+  if (p.prenorm) {  // block partial of norm_b's gradient, sum of du over the block's pixels
+    ex.stage([&](int tid) {
+      for (int c = tid; c < p.C; c += ex.nt) {
+        float gb = 0.f;
+        for (int pl = 0; pl < p.PB && pix0 + pl < npix; ++pl) gb += du[int64_t(pl) * ldu + c];
+        p.part_norm_b[int64_t(bx) * p.C + c] = gb;
+      }
+    });
+  }
+  ex.stage([&](int tid) {  // dx; under prenorm du * xhat replaces du, for norm_w's partial
     for (int64_t i = tid; i < int64_t(p.PB) * p.C; i += ex.nt) {
       const int pl = kNHWC ? int(i / p.C) : int(i % p.PB), c = kNHWC ? int(i % p.C) : int(i / p.PB);
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const int n = int(pix / hw(p));
       const int64_t q = pix % hw(p);
-      float g = du[int64_t(pl) * ldu + c];
+      float* dup = du + int64_t(pl) * ldu + c;
+      float g = *dup;
       if (p.prenorm) {
         const float xh = (load_act<T, kNHWC>(p, p.x, n, c, q) - stats[4 * pl]) * stats[4 * pl + 1];
+        *dup = g * xh;
         g = stats[4 * pl + 1] * (g * p.norm_w[c] - stats[4 * pl + 2] - xh * stats[4 * pl + 3]);
       }
       store_act<T, kNHWC>(p, p.dx, n, c, q, load_act<T, kNHWC>(p, p.dout, n, c, q) + g);
     }
-    if (p.prenorm) {  // per-block partial norm grads: sum du * xhat, sum du
-      for (int c = tid; c < p.C; c += ex.nt) {
-        float gw = 0.f, gb = 0.f;
-        for (int pl = 0; pl < p.PB; ++pl) {
-          const int64_t pix = pix0 + pl;
-          if (pix >= npix) continue;
-          const float xh = (load_act<T, kNHWC>(p, p.x, int(pix / hw(p)), c, pix % hw(p)) - stats[4 * pl]) * stats[4 * pl + 1];
-          gw += du[int64_t(pl) * ldu + c] * xh;
-          gb += du[int64_t(pl) * ldu + c];
-        }
-        p.part_norm_w[int64_t(bx) * p.C + c] = gw;
-        p.part_norm_b[int64_t(bx) * p.C + c] = gb;
-      }
-    }
   });
+  if (p.prenorm) {  // block partial of norm_w's gradient, sum of du * xhat: from shared memory,
+                    // not a third read of x a channel per thread (NCHW: loads H*W apart)
+    ex.stage([&](int tid) {
+      for (int c = tid; c < p.C; c += ex.nt) {
+        float gw = 0.f;
+        for (int pl = 0; pl < p.PB && pix0 + pl < npix; ++pl) gw += du[int64_t(pl) * ldu + c];
+        p.part_norm_w[int64_t(bx) * p.C + c] = gw;
+      }
+    });
+  }
 }
 
 enum Kernel : int { kPrep = 0, kFwd = 1, kBwdTile = 2, kBwdDz = 3, kBwdDx = 4 };
