@@ -18,7 +18,8 @@
 // are fp32 throughout.
 //
 // Kernels (the Python launcher mslora_kernels/cuda/mslora.py orchestrates them):
-//   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z.            [F1 / B0]
+//   prep     (1-D grid over pixel blocks of PB): z = down(u) -> ws z; under prenorm x's LN_C
+//            statistics, under gate the gates' sigmoids, for the kernels after it. [F1 / B0]
 //   fwd      (grid (tiles, N), TH x TW pixel tiles): multi-scale depthwise from a z halo tile
 //            in shared memory (channel chunks of CH; a thread computes a run of kRun outputs
 //            along W of one channel and row), GELU, gate, pool, enhance, t = pw(s),
@@ -73,6 +74,8 @@ struct Params {
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
                           // fwd / bwd_tile / bwd_dx read it
+  float* gsig;            // (N*H*W, nk) sigmoid(gate_w[i] . z + gate_b[i]) (gate): prep writes
+                          // it, fwd / bwd_tile / bwd_dz read it (on their tiles and halos)
   const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
   // workspaces, pixel-major (N*H*W, D): z and ds0 fp32: the depthwise passes read them with
   // halos and they feed the few-element weight gradients (dK, gate), which a 16-bit z or ds0
@@ -423,9 +426,9 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
 
 // prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][du_stride] (an odd
 // row stride: the lanes of a warp that differ in pixel read 32 different banks), then the
-// tensor-core operands (Params::tc), which share their space with the scratch of the per-pixel
-// channel sums (prenorm: prep's LN_C statistics of x, bwd_dx's two LN_C backward means); the
-// sums and the products never run at the same time.
+// tensor-core operands (Params::tc), which share their space with the scratch of the
+// per-pixel sums (prenorm: prep's LN_C statistics of x, bwd_dx's two LN_C backward means; gate:
+// prep's gate logits, nk a pixel); the sums and the products never run at the same time.
 MSLORA_HD int du_stride(const Params& p) { return p.C | 1; }
 MSLORA_HD int64_t pixel_scratch(const Params& p, bool dx) {
   return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * du_stride(p) : 0);
@@ -434,8 +437,9 @@ MSLORA_HD TcSmem pixel_tc_smem(const Params& p, bool dx) {
   return tc_smem(p, p.PB, pixel_scratch(p, dx));
 }
 MSLORA_HD int64_t pixel_smem_floats(const Params& p, bool dx) {
-  const int64_t end =
-      pixel_scratch(p, dx) + sums_scratch_floats(p.PB, p.prenorm ? (dx ? 2 : 1) : 0);
+  const int gate = p.gate ? p.nk : 0;
+  const int sums = dx ? 2 * p.prenorm : (gate > p.prenorm ? gate : p.prenorm);
+  const int64_t end = pixel_scratch(p, dx) + sums_scratch_floats(p.PB, sums);
   const int64_t tc_end = p.tc ? pixel_tc_smem(p, dx).end : 0;
   return tc_end > end ? tc_end : end;
 }
@@ -674,7 +678,10 @@ MSLORA_HD RowPix block_pixel(const Params& p, int64_t pix0, int pl) {
 // ------------------------------------------------------------------------------- kernels
 
 // prep: z[pix][e] = down(u)[e] for the PB pixels of block bx (pixels flattened over N*H*W);
-// under prenorm also x's LN_C statistics -> Params::xstats, for the kernels after it.
+// under prenorm also x's LN_C statistics -> Params::xstats, under gate the gates' sigmoids ->
+// Params::gsig, for the kernels after it (each pixel's once a pass, where every tile kernel
+// took them again for its tile, and bwd_dz for its halo too, a thread per pixel and path over
+// a z row in series).
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
   const int64_t npix = int64_t(p.N) * hw(p), pix0 = int64_t(bx) * p.PB;
@@ -699,10 +706,29 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
     for (int i = tid; p.prenorm && i < 2 * p.PB; i += ex.nt)  // [PB][2] -> xstats[pix0 ...]
       if (pix0 + i / 2 < npix) p.xstats[2 * pix0 + i] = stats[i];
   });
+  if (p.gate) {  // gate logits: item (path, pixel) sums gate_w[path] . z over z's row as this
+                 // block just wrote it (global, visible after the barrier), 16 threads an item
+    pixel_sums<1, true>(
+        p.nk * p.PB, sm + pixel_scratch(p, false),
+        [&](int item, int j, float* acc) {
+          const int path = item / p.PB;
+          const int64_t pix = pix0 + item % p.PB;
+          if (pix < npix)
+            for (int d = j; d < p.D; d += kSumParts)
+              acc[0] += p.gate_w[path * p.D + d] * p.z[pix * p.D + d];
+        },
+        [&](int item, const float* sums) {
+          const int path = item / p.PB;
+          const int64_t pix = pix0 + item % p.PB;
+          if (pix < npix) p.gsig[pix * p.nk + path] = sigmoid(sums[0] + p.gate_b[path]);
+        },
+        ex);
+  }
 }
 
-// Stages shared by fwd and bwd_tile: LN_C stats of x (from Params::xstats), gate sigmoids, s0
-// (multi-scale sum), enhance (s = GELU(LN_D(s0)), written to `s_out`, which may alias s0).
+// Stages shared by fwd and bwd_tile: LN_C stats of x (from Params::xstats), gate sigmoids (from
+// Params::gsig), s0 (multi-scale sum), enhance (s = GELU(LN_D(s0)), written to `s_out`, which
+// may alias s0).
 // stats: [P][4] = (x mean, x rstd, s0 mean, s0 rstd).
 template <typename T, bool kNHWC, class Ex>
 MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const TileSmem& L,
@@ -717,15 +743,10 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
       stats[4 * pl] = ln ? p.xstats[xi] : 0.f;
       stats[4 * pl + 1] = ln ? p.xstats[xi + 1] : 1.f;
     }
-    if (p.gate) {
-      for (int i = tid; i < P * p.nk; i += ex.nt) {
-        const int pl = i % P, path = i / P;
-        const int64_t q = tile_pixel(p, t, pl);
-        float g = p.gate_b[path];
-        if (q >= 0)
-          for (int d = 0; d < p.D; ++d) g += p.gate_w[path * p.D + d] * ws_load(zimg, q * p.D + d);
-        sig[path * P + pl] = sigmoid(g);
-      }
+    for (int i = tid; p.gate && i < P * p.nk; i += ex.nt) {  // from prep (Params::gsig)
+      const int pl = i % P, path = i / P;
+      const int64_t q = tile_pixel(p, t, pl);
+      sig[path * P + pl] = q >= 0 ? p.gsig[(int64_t(t.n) * hw(p) + q) * p.nk + path] : 0.f;
     }
   });
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
@@ -1025,17 +1046,14 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   const float* zimg = p.z + pix0 * p.D;
   const float* dsimg = p.ds0 + pix0 * p.D;
   T* dzimg = ws<T>(p.dz) + pix0 * p.D;
-  ex.stage([&](int tid) {  // gate sigmoids on tile + halo; dsig = 0
+  ex.stage([&](int tid) {  // gate sigmoids on tile + halo (from prep; 1 without gate); dsig = 0
     for (int i = tid; i < p.nk * nh; i += ex.nt) {
       const int path = i / nh, hy = (i % nh) / L.hw_, hx = i % L.hw_;
       const int h = t.h0 - p.R + hy, w = t.w0 - p.R + hx;
-      float g = 0.f;
-      if (p.gate && h >= 0 && h < p.H && w >= 0 && w < p.W) {
-        g = p.gate_b[path];
-        for (int d = 0; d < p.D; ++d)
-          g += p.gate_w[path * p.D + d] * ws_load(zimg, (int64_t(h) * p.W + w) * p.D + d);
-      }
-      sig[i] = p.gate ? sigmoid(g) : 1.f;
+      const bool in = h >= 0 && h < p.H && w >= 0 && w < p.W;
+      sig[i] = !p.gate ? 1.f
+               : in    ? p.gsig[(pix0 + int64_t(h) * p.W + w) * p.nk + path]
+                       : 0.f;
     }
     for (int i = tid; i < p.nk * P; i += ex.nt) dsig[i] = 0.f;
   });

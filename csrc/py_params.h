@@ -36,6 +36,7 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.norm_w = F("norm_w"); p.norm_b = F("norm_b"); p.enorm_w = F("enorm_w");
   p.enorm_b = F("enorm_b"); p.gate_w = F("gate_w"); p.gate_b = F("gate_b");
   p.zmean = F("zmean"); p.pool_dz = F("pool_dz"); p.xstats = F("xstats");
+  p.gsig = F("gsig");
   p.z = F("z"); p.ds0 = F("ds0");  // the fp32 workspaces; the others of type T (ws<T>)
   p.s = P("s"); p.mp = P("mp"); p.dt = P("dt"); p.da = P("da"); p.dz = P("dz");
   p.part_enorm_w = F("part_enorm_w"); p.part_enorm_b = F("part_enorm_b");

@@ -485,8 +485,9 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
     (N*H*W, D) tensor of x's dtype (the kernels' T) but z and ds0, fp32 (FP32_WORKSPACES), and
     every partial-sum buffer fp32; prenorm's xstats (prep's LN_C statistics of x) is (N*H*W, 2)
-    fp32; each kernel gets the workspaces it reads or writes; s, m' and dt are freed before dz
-    is allocated, z and ds0 before bwd_dx; results right (NaN-filled buffers)."""
+    fp32, gate's gsig (prep's gate sigmoids) (N*H*W, nk) fp32; each kernel gets the workspaces
+    it reads or writes; s, m' and dt are freed before dz is allocated, z and ds0 before bwd_dx;
+    results right (NaN-filled buffers: a pixel prep did not write poisons them)."""
     import mslora_kernels.cuda.mslora as launcher
 
     assert launcher.FP32_WORKSPACES == ("z", "ds0")
@@ -501,35 +502,41 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     launch, smem_bytes, limit = _launcher(host, 227 * 1024)
     seen = {}
 
+    stats = ("xstats", "gsig")
+
     def recording(kernel, code, nhwc, ints, ptrs):
         by_ptr = {t.data_ptr(): t for t in made}
         for k, v in ptrs.items():
-            if k in WORKSPACES or k.startswith("part_") or k == "xstats":
+            if k in WORKSPACES + stats or k.startswith("part_"):
                 t = by_ptr[v]
-                fp32 = k in ("z", "ds0", "xstats") or k.startswith("part_")
-                shape = {"xstats": (n * h * w, 2)}.get(k, (n * h * w, d) if k in WORKSPACES
-                                                       else t.shape)
+                fp32 = k in ("z", "ds0") + stats or k.startswith("part_")
+                shape = {"xstats": (n * h * w, 2), "gsig": (n * h * w, len(ks))}.get(
+                    k, (n * h * w, d) if k in WORKSPACES else t.shape)
                 assert (t.dtype, t.shape) == (torch.float32 if fp32 else dtype, shape), \
                     (kernel, k, t.dtype, t.shape)
-        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES + ("xstats",)})
+        seen.setdefault(kernel, []).append({k for k in ptrs if k in WORKSPACES + stats})
         launch(kernel, code, nhwc, ints, ptrs)
 
     out, zmean = forward_impl(x, wt, o, recording, smem_bytes, limit)
     assert zmean.dtype == torch.float32
-    assert seen == {"prep": [{"z", "xstats"}], "fwd": [{"z", "xstats"}]}
+    assert seen == {"prep": [{"z", "xstats", "gsig"}], "fwd": [{"z", "xstats", "gsig"}]}
     seen.clear()
     dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
-    assert seen == {"prep": [{"z", "xstats"}], "bwd_tile": [set(WORKSPACES) - {"dz"} | {"xstats"}],
-                    "bwd_dz": [{"z", "da", "ds0", "dz"}], "bwd_dx": [{"da", "dz", "xstats"}]}
+    assert seen == {"prep": [{"z", "xstats", "gsig"}],
+                    "bwd_tile": [set(WORKSPACES) - {"dz"} | {"xstats", "gsig"}],
+                    "bwd_dz": [{"z", "da", "ds0", "dz", "gsig"}],
+                    "bwd_dx": [{"da", "dz", "xstats"}]}
     _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("prenorm", [False, True])
 @pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
-def test_workspace_bytes_per_pixel(fmt, prenorm):
+def test_workspace_bytes_per_pixel(fmt, prenorm, gate):
     """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
     ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output where C is
-    large, plus the partial sums and, under prenorm, xstats (8 B); fp32: every workspace 4 D B."""
+    large, plus the partial sums and, under prenorm, xstats (8 B); under gate, gsig (4 nk B)
+    until bwd_dz; fp32: every workspace 4 D B."""
     from mslora_kernels.config import MSLoRAOptions
     from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
 
@@ -537,10 +544,12 @@ def test_workspace_bytes_per_pixel(fmt, prenorm):
     assert workspace_bytes_per_pixel(small, torch.bfloat16) == 2 * 128 * 4 + 4 * 128 * 2
     assert workspace_bytes_per_pixel(small, torch.float16) == 2 * 128 * 4 + 4 * 128 * 2
     assert workspace_bytes_per_pixel(small, torch.float32) == 6 * 128 * 4
-    o = MSLoRAOptions(1024, 128, 4, (3, 5, 7), data_format=fmt, prenorm=prenorm, pool=True)
+    o = MSLoRAOptions(1024, 128, 4, (3, 5, 7), data_format=fmt, prenorm=prenorm, pool=True,
+                      gate=gate)
     copy = fmt == "channels_first"
     got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
-    want = max(2 * 128 * 4 + 4 * 128 * 2, 2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2,
+    want = max(2 * 128 * 4 + 4 * 128 * 2 + gate * 4 * 3,
+               2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2 + gate * 4 * 3,
                2 * 128 * 2 + copy * 1024 * 2 + prenorm * (1024 * 2 + 8))
     assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32 + prenorm * 8
     assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,

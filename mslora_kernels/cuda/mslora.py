@@ -202,6 +202,12 @@ def _xstats(npix: int, o: MSLoRAOptions, x: torch.Tensor) -> torch.Tensor | None
     return _ws(npix, 2, x, torch.float32) if o.prenorm else None
 
 
+def _gsig(npix: int, o: MSLoRAOptions, x: torch.Tensor) -> torch.Tensor | None:
+    """Under gate, the (npix, nk) fp32 sigmoids of the gates that prep writes and the tile
+    kernels after it read (Params::gsig); else None."""
+    return _ws(npix, len(o.kernel_sizes), x, torch.float32) if o.gate else None
+
+
 def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
                               nchw_memory: bool | None = None,
                               tile_pixels: int = TILE_ROWS[-1] * TILE_W,
@@ -224,7 +230,8 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
 
     plus, all along, the fp32 partial sums that grow with the pixels: pool and enhance
     (3 D fp32 a tile of ``tile_pixels``) and prenorm (2 C fp32 a block of ``pixel_block``
-    pixels), and under prenorm the kernels' LN_C statistics of x (xstats, 8 B).
+    pixels), under prenorm the kernels' LN_C statistics of x (xstats, 8 B), and under gate
+    prep's gate sigmoids (gsig, 4 nk B; freed before bwd_dx).
     ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
     (default: ``o.data_format == "channels_first"``; channels_last memory has no copies). The
     tile and block default to the smallest tile (pessimistic for the tile partials) and the
@@ -237,9 +244,10 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
     size = {k: d * (4 if k in FP32_WORKSPACES else b) for k in ("z", "ds0", "da", "s", "mp",
                                                                  "dt", "dz")}
     copy = (o.data_format == "channels_first") if nchw_memory is None else nchw_memory
-    phases = [sum(size[k] for k in ("z", "ds0", "da", "s", "mp", "dt")),
-              sum(size[k] for k in ("z", "ds0", "da", "mp")) + copy * c * b,
-              sum(size[k] for k in ("z", "ds0", "da", "dz")),
+    gsig = int(o.gate) * 4 * len(o.kernel_sizes)
+    phases = [sum(size[k] for k in ("z", "ds0", "da", "s", "mp", "dt")) + gsig,
+              sum(size[k] for k in ("z", "ds0", "da", "mp")) + copy * c * b + gsig,
+              sum(size[k] for k in ("z", "ds0", "da", "dz")) + gsig,
               size["da"] + size["dz"] + copy * c * b + o.prenorm * (c * b + 8)]
     partials = (int(o.pool) + 2 * int(o.enhance)) * d * 4 / tile_pixels + \
         int(o.prenorm) * 2 * c * 4 / pixel_block
@@ -267,11 +275,14 @@ def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: Sme
     dt = _ext.DTYPE_CODE[x.dtype]
     w32 = _weights32(weights, o)
     z = _workspace("z", n * h * w, o, x)
-    xstats = _xstats(n * h * w, o, x)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, _ptrs(x=xc, z=z, xstats=xstats, **w32))
+    # prep's LN_C statistics of x (prenorm) and gate sigmoids (gate) for fwd: the tensors held
+    # here until it has run (the kernels see only their pointers)
+    xstats, gsig = _xstats(n * h * w, o, x), _gsig(n * h * w, o, x)
+    stats = _ptrs(xstats=xstats, gsig=gsig)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**stats, **_ptrs(x=xc, z=z, **w32)})
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
-           _ptrs(x=xc, out=out, z=z, zmean=zmean, xstats=xstats, **w32))
+           {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **w32)})
     return zmean
 
 
@@ -316,12 +327,15 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _partial(blocks, c, x), _partial(blocks, c, x)
     common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
-    # prep's LN_C statistics of x for bwd_tile and bwd_dx (prenorm); the tensor is held here
-    # until bwd_dx (the kernels see only its pointer)
-    xstats_t = _xstats(npix, o, x)
-    xstats = _ptrs(xstats=xstats_t)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **xstats, **_ptrs(z=ws["z"])})
-    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK}, {**common, **xstats, **_ptrs(**ws)})
+    # prep's LN_C statistics of x for bwd_tile and bwd_dx (prenorm) and its gate sigmoids for
+    # bwd_tile and bwd_dz (gate); the tensors are held here while a kernel may read them (the
+    # kernels see only their pointers)
+    xstats_t, gsig_t = _xstats(npix, o, x), _gsig(npix, o, x)
+    xstats, gsig = _ptrs(xstats=xstats_t), _ptrs(gsig=gsig_t)
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK},
+           {**common, **xstats, **gsig, **_ptrs(z=ws["z"])})
+    launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK},
+           {**common, **xstats, **gsig, **_ptrs(**ws)})
 
     # Dense weight gradients: GEMMs in x's dtype (fp32 accumulation) over the workspaces and
     # the activations, no fp32 copies (grouped ones per group); to fp32 in grads32.
@@ -337,8 +351,8 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
         psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
         pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
-           {**common, **_ptrs(pool_dz=pool_dz, **ws)})
-    del ws["z"], ws["ds0"]  # bwd_dx and the GEMMs below need da and dz only
+           {**common, **gsig, **_ptrs(pool_dz=pool_dz, **ws)})
+    del ws["z"], ws["ds0"], gsig_t  # bwd_dx and the GEMMs below need da and dz only
     launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK},
            {**common, **xstats, **_ptrs(dx=dx, **ws)})
 
@@ -377,13 +391,14 @@ def _slices(x: torch.Tensor, o: MSLoRAOptions, bytes_per_pixel: float) -> list[t
 def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
                  smem_limit: int):
     """(out, zmean) with the given kernel launcher; x already validated. Runs
-    :func:`_forward_slice` over slices of whole images whose workspaces (z and xstats, fp32)
+    :func:`_forward_slice` over slices of whole images whose workspaces (z, xstats, gsig; fp32)
     fit the workspace budget (``mslora_kernels.workspace``), each writing its images of one
     ``out``; every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
     out = torch.empty_like(xc)
     zmeans = []
-    for n0, n1 in _slices(x, o, 4 * o.rank + 8 * int(o.prenorm)):  # z, xstats
+    per_pixel = 4 * o.rank + 8 * int(o.prenorm) + 4 * len(o.kernel_sizes) * int(o.gate)
+    for n0, n1 in _slices(x, o, per_pixel):  # z, xstats, gsig
         zmeans.append(_forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit,
                                      out=out[n0:n1]))
     return out, torch.cat(zmeans) if o.pool else None
