@@ -71,6 +71,10 @@ struct Params {
   // fp32 weights, contiguous in their checkpoint shapes
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
+  // their transposes for the CUDA-core products (tc = 0: fp32), whose lanes differ in the output
+  // channel e: proj_t, down_t (C/G, D) and pw_t (D, D), [j][e] = w[e][j] (a warp's loads of
+  // w[e][j] fell a row apart; of w_t[j][e] they are neighbours)
+  const float *proj_t, *down_t, *pw_t;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
                           // fwd / bwd_tile / bwd_dx read it
@@ -128,13 +132,15 @@ MSLORA_HD float load_u(const Params& p, int n, int c, int64_t q, float mu, float
   return p.prenorm ? (v - mu) * rstd * p.norm_w[c] + p.norm_b[c] : v;
 }
 
-// Grouped 1x1 conv C -> D at one pixel, output channel e: sum_j w[e][j] * u[g(e)*C/G + j].
+// Grouped 1x1 conv C -> D at one pixel, output channel e: sum_j w[e][j] * u[g(e)*C/G + j], from
+// the transposed weight w_t[j][e] (Params::proj_t / down_t).
 template <typename T, bool kNHWC>
-MSLORA_HD float grouped_in(const Params& p, const float* w, int e, int n, int64_t q, float mu,
+MSLORA_HD float grouped_in(const Params& p, const float* w_t, int e, int n, int64_t q, float mu,
                            float rstd) {
   const int cg = p.C / p.G, c0 = (e / (p.D / p.G)) * cg;
   float acc = 0.f;
-  for (int j = 0; j < cg; ++j) acc += w[int64_t(e) * cg + j] * load_u<T, kNHWC>(p, n, c0 + j, q, mu, rstd);
+  for (int j = 0; j < cg; ++j)
+    acc += w_t[int64_t(j) * p.D + e] * load_u<T, kNHWC>(p, n, c0 + j, q, mu, rstd);
   return acc;
 }
 
@@ -701,7 +707,7 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
       ws_store(p.z, pix * p.D + e,
                tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
-                  : grouped_in<T, kNHWC>(p, p.down, e, int(pix / hw(p)), pix % hw(p), mu, rs));
+                  : grouped_in<T, kNHWC>(p, p.down_t, e, int(pix / hw(p)), pix % hw(p), mu, rs));
     }
     for (int i = tid; p.prenorm && i < 2 * p.PB; i += ex.nt)  // [PB][2] -> xstats[pix0 ...]
       if (pix0 + i / 2 < npix) p.xstats[2 * pix0 + i] = stats[i];
@@ -815,12 +821,11 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
   }
 }
 
-// t[e] = sum_d pw[e][d] s[d] at local pixel pl.
+// t[e] = sum_d pw[e][d] s[d] at local pixel pl, from pw_t[d][e] (Params::pw_t).
 MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
-  const float* w = p.pw + int64_t(e) * p.D;
   const float* v = s + int64_t(pl) * p.D;
   float acc = 0.f;
-  for (int d = 0; d < p.D; ++d) acc += w[d] * v[d];
+  for (int d = 0; d < p.D; ++d) acc += p.pw_t[int64_t(d) * p.D + e] * v[d];
   return acc;
 }
 
@@ -847,7 +852,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
       if (q < 0) continue;
       const float a =
           tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
-             : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+             : grouped_in<T, kNHWC>(p, p.proj_t, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
       m[int64_t(pl) * p.D + k] = a * (tc ? s[i] : pw_row(p, s, pl, e));
     }
@@ -914,7 +919,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       if (q < 0) continue;
       const float a =
           tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
-             : grouped_in<T, kNHWC>(p, p.proj, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
+             : grouped_in<T, kNHWC>(p, p.proj_t, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const float tv = tc ? tb[i] : pw_row(p, s, pl, e);
       tb[i] = tv;
       ab[i] = a;
