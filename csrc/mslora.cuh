@@ -72,9 +72,9 @@ struct Params {
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
   // their transposes for the CUDA-core products (tc = 0: fp32), whose lanes differ in the output
-  // channel e: proj_t, down_t (C/G, D) and pw_t (D, D), [j][e] = w[e][j] (a warp's loads of
-  // w[e][j] fell a row apart; of w_t[j][e] they are neighbours)
-  const float *proj_t, *down_t, *pw_t;
+  // channel: proj_t, down_t (C/G, D), pw_t (D, D) and up_t (D/G, C), [j][e] = w[e][j] (a warp's
+  // loads of w[e][j] fell a row apart; of w_t[j][e] they are neighbours)
+  const float *proj_t, *down_t, *pw_t, *up_t;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
                           // fwd / bwd_tile / bwd_dx read it
@@ -877,14 +877,14 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         // NHWC: channel fastest; NCHW: pixel fastest (coalesced stores either way).
         const int pl = kNHWC ? i / p.C : i % P, c = kNHWC ? i % p.C : i / P;
         if (tile_pixel(p, t, pl) < 0) continue;
-        const float* w = p.up + int64_t(c) * dg;
         const float* mv = m + int64_t(pl) * p.D + (c / cg) * dg;
-        // NCHW: the lanes differ in pixel, whose rows of m lie D floats apart (one bank for the
-        // whole warp when 32 divides D), so each starts at its own column and wraps around.
+        // NHWC: the lanes differ in channel c and read up_t[j][c], neighbours. NCHW: they differ
+        // in pixel, whose rows of m lie D floats apart (one bank for the whole warp when 32
+        // divides D), so each starts at its own column and wraps around, reading up[c][j].
         int j = kNHWC ? 0 : pl % dg;
         float y = 0.f;
         for (int n = 0; n < dg; ++n) {
-          y += w[j] * mv[j];
+          y += (kNHWC ? p.up_t[int64_t(j) * p.C + c] : p.up[int64_t(c) * dg + j]) * mv[j];
           if (++j == dg) j = 0;
         }
         store(pl, c, y);

@@ -100,8 +100,8 @@ def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
 def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
                tc: bool) -> dict[str, torch.Tensor]:
     """The kernels' fp32 weights (Params of csrc/mslora.cuh), contiguous in their checkpoint
-    shapes; without tensor cores (``tc`` false: fp32) also the transposes of proj, down and pw
-    that the CUDA-core products read (Params::proj_t, down_t, pw_t)."""
+    shapes; without tensor cores (``tc`` false: fp32) also the transposes of proj, down, pw and
+    up that the CUDA-core products read (Params::proj_t, down_t, pw_t, up_t)."""
     w = {k: v.detach().float().contiguous() for k, v in weights.items()}
     d, g = o.rank, o.groups
     out = {
@@ -117,7 +117,7 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
         out["gate_w"] = w["gate.weight"].reshape(len(o.kernel_sizes), d)
         out["gate_b"] = w["gate.bias"]
     if not tc:
-        out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw")})
+        out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw", "up")})
     return out
 
 
