@@ -71,9 +71,11 @@ struct Params {
   // fp32 weights, contiguous in their checkpoint shapes
   const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
-  // their transposes for the CUDA-core products (tc = 0: fp32), whose lanes differ in the output
-  // channel: proj_t, down_t (C/G, D), pw_t (D, D) and up_t (D/G, C), [j][e] = w[e][j] (a warp's
-  // loads of w[e][j] fell a row apart; of w_t[j][e] they are neighbours)
+  // their transposes, [j][e] = w[e][j]: proj_t, down_t (C/G, D), pw_t (D, D), up_t (D/G, C).
+  // Where a warp's lanes differ in w's row index (the CUDA-core products of fp32, whose lanes
+  // differ in the output channel; the tensor-core operand staging of the transposed products
+  // ds = pw^T dt, dm' = up^T dout and du = proj^T da + down^T dz, whose lanes differ in k),
+  // their loads of w fell a row apart, a sector a lane; of w_t they are neighbours.
   const float *proj_t, *down_t, *pw_t, *up_t;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
@@ -538,7 +540,7 @@ MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, float* s
         return tile_pixel(p, t, r) < 0 ? 0.0f : src[int64_t(r) * p.D + k];
       },
       [&](int, int n, int k) {
-        return transposed ? p.pw[int64_t(k) * p.D + n] : p.pw[int64_t(n) * p.D + k];
+        return (transposed ? p.pw_t : p.pw)[int64_t(n) * p.D + k];
       },
       ex);
   const float* out = sm + L.tc.out;
@@ -936,7 +938,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
             const int64_t q = tile_pixel(p, t, r);
             return q < 0 ? 0.0f : load_act<T, kNHWC>(p, p.dout, t.n, g * cg + k, q);
           },
-          [&](int g, int n, int k) { return p.up[int64_t(g * cg + k) * dg + n]; }, ex);
+          [&](int g, int n, int k) { return p.up_t[int64_t(n) * p.C + g * cg + k]; }, ex);
     }
   }
   ex.stage([&](int tid) {  // dm = unshuffle(up^T dout); da = dm * t; dt = dm * a (into ab)
@@ -1278,10 +1280,9 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
             return k < dg ? ws_load(da, pix * p.D + g * dg + k)
                           : ws_load(dz, pix * p.D + g * dg + k - dg);
           },
-          [&](int g, int c, int k) {
-            const int j = c - g * cg;
-            return k < dg ? p.proj[int64_t(g * dg + k) * cg + j]
-                          : p.down[int64_t(g * dg + k - dg) * cg + j];
+          [&](int g, int c, int k) {  // proj[e][j] / down[e][j], e = g dg + k, from the transposes
+            const int64_t row = int64_t(c - g * cg) * p.D + g * dg;
+            return k < dg ? p.proj_t[row + k] : p.down_t[row + k - dg];
           },
           [&](int r, int c, float y) { du[int64_t(r) * ldu + c] = y; }, ex);
     }

@@ -97,11 +97,10 @@ def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
-               tc: bool) -> dict[str, torch.Tensor]:
+def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[str, torch.Tensor]:
     """The kernels' fp32 weights (Params of csrc/mslora.cuh), contiguous in their checkpoint
-    shapes; without tensor cores (``tc`` false: fp32) also the transposes of proj, down, pw and
-    up that the CUDA-core products read (Params::proj_t, down_t, pw_t, up_t)."""
+    shapes, and the transposes of proj, down, pw and up (Params::proj_t, down_t, pw_t, up_t),
+    for the products whose lanes would read the weights a row apart."""
     w = {k: v.detach().float().contiguous() for k, v in weights.items()}
     d, g = o.rank, o.groups
     out = {
@@ -116,8 +115,7 @@ def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
     if o.gate:
         out["gate_w"] = w["gate.weight"].reshape(len(o.kernel_sizes), d)
         out["gate_b"] = w["gate.bias"]
-    if not tc:
-        out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw", "up")})
+    out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw", "up")})
     return out
 
 
@@ -279,7 +277,7 @@ def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: Sme
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
-    w32 = _weights32(weights, o, bool(ints["tc"]))
+    w32 = _weights32(weights, o)
     z = _workspace("z", n * h * w, o, x)
     # prep's LN_C statistics of x (prenorm) and gate sigmoids (gate) for fwd: the tensors held
     # here until it has run (the kernels see only their pointers)
@@ -315,7 +313,7 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
-    w32 = _weights32(weights, o, bool(ints["tc"]))
+    w32 = _weights32(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
     # Workspaces (FP32_WORKSPACES fp32, the others x's dtype) in the order they die: s, mp and
     # dt only feed the pw/up weight gradients, which are taken (and the three freed) before dz
