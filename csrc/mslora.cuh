@@ -11,7 +11,7 @@
 // that one thread writes and another reads).
 //
 // Data: x / out / dout / dx are of type T (float, __half, __nv_bfloat16) in the physical layout
-// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights are fp32. The D-channel workspaces are
+// NCHW (kNHWC = false) or NHWC (kNHWC = true). Weights: see Params. The D-channel workspaces are
 // pixel-major [pixel = n*H*W + h*W + w][channel]: s, m', dt, da and dz of type T (as the
 // reference holds them in the compute dtype), z and ds0 fp32 (see Params); a kernel rounds each
 // value once on store (ws_store) and converts to fp32 on load (ws_load). Math and accumulation
@@ -68,15 +68,19 @@ struct Params {
   void* out;
   const void* dout;
   void* dx;
-  // fp32 weights, contiguous in their checkpoint shapes
-  const float *proj, *down, *dw, *pw, *up;   // dw: every path's (D, k, k) packed in order
+  // weights, contiguous in their checkpoint shapes: the channel products' of type T (they are
+  // T values: read through wl<T>, exact in fp32; half the bytes of fp32 copies where every tile
+  // or pixel block stages them), the others fp32
+  const void *proj, *down, *pw, *up;
+  const float* dw;        // every path's (D, k, k) packed in order
   const float *norm_w, *norm_b, *enorm_w, *enorm_b, *gate_w, *gate_b;
-  // their transposes, [j][e] = w[e][j]: proj_t, down_t (C/G, D), pw_t (D, D), up_t (D/G, C).
+  // the products' transposes (T), [j][e] = w[e][j]: proj_t, down_t (C/G, D), pw_t (D, D),
+  // up_t (D/G, C).
   // Where a warp's lanes differ in w's row index (the CUDA-core products of fp32, whose lanes
   // differ in the output channel; the tensor-core operand staging of the transposed products
   // ds = pw^T dt, dm' = up^T dout and du = proj^T da + down^T dz, whose lanes differ in k),
   // their loads of w fell a row apart, a sector a lane; of w_t they are neighbours.
-  const float *proj_t, *down_t, *pw_t, *up_t;
+  const void *proj_t, *down_t, *pw_t, *up_t;
   const float* zmean;     // (N, D) mean over H, W of z (pool)
   float* xstats;          // (N*H*W, 2) LN_C mean and 1/std of x (prenorm): prep writes it,
                           // fwd / bwd_tile / bwd_dx read it
@@ -101,6 +105,10 @@ struct Params {
 // ---------------------------------------------------------------- small per-element helpers
 
 MSLORA_HD int64_t hw(const Params& p) { return int64_t(p.H) * p.W; }
+
+// Element i of a channel-product weight (Params: type T), in fp32.
+template <typename T>
+MSLORA_HD float wl(const void* w, int64_t i) { return to_f32(static_cast<const T*>(w)[i]); }
 
 // Element offset of (n, c, pixel q = h*W + w) in an activation of the physical layout.
 template <bool kNHWC>
@@ -137,12 +145,12 @@ MSLORA_HD float load_u(const Params& p, int n, int c, int64_t q, float mu, float
 // Grouped 1x1 conv C -> D at one pixel, output channel e: sum_j w[e][j] * u[g(e)*C/G + j], from
 // the transposed weight w_t[j][e] (Params::proj_t / down_t).
 template <typename T, bool kNHWC>
-MSLORA_HD float grouped_in(const Params& p, const float* w_t, int e, int n, int64_t q, float mu,
+MSLORA_HD float grouped_in(const Params& p, const void* w_t, int e, int n, int64_t q, float mu,
                            float rstd) {
   const int cg = p.C / p.G, c0 = (e / (p.D / p.G)) * cg;
   float acc = 0.f;
   for (int j = 0; j < cg; ++j)
-    acc += w_t[int64_t(j) * p.D + e] * load_u<T, kNHWC>(p, n, c0 + j, q, mu, rstd);
+    acc += wl<T>(w_t, int64_t(j) * p.D + e) * load_u<T, kNHWC>(p, n, c0 + j, q, mu, rstd);
   return acc;
 }
 
@@ -515,7 +523,7 @@ struct RowPix {
 // cores): a = proj(u), z = down(u). stats[sstride * r + 0/1]: LN_C mean / rstd (prenorm).
 template <typename T, bool kNHWC, class Ex, class Pix>
 MSLORA_HD void tc_grouped_in(const Params& p, const TcSmem& L, float* sm, int M, Pix&& pix,
-                             const float* w, const float* stats, int sstride, Ex& ex) {
+                             const void* w, const float* stats, int sstride, Ex& ex) {
   const int cg = p.C / p.G, dg = p.D / p.G;
   tc_gemm<T>(
       L, sm, M, p.G, dg, cg, !p.prenorm, !kNHWC, true,
@@ -525,7 +533,7 @@ MSLORA_HD void tc_grouped_in(const Params& p, const TcSmem& L, float* sm, int M,
                         : load_u<T, kNHWC>(p, rp.n, g * cg + k, rp.q, stats[sstride * r],
                                            stats[sstride * r + 1]);
       },
-      [&](int g, int n, int k) { return w[int64_t(g * dg + n) * cg + k]; }, ex);
+      [&](int g, int n, int k) { return wl<T>(w, int64_t(g * dg + n) * cg + k); }, ex);
 }
 
 // The D x D pointwise product of a tile on tensor cores: dst[pl][e] = sum_d R(e, d) src[pl][d]
@@ -540,7 +548,7 @@ MSLORA_HD void tc_pw(const Params& p, const Tile& t, const TileSmem& L, float* s
         return tile_pixel(p, t, r) < 0 ? 0.0f : src[int64_t(r) * p.D + k];
       },
       [&](int, int n, int k) {
-        return (transposed ? p.pw_t : p.pw)[int64_t(n) * p.D + k];
+        return wl<T>(transposed ? p.pw_t : p.pw, int64_t(n) * p.D + k);
       },
       ex);
   const float* out = sm + L.tc.out;
@@ -824,10 +832,11 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
 }
 
 // t[e] = sum_d pw[e][d] s[d] at local pixel pl, from pw_t[d][e] (Params::pw_t).
+template <typename T>
 MSLORA_HD float pw_row(const Params& p, const float* s, int pl, int e) {
   const float* v = s + int64_t(pl) * p.D;
   float acc = 0.f;
-  for (int d = 0; d < p.D; ++d) acc += p.pw_t[int64_t(d) * p.D + e] * v[d];
+  for (int d = 0; d < p.D; ++d) acc += wl<T>(p.pw_t, int64_t(d) * p.D + e) * v[d];
   return acc;
 }
 
@@ -856,7 +865,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
           tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
              : grouped_in<T, kNHWC>(p, p.proj_t, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
       const int k = p.shuffle ? shuffle_dst(e, p.D, p.G) : e;
-      m[int64_t(pl) * p.D + k] = a * (tc ? s[i] : pw_row(p, s, pl, e));
+      m[int64_t(pl) * p.D + k] = a * (tc ? s[i] : pw_row<T>(p, s, pl, e));
     }
   });
   // out[c] = x[c] + y[c], y[c] = sum_j up[c][j] m'[g(c)*D/G + j]
@@ -871,7 +880,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
           [&](int r, int g, int k) {
             return tile_pixel(p, t, r) < 0 ? 0.0f : m[int64_t(r) * p.D + g * dg + k];
           },
-          [&](int, int c, int k) { return p.up[int64_t(c) * dg + k]; }, store, ex);
+          [&](int, int c, int k) { return wl<T>(p.up, int64_t(c) * dg + k); }, store, ex);
     }
   } else {
     ex.stage([&](int tid) {
@@ -886,7 +895,8 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
         int j = kNHWC ? 0 : pl % dg;
         float y = 0.f;
         for (int n = 0; n < dg; ++n) {
-          y += (kNHWC ? p.up_t[int64_t(j) * p.C + c] : p.up[int64_t(c) * dg + j]) * mv[j];
+          y += (kNHWC ? wl<T>(p.up_t, int64_t(j) * p.C + c) : wl<T>(p.up, int64_t(c) * dg + j)) *
+               mv[j];
           if (++j == dg) j = 0;
         }
         store(pl, c, y);
@@ -922,7 +932,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       const float a =
           tc ? tco[pl * L.tc.ldo + tc_col(p, e)]
              : grouped_in<T, kNHWC>(p, p.proj_t, e, t.n, q, stats[4 * pl], stats[4 * pl + 1]);
-      const float tv = tc ? tb[i] : pw_row(p, s, pl, e);
+      const float tv = tc ? tb[i] : pw_row<T>(p, s, pl, e);
       tb[i] = tv;
       ab[i] = a;
       const int64_t row = (pix0 + q) * p.D;
@@ -938,7 +948,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
             const int64_t q = tile_pixel(p, t, r);
             return q < 0 ? 0.0f : load_act<T, kNHWC>(p, p.dout, t.n, g * cg + k, q);
           },
-          [&](int g, int n, int k) { return p.up_t[int64_t(n) * p.C + g * cg + k]; }, ex);
+          [&](int g, int n, int k) { return wl<T>(p.up_t, int64_t(n) * p.C + g * cg + k); }, ex);
     }
   }
   ex.stage([&](int tid) {  // dm = unshuffle(up^T dout); da = dm * t; dt = dm * a (into ab)
@@ -954,7 +964,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
       } else {
         for (int cc = 0; cc < cg; ++cc) {
           const int c = g * cg + cc;
-          dm += p.up[int64_t(c) * dg + j] * load_act<T, kNHWC>(p, p.dout, t.n, c, q);
+          dm += wl<T>(p.up, int64_t(c) * dg + j) * load_act<T, kNHWC>(p, p.dout, t.n, c, q);
         }
       }
       const int64_t row = (pix0 + q) * p.D;
@@ -973,7 +983,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
         if (tile_pixel(p, t, pl) < 0) continue;
         const float* dtv = ab + int64_t(pl) * p.D;
         float acc = 0.f;
-        for (int e = 0; e < p.D; ++e) acc += p.pw[int64_t(e) * p.D + d] * dtv[e];
+        for (int e = 0; e < p.D; ++e) acc += wl<T>(p.pw, int64_t(e) * p.D + d) * dtv[e];
         tb[i] = acc;
       }
     });
@@ -1262,8 +1272,8 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
         float acc = 0.f;
         for (int ee = 0; ee < dg; ++ee) {
           const int e = g * dg + ee;
-          acc += p.proj[int64_t(e) * cg + j] * ws_load(da, pix * p.D + e) +
-                 p.down[int64_t(e) * cg + j] * ws_load(dz, pix * p.D + e);
+          acc += wl<T>(p.proj, int64_t(e) * cg + j) * ws_load(da, pix * p.D + e) +
+                 wl<T>(p.down, int64_t(e) * cg + j) * ws_load(dz, pix * p.D + e);
         }
         du[int64_t(pl) * ldu + c] = acc;
       }
@@ -1282,7 +1292,7 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
           },
           [&](int g, int c, int k) {  // proj[e][j] / down[e][j], e = g dg + k, from the transposes
             const int64_t row = int64_t(c - g * cg) * p.D + g * dg;
-            return k < dg ? p.proj_t[row + k] : p.down_t[row + k - dg];
+            return wl<T>(k < dg ? p.proj_t : p.down_t, k < dg ? row + k : row + k - dg);
           },
           [&](int r, int c, float y) { du[int64_t(r) * ldu + c] = y; }, ex);
     }

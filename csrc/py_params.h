@@ -32,10 +32,10 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.shuffle = I("shuffle");
   p.TH = I("TH"); p.TW = I("TW"); p.CH = I("CH"); p.PB = I("PB"); p.tc = I("tc");
   p.x = P("x"); p.out = P("out"); p.dout = P("dout"); p.dx = P("dx");
-  p.proj = F("proj"); p.down = F("down"); p.dw = F("dw"); p.pw = F("pw"); p.up = F("up");
+  p.proj = P("proj"); p.down = P("down"); p.dw = F("dw"); p.pw = P("pw"); p.up = P("up");
   p.norm_w = F("norm_w"); p.norm_b = F("norm_b"); p.enorm_w = F("enorm_w");
   p.enorm_b = F("enorm_b"); p.gate_w = F("gate_w"); p.gate_b = F("gate_b");
-  p.proj_t = F("proj_t"); p.down_t = F("down_t"); p.pw_t = F("pw_t"); p.up_t = F("up_t");
+  p.proj_t = P("proj_t"); p.down_t = P("down_t"); p.pw_t = P("pw_t"); p.up_t = P("up_t");
   p.zmean = F("zmean"); p.pool_dz = F("pool_dz"); p.xstats = F("xstats");
   p.gsig = F("gsig");
   p.z = F("z"); p.ds0 = F("ds0");  // the fp32 workspaces; the others of type T (ws<T>)

@@ -529,6 +529,37 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_kernel_weights(dtype):
+    """What the launcher hands the kernels as weights: the channel products' (proj, down, pw,
+    up) in x's dtype, as the module holds them (csrc reads them through wl<T>), and their
+    transposes; the depthwise taps packed path after path, the norms and the gate in fp32;
+    every one contiguous, in the shape Params documents."""
+    from mslora_kernels.cuda.mslora import _kernel_weights
+
+    c, d, g, ks = 12, 8, 4, (3, 5)
+    m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
+    wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+    kw = _kernel_weights(wt, m.options)
+    shapes = {"proj": (d, c // g), "down": (d, c // g), "pw": (d, d), "up": (c, d // g)}
+    for k, shape in shapes.items():
+        src = wt[f"{k}.weight"]
+        assert (kw[k].dtype, kw[k].shape) == (dtype, shape), k
+        assert torch.equal(kw[k], src.reshape(shape)), k
+        assert kw[f"{k}_t"].dtype == dtype and torch.equal(kw[f"{k}_t"], kw[k].t()), k
+    assert torch.equal(kw["dw"], torch.cat([wt[f"dw.{i}.weight"].reshape(-1).float()
+                                            for i in range(len(ks))]))
+    assert kw["gate_w"].shape == (len(ks), d)
+    for k, name in (("norm_w", "norm.weight"), ("norm_b", "norm.bias"),
+                    ("enorm_w", "enorm.weight"), ("enorm_b", "enorm.bias"),
+                    ("gate_w", "gate.weight"), ("gate_b", "gate.bias")):
+        assert torch.equal(kw[k].reshape(-1), wt[name].float().reshape(-1)), k
+    for k, v in kw.items():
+        assert v.is_contiguous(), k
+        assert v.dtype == (dtype if k.split("_t")[0] in shapes else torch.float32), k
+
+
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("prenorm", [False, True])
 @pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])

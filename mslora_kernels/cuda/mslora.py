@@ -97,25 +97,25 @@ def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _weights32(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions) -> dict[str, torch.Tensor]:
-    """The kernels' fp32 weights (Params of csrc/mslora.cuh), contiguous in their checkpoint
-    shapes, and the transposes of proj, down, pw and up (Params::proj_t, down_t, pw_t, up_t),
-    for the products whose lanes would read the weights a row apart."""
-    w = {k: v.detach().float().contiguous() for k, v in weights.items()}
-    d, g = o.rank, o.groups
-    out = {
-        "proj": w["proj.weight"].reshape(d, -1), "down": w["down.weight"].reshape(d, -1),
-        "dw": torch.cat([w[f"dw.{i}.weight"].reshape(-1) for i in range(len(o.kernel_sizes))]),
-        "pw": w["pw.weight"].reshape(d, d), "up": w["up.weight"].reshape(o.channels, d // g),
-    }
-    if o.prenorm:
-        out["norm_w"], out["norm_b"] = w["norm.weight"], w["norm.bias"]
-    if o.enhance:
-        out["enorm_w"], out["enorm_b"] = w["enorm.weight"], w["enorm.bias"]
-    if o.gate:
-        out["gate_w"] = w["gate.weight"].reshape(len(o.kernel_sizes), d)
-        out["gate_b"] = w["gate.bias"]
+def _kernel_weights(weights: Mapping[str, torch.Tensor],
+                    o: MSLoRAOptions) -> dict[str, torch.Tensor]:
+    """The kernels' weights (Params of csrc/mslora.cuh), contiguous in their checkpoint shapes:
+    the channel products' (proj, down, pw, up) in x's dtype, as given (the kernels read them as
+    fp32, exactly), and their transposes (Params::proj_t, down_t, pw_t, up_t), for the products
+    whose lanes would read them a row apart; the depthwise taps (packed), norms and gate fp32."""
+    w = {k: v.detach().contiguous() for k, v in weights.items()}
+    d, g, nk = o.rank, o.groups, len(o.kernel_sizes)
+    out = {"proj": w["proj.weight"].reshape(d, -1), "down": w["down.weight"].reshape(d, -1),
+           "pw": w["pw.weight"].reshape(d, d), "up": w["up.weight"].reshape(o.channels, d // g)}
     out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw", "up")})
+    out["dw"] = torch.cat([w[f"dw.{i}.weight"].reshape(-1) for i in range(nk)]).float()
+    if o.prenorm:
+        out["norm_w"], out["norm_b"] = w["norm.weight"].float(), w["norm.bias"].float()
+    if o.enhance:
+        out["enorm_w"], out["enorm_b"] = w["enorm.weight"].float(), w["enorm.bias"].float()
+    if o.gate:
+        out["gate_w"] = w["gate.weight"].reshape(nk, d).float()
+        out["gate_b"] = w["gate.bias"].float()
     return out
 
 
@@ -277,16 +277,16 @@ def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: Sme
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
-    w32 = _weights32(weights, o)
+    kw = _kernel_weights(weights, o)
     z = _workspace("z", n * h * w, o, x)
     # prep's LN_C statistics of x (prenorm) and gate sigmoids (gate) for fwd: the tensors held
     # here until it has run (the kernels see only their pointers)
     xstats, gsig = _xstats(n * h * w, o, x), _gsig(n * h * w, o, x)
     stats = _ptrs(xstats=xstats, gsig=gsig)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**stats, **_ptrs(x=xc, z=z, **w32)})
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**stats, **_ptrs(x=xc, z=z, **kw)})
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
-           {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **w32)})
+           {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **kw)})
     return zmean
 
 
@@ -313,7 +313,7 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
-    w32 = _weights32(weights, o)
+    kw = _kernel_weights(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
     # Workspaces (FP32_WORKSPACES fp32, the others x's dtype) in the order they die: s, mp and
     # dt only feed the pw/up weight gradients, which are taken (and the three freed) before dz
@@ -330,7 +330,7 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     blocks = math.ceil(npix / ints["PB"])
     if o.prenorm:
         part["part_norm_w"], part["part_norm_b"] = _partial(blocks, c, x), _partial(blocks, c, x)
-    common = _ptrs(x=xc, dout=dc, zmean=zm, **w32, **part)
+    common = _ptrs(x=xc, dout=dc, zmean=zm, **kw, **part)
     # prep's LN_C statistics of x for bwd_tile and bwd_dx (prenorm) and its gate sigmoids for
     # bwd_tile and bwd_dz (gate); the tensors are held here while a kernel may read them (the
     # kernels see only their pointers)
