@@ -269,15 +269,15 @@ def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
     return 4 * (params + slots * (d * ktot + o.gate * (nk * d + nk)))
 
 
-def _forward_slice(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
+def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
                    smem_limit: int, out: torch.Tensor) -> torch.Tensor | None:
     """One slice of images with the given kernel launcher (x already validated, in a kernel
-    layout): writes ``out`` (x's shape and layout) and returns zmean (pool) or None."""
+    layout; kw: :func:`_kernel_weights`): writes ``out`` (x's shape and layout) and returns
+    zmean (pool) or None."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
-    kw = _kernel_weights(weights, o)
     z = _workspace("z", n * h * w, o, x)
     # prep's LN_C statistics of x (prenorm) and gate sigmoids (gate) for fwd: the tensors held
     # here until it has run (the kernels see only their pointers)
@@ -295,13 +295,13 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
         2 * math.pi)
 
 
-def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: Launch,
                     smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
                     dx: torch.Tensor) -> dict[str, torch.Tensor]:
     """One slice of images with the given kernel launcher (inputs already validated, in a kernel
-    layout): writes ``dx`` (x's shape and layout) and returns the slice's weight gradients in
-    fp32. ``slots``: the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots`
-    of x's device)."""
+    layout; kw: :func:`_kernel_weights` of weights): writes ``dx`` (x's shape and layout) and
+    returns the slice's weight gradients in fp32. ``slots``: the bound on bwd_dz's blocks and
+    partial rows (default :func:`dz_slots` of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
@@ -313,7 +313,6 @@ def _backward_slice(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launc
     ints["dz_blocks"] = min(tiles, slots if slots is not None else dz_slots(x.device))
     ktot = sum(k * k for k in o.kernel_sizes)
     dt = _ext.DTYPE_CODE[x.dtype]
-    kw = _kernel_weights(weights, o)
     zm = zmean.float().contiguous() if o.pool else None
     # Workspaces (FP32_WORKSPACES fp32, the others x's dtype) in the order they die: s, mp and
     # dt only feed the pw/up weight gradients, which are taken (and the three freed) before dz
@@ -400,10 +399,11 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     ``out``; every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
     out = torch.empty_like(xc)
+    kw = _kernel_weights(weights, o)  # once, for every slice
     zmeans = []
     per_pixel = 4 * o.rank + 8 * int(o.prenorm) + 4 * len(o.kernel_sizes) * int(o.gate)
     for n0, n1 in _slices(x, o, per_pixel):  # z, xstats, gsig
-        zmeans.append(_forward_slice(xc[n0:n1], weights, o, launch, smem_bytes, smem_limit,
+        zmeans.append(_forward_slice(xc[n0:n1], kw, o, launch, smem_bytes, smem_limit,
                                      out=out[n0:n1]))
     return out, torch.cat(zmeans) if o.pool else None
 
@@ -423,10 +423,11 @@ def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
     xc, nhwc, _ = _physical(x, o)
     gc, _, _ = _physical(grad_out, o, nhwc)
     dx = torch.empty_like(xc)
+    kw = _kernel_weights(weights, o)  # once, for every slice
     total = None
     for n0, n1 in _slices(x, o, workspace_bytes_per_pixel(o, x.dtype, nchw_memory=not nhwc)):
         zm = zmean[n0:n1] if o.pool else None
-        g = _backward_slice(gc[n0:n1], xc[n0:n1], weights, o, zm, launch, smem_bytes,
+        g = _backward_slice(gc[n0:n1], xc[n0:n1], weights, kw, o, zm, launch, smem_bytes,
                             smem_limit, slots, dx=dx[n0:n1])
         total = g if total is None else {k: total[k] + g[k] for k in total}
     return dx, {k: total[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
