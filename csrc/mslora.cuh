@@ -165,6 +165,29 @@ MSLORA_HD int64_t dw_offset(const Params& p, int i) {
 }
 MSLORA_HD int dw_total(const Params& p) { return int(dw_offset(p, p.nk) / p.D); }  // sum k^2
 
+// The depthwise taps of a channel chunk [c0, c0 + CH) of every path, staged in shared memory as
+// [path][ch][k * k] (path i from NC * sum_{j < i} k_j^2, NC = min(CH, D); 0 past D): each path's
+// slice of dw is
+// one contiguous run, copied with neighbouring threads on neighbouring floats. The runs of
+// outputs read them with their lanes along ch, k * k floats apart: k * k is odd, so 32 banks.
+// (Read from global memory instead, every run of outputs loaded its channel's taps with a
+// warp's loads k * k floats apart: up to a sector a lane, for kRun outputs' worth of FMAs.)
+MSLORA_HD int taps_nc(const Params& p) { return p.CH < p.D ? p.CH : p.D; }
+MSLORA_HD int64_t taps_floats(const Params& p) { return int64_t(taps_nc(p)) * dw_total(p); }
+MSLORA_HD void load_taps(const Params& p, int c0, float* taps, int tid, int nt) {
+  const int nc = taps_nc(p), nch = p.D - c0 < nc ? p.D - c0 : nc;
+  for (int path = 0; path < p.nk; ++path) {
+    const int kk = p.ks[path] * p.ks[path];
+    const float* src = p.dw + dw_offset(p, path) + int64_t(c0) * kk;
+    float* dst = taps + int64_t(nc) * (dw_offset(p, path) / p.D);
+    for (int i = tid; i < nc * kk; i += nt) dst[i] = i < nch * kk ? src[i] : 0.f;
+  }
+}
+// Channel ch's k x k kernel of path `path` in the staged taps.
+MSLORA_HD const float* chunk_taps(const Params& p, const float* taps, int path, int ch) {
+  return taps + int64_t(taps_nc(p)) * (dw_offset(p, path) / p.D) + ch * p.ks[path] * p.ks[path];
+}
+
 // ---------------------------------------------- depthwise rows (several outputs per thread)
 //
 // A thread computes a RUN of kRun consecutive outputs of one row of one channel: for each kernel
@@ -378,14 +401,14 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
 // Shared-memory plan of the tile kernels, in floats. One place, used by the kernels (offsets)
 // and by the launcher (size, via smem_floats()). stats [P][4]; bufs x [P][D]; then the
 // multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
-// column x of channel ch at ch * zplane + y * hw_ + x) and gate sigmoids sig [nk][P], which
-// share their space with the tensor-core operands: the products only start once the sum is
-// done. The per-pixel sums (pixel_sums: enhance's LN_D statistics and backward means, after the
+// column x of channel ch at ch * zplane + y * hw_ + x), gate sigmoids sig [nk][P] and the
+// chunk's depthwise taps (load_taps), which share their space with the tensor-core operands: the
+// products only start once the sum is done. The per-pixel sums (pixel_sums: enhance's LN_D statistics and backward means, after the
 // last read of zt and sig and outside the tensor-core products) use `scratch`, from zt on.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
-  int64_t stats, buf0, buf1, buf2, buf3, zt, sig, scratch;  // offsets
+  int64_t stats, buf0, buf1, buf2, buf3, zt, sig, taps, scratch;  // offsets
   int64_t zplane;     // channel plane stride of zt
   TcSmem tc;
   int64_t total;
@@ -403,10 +426,11 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
   s.buf3 = s.buf2 + (bufs > 2 ? int64_t(s.P) * p.D : 0);
   s.zt = s.buf3 + (bufs > 3 ? int64_t(s.P) * p.D : 0);
   s.sig = s.zt + int64_t(p.CH) * s.zplane;
+  s.taps = s.sig + int64_t(p.nk) * s.P;
   s.scratch = s.zt;
   const int64_t scratch_end = s.scratch + sums_scratch_floats(s.P, p.enhance ? 2 : 0);
-  const int64_t sig_end = s.sig + int64_t(p.nk) * s.P;
-  const int64_t end = sig_end > scratch_end ? sig_end : scratch_end;
+  const int64_t taps_end = s.taps + taps_floats(p);
+  const int64_t end = taps_end > scratch_end ? taps_end : scratch_end;
   s.tc = tc_smem(p, s.P, s.zt);
   s.total = p.tc && s.tc.end > end ? s.tc.end : end;
   return s;
@@ -414,12 +438,13 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
 
 // bwd_dz: z with a double halo (2R) [CH][zplane]; dc_i on tile + halo (R) [nk][CH][dplane];
 // sigmoid of the gates on tile + halo [nk][hh * hw_]; the per-pixel gate sums dsig_i [nk][P];
-// under gate, ds0 * GELU(c_i) on the tile [nk][CH][gplane] (summed over channels into dsig).
+// under gate, ds0 * GELU(c_i) on the tile [nk][CH][gplane] (summed over channels into dsig);
+// the chunk's depthwise taps (load_taps).
 // Plane strides odd (see plane_stride).
 struct DzSmem {
   int P, hh, hw_, zh, zw;
   int64_t zplane, dplane, gplane;
-  int64_t z2, dc, sig, dsig, gl, total;
+  int64_t z2, dc, sig, dsig, gl, taps, total;
 };
 MSLORA_HD DzSmem dz_smem(const Params& p) {
   DzSmem s;
@@ -436,7 +461,8 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
   s.sig = s.dc + int64_t(p.nk) * p.CH * s.dplane;
   s.dsig = s.sig + int64_t(p.nk) * s.hh * s.hw_;
   s.gl = s.dsig + int64_t(p.nk) * s.P;
-  s.total = s.gl + (p.gate ? int64_t(p.nk) * p.CH * s.gplane : 0);
+  s.taps = s.gl + (p.gate ? int64_t(p.nk) * p.CH * s.gplane : 0);
+  s.total = s.taps + taps_floats(p);
   return s;
 }
 
@@ -768,6 +794,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z halo tile of channels [c0, c0 + CH), zero outside the image
       load_z_halo(p, zimg, c0, t.h0 - p.R, t.w0 - p.R, L.hh, L.hw_, L.zplane, zt, tid, ex.nt);
+      load_taps(p, c0, sm + L.taps, tid, ex.nt);
     });
     // s0 = sum_i GELU(K_i * z) (* sig_i) (+ GELU(zmean)): one item = one channel (fastest, so
     // a warp's lanes read 32 channel planes: odd plane stride, no bank conflicts) x one tile
@@ -788,7 +815,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
           MSLORA_UNROLL
           for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
           conv_run(k, zc + (ty + off) * L.hw_ + x0 + off, L.hw_, nout + k - 1,
-                   p.dw + dw_offset(p, path) + int64_t(d) * k * k, false, acc);
+                   chunk_taps(p, sm + L.taps, path, ch), false, acc);
           const float* sg = sig + path * P + ty * p.TW + x0;
           MSLORA_UNROLL
           for (int o = 0; o < kRun; ++o) {
@@ -1078,6 +1105,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
     ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
       load_z_halo(p, zimg, c0, t.h0 - 2 * p.R, t.w0 - 2 * p.R, L.zh, L.zw, L.zplane, z2, tid,
                   ex.nt);
+      load_taps(p, c0, sm + L.taps, tid, ex.nt);
     });
     // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside the image); under gate also
     // ds0 * GELU(c_i) on the tile (gl). One item = one channel (fastest) x one halo row x one
@@ -1094,7 +1122,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         MSLORA_UNROLL
         for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
         conv_run(k, z2 + ch * L.zplane + (hy + off) * L.zw + x0 + off, L.zw, nout + k - 1,
-                 p.dw + dw_offset(p, path) + int64_t(d) * k * k, false, acc);
+                 chunk_taps(p, sm + L.taps, path, ch), false, acc);
         const int h = t.h0 - p.R + hy, ty = hy - p.R;
         const bool row_in = h >= 0 && h < p.H, row_tile = ty >= 0 && ty < p.TH;
         float* dcr = dc + (path * p.CH + ch) * L.dplane + hy * L.hw_ + x0;
@@ -1131,7 +1159,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         for (int path = 0; path < p.nk; ++path) {
           const int k = p.ks[path], off = p.R - k / 2;
           conv_run(k, dc + (path * p.CH + ch) * L.dplane + (ty + off) * L.hw_ + x0 + off, L.hw_,
-                   nout + k - 1, p.dw + dw_offset(p, path) + int64_t(d) * k * k, true, acc);
+                   nout + k - 1, chunk_taps(p, sm + L.taps, path, ch), true, acc);
         }
         // + the pool term here, so that without gate dz is rounded to T once
         const float pool = p.pool ? p.pool_dz[int64_t(t.n) * p.D + d] : 0.f;
