@@ -183,9 +183,10 @@ MSLORA_HD void load_taps(const Params& p, int c0, float* taps, int tid, int nt) 
     for (int i = tid; i < nc * kk; i += nt) dst[i] = i < nch * kk ? src[i] : 0.f;
   }
 }
-// Channel ch's k x k kernel of path `path` in the staged taps.
-MSLORA_HD const float* chunk_taps(const Params& p, const float* taps, int path, int ch) {
-  return taps + int64_t(taps_nc(p)) * (dw_offset(p, path) / p.D) + ch * p.ks[path] * p.ks[path];
+// Offset of channel ch's k x k kernel of path `path` in the staged taps (or in bwd_dz's dK
+// buffer of the same layout).
+MSLORA_HD int64_t chunk_tap(const Params& p, int path, int ch) {
+  return int64_t(taps_nc(p)) * (dw_offset(p, path) / p.D) + ch * p.ks[path] * p.ks[path];
 }
 
 // ---------------------------------------------- depthwise rows (several outputs per thread)
@@ -439,12 +440,12 @@ MSLORA_HD TileSmem tile_smem(const Params& p, int bufs) {
 // bwd_dz: z with a double halo (2R) [CH][zplane]; dc_i on tile + halo (R) [nk][CH][dplane];
 // sigmoid of the gates on tile + halo [nk][hh * hw_]; the per-pixel gate sums dsig_i [nk][P];
 // under gate, ds0 * GELU(c_i) on the tile [nk][CH][gplane] (summed over channels into dsig);
-// the chunk's depthwise taps (load_taps).
+// the chunk's depthwise taps (load_taps) and its tile's dK, in the taps' layout.
 // Plane strides odd (see plane_stride).
 struct DzSmem {
   int P, hh, hw_, zh, zw;
   int64_t zplane, dplane, gplane;
-  int64_t z2, dc, sig, dsig, gl, taps, total;
+  int64_t z2, dc, sig, dsig, gl, taps, dk, total;
 };
 MSLORA_HD DzSmem dz_smem(const Params& p) {
   DzSmem s;
@@ -462,7 +463,8 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
   s.dsig = s.sig + int64_t(p.nk) * s.hh * s.hw_;
   s.gl = s.dsig + int64_t(p.nk) * s.P;
   s.taps = s.gl + (p.gate ? int64_t(p.nk) * p.CH * s.gplane : 0);
-  s.total = s.taps + taps_floats(p);
+  s.dk = s.taps + taps_floats(p);
+  s.total = s.dk + taps_floats(p);
   return s;
 }
 
@@ -815,7 +817,7 @@ MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const Ti
           MSLORA_UNROLL
           for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
           conv_run(k, zc + (ty + off) * L.hw_ + x0 + off, L.hw_, nout + k - 1,
-                   chunk_taps(p, sm + L.taps, path, ch), false, acc);
+                   sm + L.taps + chunk_tap(p, path, ch), false, acc);
           const float* sg = sig + path * P + ty * p.TW + x0;
           MSLORA_UNROLL
           for (int o = 0; o < kRun; ++o) {
@@ -1101,11 +1103,24 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
     }
     for (int i = tid; i < p.nk * P; i += ex.nt) dsig[i] = 0.f;
   });
+  // The tile's dK of chunk c0 (L.dk, the taps' layout) into partial row `row`: per path one
+  // contiguous run of the row, neighbouring threads on neighbouring floats (the dK items, lanes
+  // along ch, would add to it k * k floats apart).
+  auto flush_dk = [&](int c0, int tid) {
+    const int nc = taps_nc(p), nch = p.D - c0 < nc ? p.D - c0 : nc;
+    for (int path = 0; path < p.nk; ++path) {
+      const int kk = p.ks[path] * p.ks[path];
+      const float* src = sm + L.dk + chunk_tap(p, path, 0);
+      float* dst = p.part_dw + row * p.D * ktot + dw_offset(p, path) + int64_t(c0) * kk;
+      for (int i = tid; i < nch * kk; i += ex.nt) add_partial(dst + i, src[i], first_tile);
+    }
+  };
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
       load_z_halo(p, zimg, c0, t.h0 - 2 * p.R, t.w0 - 2 * p.R, L.zh, L.zw, L.zplane, z2, tid,
                   ex.nt);
       load_taps(p, c0, sm + L.taps, tid, ex.nt);
+      if (c0 > 0) flush_dk(c0 - p.CH, tid);
     });
     // dc_i = ds0 * sig_i * GELU'(c_i) on tile + halo (0 outside the image); under gate also
     // ds0 * GELU(c_i) on the tile (gl). One item = one channel (fastest) x one halo row x one
@@ -1122,7 +1137,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         MSLORA_UNROLL
         for (int o = 0; o < kRun; ++o) acc[o] = 0.f;
         conv_run(k, z2 + ch * L.zplane + (hy + off) * L.zw + x0 + off, L.zw, nout + k - 1,
-                 chunk_taps(p, sm + L.taps, path, ch), false, acc);
+                 sm + L.taps + chunk_tap(p, path, ch), false, acc);
         const int h = t.h0 - p.R + hy, ty = hy - p.R;
         const bool row_in = h >= 0 && h < p.H, row_tile = ty >= 0 && ty < p.TH;
         float* dcr = dc + (path * p.CH + ch) * L.dplane + hy * L.hw_ + x0;
@@ -1159,7 +1174,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         for (int path = 0; path < p.nk; ++path) {
           const int k = p.ks[path], off = p.R - k / 2;
           conv_run(k, dc + (path * p.CH + ch) * L.dplane + (ty + off) * L.hw_ + x0 + off, L.hw_,
-                   nout + k - 1, chunk_taps(p, sm + L.taps, path, ch), true, acc);
+                   nout + k - 1, sm + L.taps + chunk_tap(p, path, ch), true, acc);
         }
         // + the pool term here, so that without gate dz is rounded to T once
         const float pool = p.pool ? p.pool_dz[int64_t(t.n) * p.D + d] : 0.f;
@@ -1184,7 +1199,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         const int k = p.ks[path], zoff = 2 * p.R - k / 2;
         const float* dcc = dc + (path * p.CH + ch) * L.dplane + p.R * L.hw_ + p.R;
         const float* zc = z2 + ch * L.zplane + (zoff + dy) * L.zw + zoff;
-        float* dst = p.part_dw + row * p.D * ktot + dw_offset(p, path) + (int64_t(d) * k + dy) * k;
+        float* dst = sm + L.dk + chunk_tap(p, path, ch) + dy * k;  // flush_dk adds it to the row
         switch (k) {
 #define MSLORA_DK_CASE(KS)                                                                    \
   case KS: {                                                                                  \
@@ -1196,7 +1211,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
         xcorr_run_k<KS>(dcc + ty * L.hw_ + x0, zc + ty * L.zw + x0,                           \
                         cols - x0 < kRun ? cols - x0 : kRun, acc);                            \
     MSLORA_UNROLL                                                                             \
-    for (int dx = 0; dx < KS; ++dx) add_partial(dst + dx, acc[dx], first_tile);               \
+    for (int dx = 0; dx < KS; ++dx) dst[dx] = acc[dx];                                        \
   } break;
           MSLORA_DK_CASE(1)
           MSLORA_DK_CASE(3)
@@ -1208,7 +1223,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
               float acc = 0.f;
               for (int ty = 0; ty < rows; ++ty)
                 for (int x = 0; x < cols; ++x) acc += dcc[ty * L.hw_ + x] * zc[ty * L.zw + x + dx];
-              add_partial(dst + dx, acc, first_tile);
+              dst[dx] = acc;
             }
         }
       }
@@ -1227,6 +1242,7 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
       }
     });
   }
+  ex.stage([&](int tid) { flush_dk((p.D - 1) / p.CH * p.CH, tid); });  // the last chunk's
   // Under gate: dz += sum_i gate_w[i][d] dg_i (dg_i sums ds0 GELU(c_i) over every channel
   // chunk, so this is a second rounding of dz to T, after the depthwise and pool part's; the
   // reference, too, rounds each of its gradient contributions to z), and the gate partials.
