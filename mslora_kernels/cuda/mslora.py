@@ -259,10 +259,12 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
 
 
 def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
-    """The CUDA backward's transient memory that does not grow with N*H*W, in bytes: fp32 copies
-    of the weights, and bwd_dz's partial rows (dK, gate; ``slots`` rows at most, see
-    :func:`dz_slots`). Small next to :func:`workspace_bytes_per_pixel` times the pixels except
-    for tiny batches: 4 per SM on a 132-SM GPU at D=128, K=(3,5,7) is 22 MB."""
+    """The CUDA backward's transient memory that does not grow with N*H*W, in bytes, at most: the
+    weights as the kernels read them (:func:`_kernel_weights`: the products' transposes in x's
+    dtype, fp32 copies of the others; 4 B a parameter bounds both), and bwd_dz's partial rows
+    (dK, gate; ``slots`` rows at most, see :func:`dz_slots`). Small next to
+    :func:`workspace_bytes_per_pixel` times the pixels except for tiny batches: 4 per SM on a
+    132-SM GPU at D=128, K=(3,5,7) is 22 MB."""
     d, nk = o.rank, len(o.kernel_sizes)
     ktot = sum(k * k for k in o.kernel_sizes)
     params = sum(math.prod(shape) for shape in weight_shapes(o).values())
