@@ -97,6 +97,9 @@ static int launch_t(int kernel, const Params& p, int64_t gx, int64_t gy, size_t 
 int mslora_launch(int kernel, int dtype, bool nhwc, const Params& p, int64_t gx, int64_t gy,
                   cudaStream_t stream) {
   if (gx <= 0 || gy <= 0) return 0;
+  // tensor cores are for 16-bit T only: the shared-memory plan (bwd_dx_du) reads p.tc as "T is
+  // 16-bit and its products run on tensor cores"
+  if (dtype == kFloat32 && p.tc) return int(cudaErrorInvalidValue);
   const size_t smem = size_t(smem_floats(kernel, p)) * sizeof(float);
 #define MSLORA_DISPATCH(CODE, TYPE, LAYOUT) \
   if (dtype == CODE && nhwc == LAYOUT) return launch_t<TYPE, LAYOUT>(kernel, p, gx, gy, smem, stream);

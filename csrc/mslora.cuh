@@ -469,13 +469,18 @@ MSLORA_HD DzSmem dz_smem(const Params& p) {
 }
 
 // prep / bwd_dx: per-pixel-block buffers: stats [PB][4], bwd_dx's du [PB][du_stride] (an odd
-// row stride: the lanes of a warp that differ in pixel read 32 different banks), then the
+// row stride: the lanes of a warp that differ in pixel read 32 different banks; only where dx
+// needs du whole, bwd_dx_du: prenorm's LayerNorm backward, or the CUDA-core product), then the
 // tensor-core operands (Params::tc), which share their space with the scratch of the
 // per-pixel sums (prenorm: prep's LN_C statistics of x, bwd_dx's two LN_C backward means; gate:
 // prep's gate logits, nk a pixel); the sums and the products never run at the same time.
 MSLORA_HD int du_stride(const Params& p) { return p.C | 1; }
+// Whether bwd_dx keeps du in shared memory; else (tensor cores, no prenorm) the product's sink
+// writes dx = dout + du itself, and the pixel block can be larger (the weights it stages, all of
+// proj and down, spread over more pixels). p.tc is 0 for fp32 (the launcher's tensor_cores).
+MSLORA_HD bool bwd_dx_du(const Params& p) { return p.prenorm || !p.tc; }
 MSLORA_HD int64_t pixel_scratch(const Params& p, bool dx) {
-  return 4 * int64_t(p.PB) + (dx ? int64_t(p.PB) * du_stride(p) : 0);
+  return 4 * int64_t(p.PB) + (dx && bwd_dx_du(p) ? int64_t(p.PB) * du_stride(p) : 0);
 }
 MSLORA_HD TcSmem pixel_tc_smem(const Params& p, bool dx) {
   return tc_smem(p, p.PB, pixel_scratch(p, dx));
@@ -1323,11 +1328,13 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
       }
     });
   }
+  const bool keep = bwd_dx_du(p);  // du into shared memory; else dx = dout + du straight away
+                                   // (tc then, as fp32 has p.tc = 0: mslora_launch)
   if constexpr (kTensorCoreType<T>) {
     if (tc) {  // du on tensor cores: A = [da | dz] of the group (K = 2 D/G, exact in T),
                // B = [proj; down]
       tc_grouped_out<T>(
-          p, pixel_tc_smem(p, true), sm, p.PB, 2 * dg, false, true,
+          p, pixel_tc_smem(p, true), sm, p.PB, 2 * dg, !keep && kNHWC, true,
           [&](int r, int g, int k) {
             const int64_t pix = pix0 + r;
             if (pix >= npix) return 0.0f;
@@ -1338,9 +1345,21 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
             const int64_t row = int64_t(c - g * cg) * p.D + g * dg;
             return wl<T>(k < dg ? p.proj_t : p.down_t, k < dg ? row + k : row + k - dg);
           },
-          [&](int r, int c, float y) { du[int64_t(r) * ldu + c] = y; }, ex);
+          [&](int r, int c, float y) {
+            if (keep) {
+              du[int64_t(r) * ldu + c] = y;
+              return;
+            }
+            const int64_t pix = pix0 + r;
+            if (pix >= npix) return;
+            const int n = int(pix / hw(p));
+            const int64_t q = pix % hw(p);
+            store_act<T, kNHWC>(p, p.dx, n, c, q, load_act<T, kNHWC>(p, p.dout, n, c, q) + y);
+          },
+          ex);
     }
   }
+  if (!keep) return;
   if (p.prenorm) {  // m1 = mean_C(du * norm_w), m2 = mean_C(du * norm_w * xhat)
     channel_sums<2, kNHWC>(
         p, p.PB, scratch, pix,

@@ -58,7 +58,14 @@ TILE_W = 8        # tile columns of the tile kernels
 TILE_ROWS = (8, 4, 2, 1)   # candidate tile rows, largest that fits in shared memory wins
 CHUNK = 32        # channel chunk of the z halo tile (fwd, bwd_tile)
 CHUNK_DZ = 16     # channel chunk of bwd_dz (two halo tiles per path)
-PIXEL_BLOCKS = (32, 16, 8, 4, 2, 1)  # pixels per block of prep / bwd_dx
+# Pixels per block of prep and of bwd_dx: the largest that fits wins. With tensor cores (16
+# bits) each block stages all of down (prep: D C/G weights for PB C activations) or proj and down
+# (bwd_dx: 2 D C/G weights for PB 2 D activations: at C = 1024, G = 4, PB = 32, eight times as
+# many) for its pixels; bwd_dx takes DX_LARGE_BLOCK pixels where that still fits twice in an
+# SM's shared memory (in practice: without prenorm, whose du buffer, csrc's bwd_dx_du, takes
+# 4 C bytes a pixel).
+PIXEL_BLOCKS = (32, 16, 8, 4, 2, 1)
+DX_LARGE_BLOCK = 64
 DZ_SLOTS_PER_SM = 4   # bwd_dz blocks (= partial-sum rows) per SM on a GPU
 DZ_SLOTS_HOST = 3     # ... on the CPU (host build): small, so that blocks take several tiles
 
@@ -160,13 +167,16 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
     # tile. The forward's own.
     ints["TH"] = min(need["bwd_tile"], need["bwd_dz"])
     ints["TH_fwd"] = need["fwd"]
-    for pb in PIXEL_BLOCKS:
-        if smem_bytes("bwd_dx", {**ints, "PB": pb}) <= smem_limit:
-            ints["PB"] = pb
-            break
-    else:
-        raise ValueError(f"MSLoRA CUDA backend: C={c} is too large for the bwd_dx kernel's "
-                         f"shared memory ({smem_limit} bytes)")
+    # "PB": bwd_dx's (and its norm partials' rows); "PB_prep": prep's
+    for key, kernel in (("PB_prep", "prep"), ("PB", "bwd_dx")):
+        fit = [pb for pb in PIXEL_BLOCKS if smem_bytes(kernel, {**ints, "PB": pb}) <= smem_limit]
+        ints[key] = fit[0] if fit else None
+        if ints[key] is None:
+            raise ValueError(f"MSLoRA CUDA backend: C={c} is too large for the {kernel} kernel's "
+                             f"shared memory ({smem_limit} bytes)")
+    large = {**ints, "PB": DX_LARGE_BLOCK}
+    if ints["tc"] and smem_bytes("bwd_dx", large) <= (smem_limit - 2048) // 2:
+        ints["PB"] = DX_LARGE_BLOCK
     ints["tiles"] = math.ceil(h / ints["TH"]) * math.ceil(w / TILE_W)
     return ints
 
@@ -215,7 +225,7 @@ def _gsig(npix: int, o: MSLoRAOptions, x: torch.Tensor) -> torch.Tensor | None:
 def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
                               nchw_memory: bool | None = None,
                               tile_pixels: int = TILE_ROWS[-1] * TILE_W,
-                              pixel_block: int = PIXEL_BLOCKS[0]) -> float:
+                              pixel_block: int = 32) -> float:
     """Peak transient memory of the CUDA backward (:func:`backward_impl`) per pixel of N*H*W, in
     bytes, beyond its inputs (x, grad_out, zmean, weights) and outputs (grad_x, the weight
     gradients); the fixed part (independent of N*H*W) is :func:`workspace_bytes_fixed`.
@@ -238,8 +248,9 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
     prep's gate sigmoids (gsig, 4 nk B; freed before bwd_dx).
     ``nchw_memory``: whether x / grad_out are channels_first in NCHW-contiguous memory
     (default: ``o.data_format == "channels_first"``; channels_last memory has no copies). The
-    tile and block default to the smallest tile (pessimistic for the tile partials) and the
-    largest pixel block (what the planner takes unless C is in the thousands); the plan's own
+    tile and block default to the smallest tile (pessimistic for the tile partials) and a
+    pixel block of 32 (under prenorm, where the block matters, the planner takes 32 or more
+    unless C is in the thousands); the plan's own
     values (ints "TH" * "TW", "PB" of :func:`_plan`) give the exact figure, up to the partial
     tiles at the images' right and bottom edges.
     """
@@ -285,7 +296,8 @@ def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemByte
     # here until it has run (the kernels see only their pointers)
     xstats, gsig = _xstats(n * h * w, o, x), _gsig(n * h * w, o, x)
     stats = _ptrs(xstats=xstats, gsig=gsig)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK}, {**stats, **_ptrs(x=xc, z=z, **kw)})
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK, "PB": ints["PB_prep"]},
+           {**stats, **_ptrs(x=xc, z=z, **kw)})
     zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **kw)})
@@ -337,7 +349,7 @@ def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: L
     # kernels see only their pointers)
     xstats_t, gsig_t = _xstats(npix, o, x), _gsig(npix, o, x)
     xstats, gsig = _ptrs(xstats=xstats_t), _ptrs(gsig=gsig_t)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK},
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK, "PB": ints["PB_prep"]},
            {**common, **xstats, **gsig, **_ptrs(z=ws["z"])})
     launch("bwd_tile", dt, nhwc, {**ints, "CH": CHUNK},
            {**common, **xstats, **gsig, **_ptrs(**ws)})

@@ -237,6 +237,8 @@ static int launch(const std::string& kernel, int dtype, bool nhwc, py::dict ints
   const int k = kernel_id(kernel);
   if (k < 0) throw std::invalid_argument("unknown kernel " + kernel);
   const Params p = params_from_dicts(ints, ptrs);
+  if (dtype == kFloat32 && p.tc)  // as mslora_launch refuses it
+    throw std::invalid_argument("host build: tc set for fp32");
   const auto g = grid_of(k, p);
   // The device's grid limits, so that a launcher that would exceed them fails here too.
   if (g.first < 1 || g.first > 2147483647 || g.second < 1 || g.second > 65535)
