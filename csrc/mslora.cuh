@@ -167,26 +167,31 @@ MSLORA_HD int dw_total(const Params& p) { return int(dw_offset(p, p.nk) / p.D); 
 
 // The depthwise taps of a channel chunk [c0, c0 + CH) of every path, staged in shared memory as
 // [path][ch][k * k] (path i from NC * sum_{j < i} k_j^2, NC = min(CH, D); 0 past D): each path's
-// slice of dw is
-// one contiguous run, copied with neighbouring threads on neighbouring floats. The runs of
-// outputs read them with their lanes along ch, k * k floats apart: k * k is odd, so 32 banks.
-// (Read from global memory instead, every run of outputs loaded its channel's taps with a
-// warp's loads k * k floats apart: up to a sector a lane, for kRun outputs' worth of FMAs.)
+// slice of dw is one contiguous run, copied with neighbouring threads on neighbouring floats.
+// The runs of outputs read them with their lanes along ch, k * k floats apart: k * k is odd, so
+// 32 banks. (Read from global memory instead, every run of outputs loaded its channel's taps
+// with a warp's loads k * k floats apart: up to a sector a lane, for kRun outputs' worth of
+// FMAs.) bwd_dz's dK buffer has the same layout.
 MSLORA_HD int taps_nc(const Params& p) { return p.CH < p.D ? p.CH : p.D; }
 MSLORA_HD int64_t taps_floats(const Params& p) { return int64_t(taps_nc(p)) * dw_total(p); }
-MSLORA_HD void load_taps(const Params& p, int c0, float* taps, int tid, int nt) {
+// Offset of channel ch's k x k kernel of path `path` in the staged layout.
+MSLORA_HD int64_t chunk_tap(const Params& p, int path, int ch) {
+  return int64_t(taps_nc(p)) * (dw_offset(p, path) / p.D) + ch * p.ks[path] * p.ks[path];
+}
+// Each path's run of chunk c0: f(staged offset, offset in dw's packing (dw, part_dw rows),
+// floats of the chunk's channels below D, floats of the staged run).
+template <class F>
+MSLORA_HD void chunk_runs(const Params& p, int c0, F&& f) {
   const int nc = taps_nc(p), nch = p.D - c0 < nc ? p.D - c0 : nc;
   for (int path = 0; path < p.nk; ++path) {
     const int kk = p.ks[path] * p.ks[path];
-    const float* src = p.dw + dw_offset(p, path) + int64_t(c0) * kk;
-    float* dst = taps + int64_t(nc) * (dw_offset(p, path) / p.D);
-    for (int i = tid; i < nc * kk; i += nt) dst[i] = i < nch * kk ? src[i] : 0.f;
+    f(chunk_tap(p, path, 0), dw_offset(p, path) + int64_t(c0) * kk, nch * kk, nc * kk);
   }
 }
-// Offset of channel ch's k x k kernel of path `path` in the staged taps (or in bwd_dz's dK
-// buffer of the same layout).
-MSLORA_HD int64_t chunk_tap(const Params& p, int path, int ch) {
-  return int64_t(taps_nc(p)) * (dw_offset(p, path) / p.D) + ch * p.ks[path] * p.ks[path];
+MSLORA_HD void load_taps(const Params& p, int c0, float* taps, int tid, int nt) {
+  chunk_runs(p, c0, [&](int64_t staged, int64_t packed, int valid, int n) {
+    for (int i = tid; i < n; i += nt) taps[staged + i] = i < valid ? p.dw[packed + i] : 0.f;
+  });
 }
 
 // ---------------------------------------------- depthwise rows (several outputs per thread)
@@ -404,8 +409,9 @@ MSLORA_HD TcSmem tc_smem(const Params& p, int rows, int64_t base) {
 // multi-scale sum's z halo tile zt [CH][zplane] (zplane = hh * hw_ rounded up to odd: row y,
 // column x of channel ch at ch * zplane + y * hw_ + x), gate sigmoids sig [nk][P] and the
 // chunk's depthwise taps (load_taps), which share their space with the tensor-core operands: the
-// products only start once the sum is done. The per-pixel sums (pixel_sums: enhance's LN_D statistics and backward means, after the
-// last read of zt and sig and outside the tensor-core products) use `scratch`, from zt on.
+// products only start once the sum is done. The per-pixel sums (pixel_sums: enhance's LN_D
+// statistics and backward means, after the last read of zt and sig and outside the tensor-core
+// products) use `scratch`, from zt on.
 struct TileSmem {
   int P;              // pixels per tile
   int hh, hw_;        // halo tile rows / cols (radius R)
@@ -634,7 +640,7 @@ MSLORA_HD void tc_grouped_out(const Params& p, const TcSmem& L, float* sm, int M
 // j + kSumParts, ...; the parts go through `scratch` (sums_scratch_floats), and then one
 // thread per pixel adds them in order (deterministic) and hands the K sums to out(pl, sums).
 // Every thread of the block is busy where one thread per pixel left most of them idle (prep and
-// bwd_dx: PB = 32 pixels, 256 threads; the tile kernels: 64) with the whole row in series.
+// bwd_dx: PB <= 64 pixels, 256 threads; the tile kernels: 64) with the whole row in series.
 // kPartsFastest: the threads run parts fastest (a warp reads neighbouring channels of two
 // pixels: NHWC activations, and the pixel-major rows in shared memory, where a thread per pixel
 // read D apart, one bank for the whole warp when 32 divides D), else pixels fastest (a warp
@@ -1112,13 +1118,11 @@ MSLORA_HD void bwd_dz_tile(const Params& p, int64_t tile, int64_t row, bool firs
   // contiguous run of the row, neighbouring threads on neighbouring floats (the dK items, lanes
   // along ch, would add to it k * k floats apart).
   auto flush_dk = [&](int c0, int tid) {
-    const int nc = taps_nc(p), nch = p.D - c0 < nc ? p.D - c0 : nc;
-    for (int path = 0; path < p.nk; ++path) {
-      const int kk = p.ks[path] * p.ks[path];
-      const float* src = sm + L.dk + chunk_tap(p, path, 0);
-      float* dst = p.part_dw + row * p.D * ktot + dw_offset(p, path) + int64_t(c0) * kk;
-      for (int i = tid; i < nch * kk; i += ex.nt) add_partial(dst + i, src[i], first_tile);
-    }
+    float* dst = p.part_dw + row * p.D * ktot;
+    chunk_runs(p, c0, [&](int64_t staged, int64_t packed, int valid, int) {
+      for (int i = tid; i < valid; i += ex.nt)
+        add_partial(dst + packed + i, sm[L.dk + staged + i], first_tile);
+    });
   };
   for (int c0 = 0; c0 < p.D; c0 += p.CH) {
     ex.stage([&](int tid) {  // z with a double halo (2R), zero outside the image
@@ -1375,9 +1379,7 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
           stats[4 * pl + 3] = sums[1] / p.C;
         },
         ex);
-  }
-  if (p.prenorm) {  // block partial of norm_b's gradient, sum of du over the block's pixels
-    ex.stage([&](int tid) {
+    ex.stage([&](int tid) {  // norm_b's block partial: du summed over the block's pixels
       for (int c = tid; c < p.C; c += ex.nt) {
         float gb = 0.f;
         for (int pl = 0; pl < p.PB && pix0 + pl < npix; ++pl) gb += du[int64_t(pl) * ldu + c];

@@ -170,10 +170,10 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
     # "PB": bwd_dx's (and its norm partials' rows); "PB_prep": prep's
     for key, kernel in (("PB_prep", "prep"), ("PB", "bwd_dx")):
         fit = [pb for pb in PIXEL_BLOCKS if smem_bytes(kernel, {**ints, "PB": pb}) <= smem_limit]
-        ints[key] = fit[0] if fit else None
-        if ints[key] is None:
+        if not fit:
             raise ValueError(f"MSLoRA CUDA backend: C={c} is too large for the {kernel} kernel's "
                              f"shared memory ({smem_limit} bytes)")
+        ints[key] = fit[0]
     large = {**ints, "PB": DX_LARGE_BLOCK}
     if ints["tc"] and smem_bytes("bwd_dx", large) <= (smem_limit - 2048) // 2:
         ints["PB"] = DX_LARGE_BLOCK
