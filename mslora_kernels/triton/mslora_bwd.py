@@ -8,8 +8,10 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 
 - B0 ``_bwd_z_kernel``: read x, write ``z = Q u`` (D per pixel, compute dtype).
 - B1 ``_bwd_main_kernel``: on a tile, recompute ``a = P u``, ``c_i`` (z with halo), ``s0``,
-  ``s`` and ``t = R s`` (s and later dt staged through the tile's rows of dc_0, see
-  Registers); from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
+  ``s`` and ``t = R s`` (s and later dt staged through the tile's rows of dc of the smallest
+  kernel, see Registers; every other ``c_i`` is kept in its own dc_i rows, so that the per-path
+  loop reads it back where it recomputed all of them: 9 of 83 taps recomputed at
+  K = (3, 5, 7), not 83); from ``d`` get ``dm``, ``da``, ``dt``, ``ds``, ``ds0``; then per path
   ``dc_i`` (written, D per pixel and path, compute dtype) and the gate's ``dg_i``. Write
   ``du_a = P^T da (+ Q^T dz_gate)`` (C per pixel, fp32). Accumulate dU, dR, dP, enorm, gate,
   dQ's gate part and the per-image sum of ``ds0`` (pool).
@@ -20,10 +22,12 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 Transient bytes per pixel (elements; C input channels, D rank, nK = len(K)):
 z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
 B0 reads x (C), writes z (D); B1 reads x, d (2C) and z (D, + the halo, from L2), writes dc
-(nK*D) and du (C, fp32); B2 reads dc, z ((nK+1)*D + halo), x, d (2C) and du (C, fp32), writes
-dx (C). In all 6C + 2C(fp32) + (2nK+3)*D elements of DRAM traffic, counting the re-reads of a
-tile's x and d within a kernel (prenorm statistics, the C loops) as L1/L2 hits: with
-C = D = 128, K = (3, 5, 7), bf16 that is 4.9 KB per pixel against DESIGN's floor of 3C = 768 B.
+(nK*D; c_i goes through the same rows first, written and read back by the same program, an
+L2 round trip) and du (C, fp32); B2 reads dc, z ((nK+1)*D + halo), x, d (2C) and du (C,
+fp32), writes dx (C). In all 6C + 2C(fp32) + (2nK+3)*D elements of DRAM traffic, counting
+the re-reads of a tile's x and d within a kernel (prenorm statistics, the C loops) as L1/L2
+hits: with C = D = 128, K = (3, 5, 7), bf16 that is 4.9 KB per pixel against DESIGN's floor
+of 3C = 768 B.
 On top come the weight-gradient updates, L2 traffic: per tile of BLOCK_P pixels about
 D^2 + 3*C*D/G + sum(k^2)*D fp32 atomics (or load+store pairs when deterministic).
 The dc_i and z buffers are the price of not recomputing ``c_i`` on a halo inside B2 (which costs
@@ -60,9 +64,9 @@ Registers (``python -m mslora_kernels.checks.triton_compile --filter mslora_bwd`
 warps and register cap per D and dtype in ``_blocks``). At D = 128 (BLOCK_D >= 128: tiles of 16
 pixels), B0 compiles without spills; B2 without spills in fp16/bf16 on sm_90 (16 B on sm_80,
 det with every option), 0-0.83 KB per thread in fp32 (det with every option the most);
-B1 spills 0.07-0.1 KB per thread in fp16/bf16 with no option, 0.34-0.41 KB with every option,
+B1 spills 0.08-0.12 KB per thread in fp16/bf16 with no option, 0.32-0.39 KB with every option,
 0.4-1.8 KB in fp32 (det the most). The K = D products of B1 (t = R s; ds = R^T dt with
-dR = dt^T s) take their left operand from a staging copy in the tile's rows of dc_0 (written
+dR = dt^T s) take their left operand from a staging copy in the tile's rows of dc_STG (written
 later by the per-path loop; the compute dtype, as the product rounds it anyway), in K chunks of
 BLOCK_K: an MMA operand spanning K = D held ~64 registers per thread, the largest single cause.
 Tried without gain (or gains in one dtype, losses in another): splitting the K operand with
@@ -299,7 +303,7 @@ def _bwd_main_kernel(
         proj_ptr, down_ptr, up_ptr, pw_ptr, dw_ptr, ks_ptr, woffs_ptr,
         gw_ptr, gb_ptr, ng_ptr, nb_ptr, eg_ptr, eb_ptr,
         g_ptr, o_proj, o_down, o_up, o_pw, o_gw, o_gb, o_eg, o_eb, o_pool, gstride,
-        N, C, D, H, W, G, Cg, Dg, NK,
+        N, C, D, H, W, G, Cg, Dg, NK, STG,
         sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
         ntiles, tiles_per_img,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -316,6 +320,11 @@ def _bwd_main_kernel(
     up, pw, proj, enorm, gate, the gate part of down's, and the per-(n, d) sum of ds0 (pool).
     Grid: DET: a persistent grid, program p takes tiles p, p + #programs, ...; otherwise one
     program per tile. Tile: BLOCK_P consecutive pixels of one image x all D (BLOCK_D >= D).
+
+    The tile's rows of dc_i hold c_i (compute dtype) from the forward recompute until the
+    per-path loop reads it back and overwrites it with dc_i, for every path but STG (the smallest
+    kernel, ``_staging_path``): its rows stage s and dt for the K = D products in between, and
+    the per-path loop recomputes its c (k^2 taps, the fewest).
     """
     DT = x_ptr.dtype.element_ty
     HW = H * W
@@ -337,6 +346,7 @@ def _bwd_main_kernel(
         gpix = n * sgn + h64 * sgh + w64 * sgw
         zimg = n * HW
         zrow = zimg + q
+        srow = STG * NHW + zrow  # the staging rows (dc_STG's) of this tile
         pdm = pm[:, None] & dmask[None, :]
 
         # ---- recompute the forward on the tile ----
@@ -355,8 +365,12 @@ def _bwd_main_kernel(
         for i in range(NK):
             k = tl.load(ks_ptr + i)
             woff = tl.load(woffs_ptr + i)
-            e = gelu_fp32(_dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
-                                  BLOCK_P, BLOCK_D))
+            c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D, BLOCK_P,
+                        BLOCK_D)
+            if i != STG:  # kept for the per-path loop, in the rows dc_i will take
+                tl.store(dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :],
+                         c.to(dc_ptr.dtype.element_ty), mask=pdm)
+            e = gelu_fp32(c)
             if GATE:
                 gwi = tl.load(gw_ptr + i * D + dd, mask=dmask, other=0.0).to(tl.float32)
                 gl = tl.sum(zc * gwi[None, :], axis=1) + tl.load(gb_ptr + i).to(tl.float32)
@@ -376,9 +390,9 @@ def _bwd_main_kernel(
             s = gelu_fp32(v)
         else:
             s = s0
-        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]; staged through this tile's rows of dc_0,
-        # which the per-path loop below writes last
-        t = _mm_staged(s, dc_ptr, zrow, pm, pw_ptr, 1, D, D, DT, BLOCK_K, BLOCK_D)
+        # t = R s: t[p, o] = sum_i s[p, i] R[o, i]; staged through this tile's rows of dc_STG,
+        # which hold nothing until the per-path loop below writes dc_STG
+        t = _mm_staged(s, dc_ptr, srow, pm, pw_ptr, 1, D, D, DT, BLOCK_K, BLOCK_D)
 
         # ---- dU = sum_p d (x) m (one C loop), dm = U^T d (unshuffled, a second C loop) ----
         m = a * t
@@ -400,15 +414,15 @@ def _bwd_main_kernel(
         # ds = R^T dt, and dR[o, i] = sum_p dt[p, o] s[p, i] in blocks of BLOCK_K rows o, both
         # from dt's K chunks read back from the staging rows (so no [D, D] fp32 block and its
         # D^2 pointers are live at once either)
-        _stage(dt, dc_ptr, zrow, pm, D, DT, BLOCK_D)
+        _stage(dt, dc_ptr, srow, pm, D, DT, BLOCK_D)
         ds = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            dtk = _staged_chunk(dc_ptr, zrow, pm, kk, D)
+            dtk = _staged_chunk(dc_ptr, srow, pm, kk, D)
             ds += _mm(dtk, _w_chunk(pw_ptr, kk, dd, D, 1, D), DT)
             _acc(gb + o_pw + kk[:, None] * D + dd[None, :], _mm(tl.trans(dtk), s, DT),
                  (kk < D)[:, None] & dmask[None, :], DET)
-        tl.debug_barrier()  # the staging rows are free again (dc_0 is written below)
+        tl.debug_barrier()  # the staging rows are free again (dc_STG is written below)
         if ENHANCE:
             dv = ds * _gelu_grad(v)
             _acc(gb + o_eg + dd, tl.sum(dv * ehat, axis=0), dmask, DET)
@@ -426,10 +440,15 @@ def _bwd_main_kernel(
         # ---- per path: dc_i (written), gate gradients ----
         dzg = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for i in range(NK):
-            k = tl.load(ks_ptr + i)
-            woff = tl.load(woffs_ptr + i)
-            c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
-                        BLOCK_P, BLOCK_D)
+            dci = dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :]
+            if i == STG:
+                k = tl.load(ks_ptr + i)
+                woff = tl.load(woffs_ptr + i)
+                c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
+                            BLOCK_P, BLOCK_D)
+            else:  # c_i as the forward recompute left it (each element is read before the
+                # store below overwrites it: that store depends on the value read)
+                c = tl.load(dci, mask=pdm, other=0.0).to(tl.float32)
             if GATE:
                 gwi = tl.load(gw_ptr + i * D + dd, mask=dmask, other=0.0).to(tl.float32)
                 gl = tl.sum(zc * gwi[None, :], axis=1) + tl.load(gb_ptr + i).to(tl.float32)
@@ -443,8 +462,7 @@ def _bwd_main_kernel(
                 dzg += dg[:, None] * gwi[None, :]
             else:
                 de = ds0
-            tl.store(dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :],
-                     (de * _gelu_grad(c)).to(dc_ptr.dtype.element_ty), mask=pdm)
+            tl.store(dci, (de * _gelu_grad(c)).to(dc_ptr.dtype.element_ty), mask=pdm)
 
         # ---- du_a = P^T da (+ Q^T dz_gate), dP (and dQ's gate part) ----
         for c0 in range(0, C, BLOCK_C):
@@ -610,6 +628,13 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     warps = 16 if bd >= 128 and sm90 else 8
     maxnreg = min(255, 65536 // (32 * warps)) if dtype == torch.float32 else None
     return bp, bd, warps, maxnreg
+
+
+def _staging_path(kernel_sizes) -> int:
+    """B1's staging path: the index of the smallest kernel (the first of equals), whose rows of
+    the dc buffer stage s and dt, and whose c is therefore recomputed (k^2 taps) where every
+    other path's is read back (see ``_bwd_main_kernel``)."""
+    return min(range(len(kernel_sizes)), key=lambda i: kernel_sizes[i])
 
 
 def _z_maxnreg(maxnreg: int | None) -> int | None:
@@ -795,7 +820,8 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
             gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"],
             offs["pw.weight"], offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"],
             offs["enorm.bias"], offs["pool"], total,
-            ns, c, d, h, w, g, cg, dg, nk, *sx, *sg, ntiles, tiles_per_img,
+            ns, c, d, h, w, g, cg, dg, nk, _staging_path(o.kernel_sizes), *sx, *sg, ntiles,
+            tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
             POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
             num_stages=NUM_STAGES, maxnreg=maxnreg)
@@ -893,7 +919,7 @@ def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
                     sig["g_ptr"] = "*fp32"
                     for nm in ("o_proj", "o_down", "o_up", "o_pw", "o_gw", "o_gb", "o_eg",
                                "o_eb", "o_pool", "gstride", "N", "C", "D", "H", "W", "G", "Cg",
-                               "Dg", "NK", "sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh",
+                               "Dg", "NK", "STG", "sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh",
                                "sgw", "ntiles", "tiles_per_img"):
                         sig[nm] = i32
                     cx = dict(blocks, **opts, DET=det)
