@@ -84,7 +84,14 @@ import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
-from ._common import fix_interpreter_for_numpy2, nchw_strides, normalize_layout, wrap_triton
+from ._common import (
+    fix_interpreter_for_numpy2,
+    nchw_strides,
+    normalize_layout,
+    taps_by_tap,
+    taps_from_tap_major,
+    wrap_triton,
+)
 from ._compile import COMPILE_RANKS, TRITON_DTYPE, CompileCase
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -102,6 +109,10 @@ BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped
 # default of 3: 88.5 KB of shared memory for fp32 D=128 det B1 where the check had read 67.8 KB)
 NUM_STAGES = 2
 BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
+# Each path's block of the packed taps (and of their gradient) starts at a multiple of this many
+# elements, so that with D % 16 == 0 (which Triton's launcher specialises on) one tap's D channels
+# load, and add up, as 16-byte vectors
+TAP_ALIGN = tl.constexpr(16)
 
 
 fix_interpreter_for_numpy2()
@@ -230,7 +241,8 @@ def _grp_up_idx(cc, dd, C, D, Cg, Dg, G, SHUFFLE: tl.constexpr):
 def _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
             BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """c = K * z on the tile: a k x k depthwise conv (zero 'same' padding) of the fp32 z buffer
-    (pixel-major, D contiguous; ``zimg`` = the image's first pixel row)."""
+    (pixel-major, D contiguous; ``zimg`` = the image's first pixel row); the taps at ``dw_ptr +
+    woff``, tap-major (k*k, D)."""
     r = k // 2
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     for ty in range(0, k):
@@ -241,7 +253,7 @@ def _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
             ok = hok & (ww >= 0) & (ww < W)
             zv = tl.load(z_ptr + (zimg + hh * W + ww)[:, None] * D + dd[None, :],
                          mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            kv = tl.load(dw_ptr + woff + dd * (k * k) + ty * k + tx, mask=dmask,
+            kv = tl.load(dw_ptr + woff + (ty * k + tx) * D + dd, mask=dmask,
                          other=0.0).to(tl.float32)
             acc += zv * kv[None, :]
     return acc
@@ -313,7 +325,7 @@ def _bwd_main_kernel(
 
     Inputs: x (strides sx*), grad_out (strides sg*), z ((N*H*W, D) from B0), zmean (fp32
     (N, D), pool), the weights in the compute dtype (dw taps packed: path i at woffs[i], size
-    ks[i]; gate weight (nK, D) and bias (nK,)).
+    ks[i], tap-major (k*k, D); gate weight (nK, D) and bias (nK,)).
     Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate)
     and, added
     into the fp32 buffer g_ptr at the o_* offsets (+ pid * gstride when DET), the gradients of
@@ -364,7 +376,7 @@ def _bwd_main_kernel(
         s0 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for i in range(NK):
             k = tl.load(ks_ptr + i)
-            woff = tl.load(woffs_ptr + i)
+            woff = tl.multiple_of(tl.load(woffs_ptr + i), TAP_ALIGN)
             c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D, BLOCK_P,
                         BLOCK_D)
             if i != STG:  # kept for the per-path loop, in the rows dc_i will take
@@ -443,7 +455,7 @@ def _bwd_main_kernel(
             dci = dc_ptr + (i * NHW + zrow)[:, None] * D + dd[None, :]
             if i == STG:
                 k = tl.load(ks_ptr + i)
-                woff = tl.load(woffs_ptr + i)
+                woff = tl.multiple_of(tl.load(woffs_ptr + i), TAP_ALIGN)
                 c = _dwconv(z_ptr, dw_ptr, k, woff, zimg, h, w, pm, dd, dmask, H, W, D,
                             BLOCK_P, BLOCK_D)
             else:  # c_i as the forward recompute left it (each element is read before the
@@ -494,7 +506,8 @@ def _bwd_dz_kernel(
     (N*H*W, C) from B1), dzpool (fp32 (N, D): the pool term of dz, pool only), down.weight, the
     packed dw taps, norm.weight/bias (prenorm).
     Outputs: grad_x (strides sd*), and added into g_ptr (+ pid * gstride when DET) the gradients
-    of the dw taps (packed like the taps), down (the non-gate part) and norm (prenorm).
+    of the dw taps (packed and tap-major like the taps: the D lanes of one tap add to
+    neighbouring floats), down (the non-gate part) and norm (prenorm).
     Grid and tile as B1. dz[q] = sum_i sum_o K_i[o] dc_i[q - o];
     dK_i[o] = sum_q dc_i[q] z[q + o] (both need dc_i / z on a halo of (k_i - 1) / 2, read from
     the buffers, L2 resident).
@@ -525,7 +538,7 @@ def _bwd_dz_kernel(
         dz = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for i in range(NK):
             k = tl.load(ks_ptr + i)
-            woff = tl.load(woffs_ptr + i)
+            woff = tl.multiple_of(tl.load(woffs_ptr + i), TAP_ALIGN)
             r = k // 2
             dci = dc_ptr + i * NHW * D
             dcc = tl.load(dci + zrow[:, None] * D + dd[None, :], mask=pdm,
@@ -540,7 +553,7 @@ def _bwd_dz_kernel(
                     wz = w + (tx - r)
                     dok = hdok & (wd >= 0) & (wd < W)
                     zok = hzok & (wz >= 0) & (wz < W)
-                    tap = woff + dd * (k * k) + ty * k + tx
+                    tap = woff + (ty * k + tx) * D + dd
                     kv = tl.load(dw_ptr + tap, mask=dmask, other=0.0).to(tl.float32)
                     dcs = tl.load(dci + (zimg + hd * W + wd)[:, None] * D + dd[None, :],
                                   mask=dok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -749,12 +762,16 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     ns_max = max(n1 - n0 for n0, n1 in slices)
     nhw_max = ns_max * hw
 
-    # packed depthwise taps: path i at woffs[i], (D, k, k) row-major
+    # packed depthwise taps: path i at woffs[i], tap-major (k*k, D) (taps_by_tap), each path's
+    # block padded to a multiple of TAP_ALIGN elements (the kernels' tl.multiple_of)
     ks = _device_int32(o.kernel_sizes, dev)
-    sizes = [d * k * k for k in o.kernel_sizes]
+    align = TAP_ALIGN.value
+    sizes = [-(-d * k * k // align) * align for k in o.kernel_sizes]
     woffs_list = [sum(sizes[:i]) for i in range(nk)]
     woffs = _device_int32(woffs_list, dev)
-    dw = torch.cat([weights[f"dw.{i}.weight"].reshape(-1) for i in range(nk)])
+    dw = torch.cat([torch.nn.functional.pad(taps_by_tap(weights[f"dw.{i}.weight"]).reshape(-1),
+                                            (0, sizes[i] - d * k * k))
+                    for i, k in enumerate(o.kernel_sizes)])
 
     # the fp32 gradient buffer: one section per gradient, plus the per-(n, d) sum of ds0 (pool)
     # of the images of one slice (zeroed before each slice's B1, consumed before its B2)
@@ -845,12 +862,13 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     grads = {}
     for name in weight_shapes(o):
         wgt = weights[name]
-        if name.startswith("dw."):
+        if name.startswith("dw."):  # accumulated tap-major, like the taps it reads
             i = int(name.split(".")[1])
             start = offs["dw"] + woffs_list[i]
+            grad = taps_from_tap_major(flat[start:start + wgt.numel()], d, o.kernel_sizes[i])
         else:
-            start = offs[name]
-        grads[name] = flat[start:start + wgt.numel()].view(wgt.shape).to(wgt.dtype)
+            grad = flat[offs[name]:offs[name] + wgt.numel()].view(wgt.shape)
+        grads[name] = grad.to(wgt.dtype)
     return grad_x, grads
 
 

@@ -54,6 +54,7 @@ from ._common import (
     fix_interpreter_for_numpy2,
     nchw_strides,
     normalize_layout,
+    taps_by_tap,
     wrap_triton,
 )
 from ._compile import COMPILE_RANKS, TRITON_DTYPE, CompileCase
@@ -122,15 +123,17 @@ def _grouped_in_proj(x_base, pix_off, pmask, w_ptr, nw_ptr, nb_ptr, mean, rstd, 
 
 
 @triton.jit
-def _tap(acc, zs, w_ptr, d, dmask, dy, DX: tl.constexpr, K: tl.constexpr, RMAX: tl.constexpr):
+def _tap(acc, zs, w_ptr, d, dmask, D, dy, DX: tl.constexpr, K: tl.constexpr,
+         RMAX: tl.constexpr):
     """Add tap (dy, DX) of the largest window to one path's accumulator if its K x K window
-    contains that tap. ``w_ptr``: the (D, 1, K, K) taps. The column test is resolved at
-    compile time, the row test (dy is a loop counter) is one uniform branch per program."""
+    contains that tap. ``w_ptr``: the path's taps, tap-major (K*K, D) (``taps_by_tap``: the
+    step's DC channels of one tap contiguous). The column test is resolved at compile time, the
+    row test (dy is a loop counter) is one uniform branch per program."""
     OFF: tl.constexpr = RMAX - K // 2
     if DX >= OFF and DX < OFF + K:
         ky = dy - OFF
         if (ky >= 0) & (ky < K):
-            wv = tl.load(w_ptr + d * (K * K) + (ky * K + (DX - OFF)), mask=dmask, other=0.0)
+            wv = tl.load(w_ptr + (ky * K + (DX - OFF)) * D + d, mask=dmask, other=0.0)
             acc += zs * wv.to(tl.float32)[None, :]
     return acc
 
@@ -231,7 +234,7 @@ def _mslora_f2_kernel(
         z_ptr: (N, H, W, D) z from F1. stats_ptr: (N*H*W, 2) LN_C stats (PRENORM).
         glog_ptr: (N*H*W, 4) gate logits (GATE). zmean_ptr: (N, D) fp32 mean of z (POOL).
         proj_ptr: (D, C/G). pw_ptr: (D, D). up_ptr: (C, D/G). nw/nb: LN_C affine (PRENORM).
-        ew/eb: LN_D affine (ENHANCE). dw{i}_ptr: (D, K_i, K_i) taps of path i.
+        ew/eb: LN_D affine (ENHANCE). dw{i}_ptr: path i's taps, (K_i*K_i, D) tap-major.
         K0..K3: the kernel sizes in K's order, 0 for an absent path (K0 is always present);
         KMAX: the largest of them (the halo is KMAX // 2).
     Tiling:
@@ -281,13 +284,13 @@ def _mslora_f2_kernel(
                 ok = hok & (ww >= 0) & (ww < W)
                 zs = tl.load(z_base + (hh * W + ww)[:, None] * D + d[None, :],
                              mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                acc0 = _tap(acc0, zs, dw0_ptr, d, dmask, dy, dx, K0, RMAX)
+                acc0 = _tap(acc0, zs, dw0_ptr, d, dmask, D, dy, dx, K0, RMAX)
                 if K1 > 0:
-                    acc1 = _tap(acc1, zs, dw1_ptr, d, dmask, dy, dx, K1, RMAX)
+                    acc1 = _tap(acc1, zs, dw1_ptr, d, dmask, D, dy, dx, K1, RMAX)
                 if K2 > 0:
-                    acc2 = _tap(acc2, zs, dw2_ptr, d, dmask, dy, dx, K2, RMAX)
+                    acc2 = _tap(acc2, zs, dw2_ptr, d, dmask, D, dy, dx, K2, RMAX)
                 if K3 > 0:
-                    acc3 = _tap(acc3, zs, dw3_ptr, d, dmask, dy, dx, K3, RMAX)
+                    acc3 = _tap(acc3, zs, dw3_ptr, d, dmask, D, dy, dx, K3, RMAX)
         s = _path(acc0, glog_ptr, gidx, pmask, 0, GATE)
         if K1 > 0:
             s += _path(acc1, glog_ptr, gidx, pmask, 1, GATE)
@@ -451,7 +454,8 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     tiles_w = triton.cdiv(w, cfg2["TW"])
     tiles2 = triton.cdiv(h, cfg2["TH"]) * tiles_w
     ks = list(o.kernel_sizes) + [0] * (MAX_PATHS - len(o.kernel_sizes))
-    dws = [wt[f"dw.{i}.weight"] if ks[i] else wt["dw.0.weight"] for i in range(MAX_PATHS)]
+    taps = [taps_by_tap(wt[f"dw.{i}.weight"]) for i in range(len(o.kernel_sizes))]
+    dws = [taps[i] if ks[i] else taps[0] for i in range(MAX_PATHS)]
     ew = wt["enorm.weight"] if o.enhance else wt["pw.weight"]
     eb = wt["enorm.bias"] if o.enhance else wt["pw.weight"]
 
