@@ -161,3 +161,56 @@ def test_launches_are_configurations_the_compile_check_compiles(monkeypatch, opt
         assert _as_compiled(kernel, kw, f_cases), (kernel, kw)
     for kernel, kw in b_launches:
         assert _as_compiled(kernel, kw, b_cases), (kernel, kw)
+
+
+@pytest.mark.parametrize("data_format,memory_format", [
+    ("channels_first", torch.contiguous_format), ("channels_first", torch.channels_last),
+    ("channels_last", torch.contiguous_format)], ids=["nchw", "nchw_cl", "nhwc"])
+def test_aligned_cases_are_specialised_as_the_default_rank_launches(monkeypatch, data_format,
+                                                                    memory_format):
+    """At D = 128, C = 64, G = 4 (the default rank, the narrowest usual width), every launch has
+    a ",a16" compile case, and every argument that case compiles as 16-divisible is one Triton's
+    launcher specialises so for that launch (``native_specialize_impl`` on its own arguments,
+    the launcher's own rule): what the aligned cases report is what such launches run."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from mslora_kernels import MSLoRA
+    from mslora_kernels.triton import mslora_bwd as bwd
+    from mslora_kernels.triton import mslora_fwd as fwd
+
+    launches = []
+
+    class _Recorded:  # records each launch with its arguments, runs nothing
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kernel, args, kw))
+
+    for module in (fwd, bwd):
+        monkeypatch.setattr(module, "wrap_triton", _Recorded)
+    m = MSLoRA(64, 128, 4, (3, 5, 7), data_format=data_format, prenorm=True, enhance=True,
+               pool=True, gate=True, shuffle=True)
+    weights = {k: v.detach() for k, v in m.named_parameters()}
+    shape = (2, 5, 7, 64) if data_format == "channels_last" else (2, 64, 5, 7)
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    out, _ = fwd.mslora_fwd(x, weights, m.options)
+    zmean = torch.zeros(2, 128)
+    for det in (False, True):
+        bwd.mslora_bwd(torch.randn_like(out), x, weights, m.options, zmean, deterministic=det)
+    assert len(launches) == 8
+    cases = [c for c in fwd.compile_cases() + bwd.compile_cases() if c.name.endswith(",a16]")]
+    for kernel, args, kw in launches:
+        opts = (kw.get("num_warps", 4), kw.get("num_stages", 3), kw.get("maxnreg"))
+        cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        case = [c for c in cases if c.fn is kernel and c.constexprs == cx
+                and (c.num_warps, c.num_stages, c.maxnreg) == opts]
+        assert len(case) == 1, (kernel, kw)
+        bound = inspect.signature(kernel.fn).bind(*args, **cx).arguments
+        assert case[0].divisible_by_16
+        for name in case[0].divisible_by_16:
+            spec = native_specialize_impl(BaseBackend, bound[name], False, True, True)
+            assert spec[1] == "D", f"{case[0].name}: {name} is specialised as {spec}"

@@ -7,6 +7,12 @@ configuration its launchers can pick. Each is compiled with ``triton.compile(AST
 target=GPUTarget("cuda", cc, 32))``; the PTX then goes through Triton's own ptxas with ``-v`` for
 registers, spills and stack. Prints one row per (case, arch); any spill is a WARNING; any error,
 or shared memory beyond what one block can have on that arch, makes the exit status 1.
+
+A case compiles its kernel as Triton does for arguments it cannot specialise, unless it names
+arguments in ``divisible_by_16`` (the MSLoRA kernels' ``,a16`` cases at rank 128, see
+``mslora_kernels.triton._compile.aligned``; LoRA linear's cases): Triton's launcher specialises
+16-divisible integers and 16-byte aligned pointers, and what it compiles then can differ a lot
+(vector loads; at D = 128 bf16 the backward's main kernel spills 4 B a thread there, 120 B here).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -57,3 +58,23 @@ class CompileCase:
         """The ``tt.divisibility`` attributes ``ASTSource`` takes, keyed by argument index."""
         return {(self.fn.arg_names.index(n),): [["tt.divisibility", 16]]
                 for n in self.divisible_by_16}
+
+
+# The rank whose configurations the MSLoRA kernel modules also list as Triton's launcher compiles
+# them for aligned inputs (``aligned``): the default rank, run with the usual widths.
+ALIGNED_RANK = 128
+# Integer arguments that are multiples of 16 in that case: C and D, their per-group parts (C % 16G
+# == 0, G | 8), and the fp32 gradient buffer's section offsets and row stride (multiples of 32).
+ALIGNED_INTS = ("C", "D", "Cg", "Dg", "CG", "DG", "gstride")
+
+
+def aligned(case: CompileCase) -> CompileCase:
+    """``case`` as Triton's launcher compiles it for 16-byte aligned tensors, D % 16 == 0 and
+    C % (16 G) == 0 (D = 128 with C = 64..1024 and G = 4, in any layout): it specialises every
+    pointer and integer argument divisible by 16 (``divisible_by_16``), which lets loads
+    vectorise and changes registers and spills. Strides stay generic here (at run time a stride
+    of 1 is specialised too, and others by their divisibility, per layout and map size); the
+    unaligned case itself runs for any other D or C, or a misaligned view."""
+    div = tuple(n for n, t in case.signature.items()
+                if t.startswith("*") or n in ALIGNED_INTS or n.startswith("o_"))
+    return dataclasses.replace(case, name=case.name[:-1] + ",a16]", divisible_by_16=div)
