@@ -14,6 +14,8 @@
 #     bench        python -m benchmarks.run --quick, its time budget cut to the step's limit
 #     check        python -m mslora_kernels (the check table of every backend)
 #     bench_lora   the Serial LoRA / MSPLoRA benchmark
+#     profile      python -m benchmarks.profile: each fused backend's fwd+bwd, kernel by kernel
+#                  (ResNet-50 stage 1, bf16), printed into the log (no file: 8 come back)
 #     pytest       the rest of the suite (CI runs it on the CPU; here CUDA is present)
 #     pybench      pytest benchmarks --benchmark-only (only when asked for)
 # The earlier steps leave the later essential ones (pytest_gpu, sanitizer, bench) their floors.
@@ -55,13 +57,13 @@ unset TRITON_INTERPRET
 
 # Every step, in the order they run: phase, cap (s), floor (s: less than this is not worth
 # starting), essential (later-step time the earlier steps leave free).
-STEPS=(install pytest_gpu sanitizer bench check bench_lora pytest pybench)
+STEPS=(install pytest_gpu sanitizer bench check bench_lora profile pytest pybench)
 declare -A STEP_PHASE=([install]=- [pytest_gpu]=tests [sanitizer]=sanitize [bench]=bench
-  [check]=sanitize [bench_lora]=bench [pytest]=suite [pybench]=pybench)
+  [check]=sanitize [bench_lora]=bench [profile]=bench [pytest]=suite [pybench]=pybench)
 declare -A CAP=([install]=150 [pytest_gpu]=300 [sanitizer]=120 [bench]=300 [check]=120
-  [bench_lora]=100 [pytest]=200 [pybench]=400)
+  [bench_lora]=100 [profile]=60 [pytest]=200 [pybench]=400)
 declare -A FLOOR=([install]=30 [pytest_gpu]=60 [sanitizer]=45 [bench]=90 [check]=30
-  [bench_lora]=40 [pytest]=60 [pybench]=60)
+  [bench_lora]=40 [profile]=20 [pytest]=60 [pybench]=60)
 declare -A ESSENTIAL=([pytest_gpu]=1 [sanitizer]=1 [bench]=1)
 declare -A STATUS
 
@@ -159,6 +161,7 @@ run_step bench TERM "$PY" -m benchmarks.run --quick --time-budget "${BENCH_BUDGE
   --out "$DIR/bench"
 run_step check TERM "$PY" -m mslora_kernels
 run_step bench_lora TERM "$PY" -m benchmarks.bench_lora --out "$DIR/bench"
+run_step profile TERM "$PY" -m benchmarks.profile
 run_step pytest INT "$PY" -m pytest tests -m "not gpu" "${PYTEST[@]}" "${XDIST[@]}"
 run_step pybench INT "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-columns=min,median,iqr,rounds

@@ -491,3 +491,45 @@ def test_plots_of_a_full_sized_run(tmp_path):
     assert [h.get_label() for h in handles] == ["compile", "triton", "cuda (n/a in 27)"]
     assert [t.get_text() for t in ax.get_xticklabels()][0] == "p 64x0@7x7\ncl bf16"
     plt.close(fig)
+
+
+# ---- the kernel profile ---------------------------------------------------------------------
+def test_profile_on_cpu_tables_the_reference_ops_stamped(tmp_path, capsys):
+    """On a CPU the profile runs the eager reference at the tiny size: one table of operators,
+    each with its calls and time per step, most expensive first, shares summing to the step,
+    stamped and flagged as CPU time; printed and, with --out, written to profile.md."""
+    from benchmarks import profile
+
+    assert profile.main(["--device", "cpu", "--steps", "2", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile.md").read_text()
+    assert text.strip() in capsys.readouterr().out
+    assert "tiny s1 N=2 40@13x9, D=24" in text and "commit " in text and "torch " in text
+    assert "says nothing about a GPU" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
+    assert len(rows) >= 5 and any("convolution" in r for r in rows)
+    us = [float(r.split("|")[3]) for r in rows]
+    assert us == sorted(us, reverse=True) and us[0] > 0
+    shares = [float(ln.split("|")[4].strip().rstrip("%")) for ln in text.splitlines()
+              if ln.startswith("| `") or " others |" in ln]
+    assert abs(sum(shares) - 100) < 1
+
+
+def test_profile_records_a_failing_provider(monkeypatch, capsys):
+    """A provider that raises is recorded as FAILED with its error, never a table, and the
+    exit status says so."""
+    from benchmarks import profile
+
+    def boom(name, base):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(profile.providers, "build", boom)
+    assert profile.main(["--device", "cpu", "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "eager: FAILED (RuntimeError: kernel exploded)" in out and "| `" not in out
+
+
+def test_profile_refuses_zero_steps():
+    from benchmarks import profile
+
+    with pytest.raises(SystemExit):
+        profile.parse_args(["--steps", "0"])

@@ -32,12 +32,14 @@ def _plan(tmp_path, phases: str | None, budget: str | None = ROOMY, **env):
 @pytest.mark.parametrize("phases, steps", [
     ("tests", ["install", "pytest_gpu"]),
     ("sanitize", ["install", "sanitizer", "check"]),
-    ("bench", ["install", "bench", "bench_lora"]),
+    ("bench", ["install", "bench", "bench_lora", "profile"]),
     ("suite", ["install", "pytest"]),
     ("pybench", ["install", "pybench"]),
-    ("bench,tests", ["install", "pytest_gpu", "bench", "bench_lora"]),
-    ("all", ["install", "pytest_gpu", "sanitizer", "bench", "check", "bench_lora"]),
-    (None, ["install", "pytest_gpu", "sanitizer", "bench", "check", "bench_lora"]),
+    ("bench,tests", ["install", "pytest_gpu", "bench", "bench_lora", "profile"]),
+    ("all", ["install", "pytest_gpu", "sanitizer", "bench", "check", "bench_lora",
+             "profile"]),
+    (None, ["install", "pytest_gpu", "sanitizer", "bench", "check", "bench_lora",
+            "profile"]),
 ])
 def test_phases_run_their_steps_in_priority_order(tmp_path, phases, steps):
     code, got, _, skipped, out = _plan(tmp_path, phases)
@@ -54,7 +56,7 @@ def test_default_budget_fits_the_lease_and_keeps_the_essential_steps(tmp_path):
     assert got[:4] == ["install", "pytest_gpu", "sanitizer", "bench"], out
     assert sum(limits.values()) <= 480, limits
     assert limits["pytest_gpu"] >= 60 and limits["sanitizer"] >= 45 and limits["bench"] >= 90
-    assert skipped == ["check", "bench_lora"], out
+    assert skipped == ["check", "bench_lora", "profile"], out
     assert "check skipped: 0s of the 480s budget left" in out
     assert code == 3, out
     assert re.search(r"^not done or failed, by phase: sanitize,bench$", out, re.M), out
@@ -63,7 +65,7 @@ def test_default_budget_fits_the_lease_and_keeps_the_essential_steps(tmp_path):
 def test_a_step_never_gets_more_than_the_budget_left(tmp_path):
     code, got, limits, skipped, out = _plan(tmp_path, "tests,bench", budget="200")
     assert sum(limits.values()) <= 200, limits
-    assert got == ["install", "pytest_gpu", "bench"] and skipped == ["bench_lora"], out
+    assert got == ["install", "pytest_gpu", "bench"] and skipped == ["bench_lora", "profile"], out
     assert code == 3
 
 
