@@ -14,8 +14,8 @@
 #     bench        python -m benchmarks.run --quick, its time budget cut to the step's limit
 #     check        python -m mslora_kernels (the check table of every backend)
 #     bench_lora   the Serial LoRA / MSPLoRA benchmark
-#     profile      python -m benchmarks.profile: each fused backend's fwd+bwd, kernel by kernel
-#                  (ResNet-50 stage 1, bf16), printed into the log (no file: 8 come back)
+#     profile      python -m benchmarks.kernel_profile: each fused backend's fwd+bwd, kernel by
+#                  kernel (ResNet-50 stage 1, bf16), printed into the log (no file: 8 come back)
 #     pytest       the rest of the suite (CI runs it on the CPU; here CUDA is present)
 #     pybench      pytest benchmarks --benchmark-only (only when asked for)
 # The earlier steps leave the later essential ones (pytest_gpu, sanitizer, bench) their floors.
@@ -161,7 +161,7 @@ run_step bench TERM "$PY" -m benchmarks.run --quick --time-budget "${BENCH_BUDGE
   --out "$DIR/bench"
 run_step check TERM "$PY" -m mslora_kernels
 run_step bench_lora TERM "$PY" -m benchmarks.bench_lora --out "$DIR/bench"
-run_step profile TERM "$PY" -m benchmarks.profile
+run_step profile TERM "$PY" -m benchmarks.kernel_profile
 run_step pytest INT "$PY" -m pytest tests -m "not gpu" "${PYTEST[@]}" "${XDIST[@]}"
 run_step pybench INT "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-columns=min,median,iqr,rounds

@@ -498,7 +498,7 @@ def test_profile_on_cpu_tables_the_reference_ops_stamped(tmp_path, capsys):
     """On a CPU the profile runs the eager reference at the tiny size: one table of operators,
     each with its calls and time per step, most expensive first, shares summing to the step,
     stamped and flagged as CPU time; printed and, with --out, written to profile.md."""
-    from benchmarks import profile
+    from benchmarks import kernel_profile as profile
 
     assert profile.main(["--device", "cpu", "--steps", "2", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
@@ -517,7 +517,7 @@ def test_profile_on_cpu_tables_the_reference_ops_stamped(tmp_path, capsys):
 def test_profile_records_a_failing_provider(monkeypatch, capsys):
     """A provider that raises is recorded as FAILED with its error, never a table, and the
     exit status says so."""
-    from benchmarks import profile
+    from benchmarks import kernel_profile as profile
 
     def boom(name, base):
         raise RuntimeError("kernel exploded")
@@ -529,7 +529,7 @@ def test_profile_records_a_failing_provider(monkeypatch, capsys):
 
 
 def test_profile_refuses_zero_steps():
-    from benchmarks import profile
+    from benchmarks import kernel_profile as profile
 
     with pytest.raises(SystemExit):
         profile.parse_args(["--steps", "0"])

@@ -1,6 +1,6 @@
 """Where a fused backend's time goes, kernel by kernel: fwd+bwd steps under torch.profiler.
 
-    python -m benchmarks.profile [--providers triton cuda] [--preset resnet50] [--stage 1]
+    python -m benchmarks.kernel_profile [--providers triton cuda] [--preset resnet50] [--stage 1]
                                  [--dtype bf16] [--layout channels_first] [--steps 5] [--out DIR]
 
 The runner (``benchmarks.run``) times whole calls; this says which kernel inside a call takes the
@@ -13,7 +13,8 @@ CPU time), which says nothing about a GPU.
 
 Prints one table per provider (the GPU check puts them in its log); ``--out DIR`` also writes
 them to ``DIR/profile.md``. Every table is stamped like the benchmark outputs (device, versions,
-commit, date).
+commit, date). (Not ``profile.py``: a script run from this folder, ``python
+benchmarks/bench_lora.py``, would import it in place of the standard library's ``profile``.)
 """
 
 from __future__ import annotations
