@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     dtype = providers.DTYPES[a.dtype] if on_gpu else torch.float32
     meta = measure.stamp(device)
     head = (f"## Kernel profile: {shape.long_label}, D={rank}, G={a.groups}, K=(3, 5, 7), "
-            f"{a.layout}, {dtype}\n\n{meta['device']} | torch {meta['torch']} | triton "
-            f"{meta['triton']} | CUDA {meta['cuda']} | commit {meta['commit']} | {meta['date']}\n")
+            f"{a.layout}, {dtype}\n\n{measure.stamp_line(meta)}\n")
     parts = [head]
     base = providers.make_base(shape.c, rank, a.groups, (3, 5, 7), a.layout, dtype, device)
     x = providers.make_input(shape.n, shape.c, shape.h, shape.w, a.layout, dtype, device, seed=1)

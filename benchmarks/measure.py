@@ -259,6 +259,12 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def stamp_line(meta: dict) -> str:
+    """A stamp (``stamp``) as one line: device, versions, commit, date."""
+    return (f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+            f"CUDA {meta['cuda']} | commit {meta['commit']} | {meta['date']}")
+
+
 def stamp(device: torch.device) -> dict:
     """What every row carries: device, versions, commit, date (UTC)."""
     try:

@@ -456,8 +456,7 @@ def _main(args, p, argv: list[str]) -> int:
     meta = measure.stamp(device)
     out = Path(args.out) if args.out else default_out_dir(meta)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[bench] {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-          f"CUDA {meta['cuda']} | commit {meta['commit']} | {meta['date']}", flush=True)
+    print(f"[bench] {measure.stamp_line(meta)}", flush=True)
     if device.type != "cuda":
         print("[bench] NOTE: not a CUDA device; these numbers check the runner and mean nothing "
               "for the GPU", flush=True)

@@ -135,12 +135,17 @@ def tensor_cores(dtype: torch.dtype) -> bool:
         os.environ.get("MSLORA_CUDA_TENSOR_CORES", "1") != "0"
 
 
+def _fits_twice(nbytes: int, smem_limit: int) -> bool:
+    """Whether two blocks of ``nbytes`` of shared memory fit in one SM (two resident blocks of
+    256 threads, as the kernels' __launch_bounds__ assume, hide each other's stage barriers).
+    An SM holds about the per-block limit plus 1 KB, and reserves 1 KB per block."""
+    return nbytes <= (smem_limit - 2048) // 2
+
+
 def _tile_rows(kernel: str, chunk: int, ints: dict, o: MSLoRAOptions, smem_bytes: SmemBytes,
                smem_limit: int) -> int:
     """Tile rows of a tile kernel: the largest of TILE_ROWS whose block fits twice in an SM's
-    shared memory (two resident blocks of 256 threads, as the kernels' __launch_bounds__
-    assume, hide each other's stage barriers), else the largest that fits once. An SM holds
-    about the per-block limit plus 1 KB, and reserves 1 KB per block."""
+    shared memory (:func:`_fits_twice`), else the largest that fits once."""
     sizes = {th: smem_bytes(kernel, {**ints, "TH": th, "CH": chunk}) for th in TILE_ROWS}
     fits = [th for th in TILE_ROWS if sizes[th] <= smem_limit]
     if not fits:
@@ -149,7 +154,7 @@ def _tile_rows(kernel: str, chunk: int, ints: dict, o: MSLoRAOptions, smem_bytes
             f"{sizes[TILE_ROWS[-1]]} bytes of shared memory per block in its {kernel} kernel even "
             f"with one-row tiles; this GPU allows {smem_limit}. Use the Triton or reference "
             f"backend.")
-    twice = [th for th in fits if sizes[th] <= (smem_limit - 2048) // 2]
+    twice = [th for th in fits if _fits_twice(sizes[th], smem_limit)]
     return (twice or fits)[0]
 
 
@@ -175,7 +180,7 @@ def _plan(o: MSLoRAOptions, sizes, smem_bytes: SmemBytes, smem_limit: int,
                              f"shared memory ({smem_limit} bytes)")
         ints[key] = fit[0]
     large = {**ints, "PB": DX_LARGE_BLOCK}
-    if ints["tc"] and smem_bytes("bwd_dx", large) <= (smem_limit - 2048) // 2:
+    if ints["tc"] and _fits_twice(smem_bytes("bwd_dx", large), smem_limit):
         ints["PB"] = DX_LARGE_BLOCK
     ints["tiles"] = math.ceil(h / ints["TH"]) * math.ceil(w / TILE_W)
     return ints

@@ -766,7 +766,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     # block padded to a multiple of TAP_ALIGN elements (the kernels' tl.multiple_of)
     ks = _device_int32(o.kernel_sizes, dev)
     align = TAP_ALIGN.value
-    sizes = [-(-d * k * k // align) * align for k in o.kernel_sizes]
+    sizes = [triton.cdiv(d * k * k, align) * align for k in o.kernel_sizes]
     woffs_list = [sum(sizes[:i]) for i in range(nk)]
     woffs = _device_int32(woffs_list, dev)
     dw = torch.cat([torch.nn.functional.pad(taps_by_tap(weights[f"dw.{i}.weight"]).reshape(-1),
