@@ -1,4 +1,5 @@
-"""The fused LoRA-family kernel and op: interpreter (fp32, CPU) and GPU (bf16/fp16/fp32) checks.
+"""The fused LoRA-family kernel and op: interpreter (CPU: the op in fp32, the modules in every
+dtype) and GPU (bf16/fp16/fp32) checks.
 
 Expected values are SPEC's equations in float64 (``serial_lora_reference`` /
 ``msplora_reference`` and the plain ``x W^T + b + (x A^T) V^T``); tolerances are
@@ -154,13 +155,15 @@ def _msp_modules(d, ranks, dtype, device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["serial", "msplora"])
-def test_modules_triton_fp32_interpreter(kind):
-    make, params_of = (_serial_modules(K, R, torch.float32, "cpu") if kind == "serial"
-                       else _msp_modules(K, (4, 3, 2), torch.float32, "cpu"))
-    x = torch.randn(2, 37, K)
-    _module_check(lambda: make("triton", torch.float32), lambda dt: make("reference", dt),
-                  params_of, x, torch.float32)
+def test_modules_triton_interpreter(kind, dtype):
+    make, params_of = (_serial_modules(K, R, dtype, "cpu") if kind == "serial"
+                       else _msp_modules(K, (4, 3, 2), dtype, "cpu"))
+    x = torch.randn(2, 37, K, dtype=dtype)
+    _module_check(lambda: make("triton", dtype), lambda dt: make("reference", dt), params_of, x,
+                  dtype)
 
 
 def test_compile_cases_cover_every_launcher_choice():

@@ -3,10 +3,9 @@ cuts the batch into several slices of whole images (uneven ones included); the f
 bitwise the unsliced forward, the backward's grad_x bitwise the unsliced grad_x and the weight
 gradients (sums over the batch, now summed slice by slice) within fp32 rounding of the unsliced
 ones, and everything within SPEC's tolerance of the float64 reference. pool (a per-image mean,
-the option slicing could break), gate and prenorm are on. Triton runs under the interpreter
-(fp32, fp16: the interpreter's bf16 tl.dot is wrong), CUDA through the host build of its
-kernels (fp32, fp16, bf16). The GPU test checks that the slices bound the backward's peak
-memory.
+the option slicing could break), gate and prenorm are on. Triton runs under the interpreter,
+CUDA through the host build of its kernels (fp32, fp16 and bf16 both). The GPU test checks that
+the slices bound the backward's peak memory.
 """
 
 from __future__ import annotations
@@ -114,7 +113,8 @@ def _triton_run(o, x, wt, gout, deterministic=False):
 
 
 TRITON_CASES = [(3, "nchw_cl", torch.float32), (5, "nhwc", torch.float32),
-                (3, "nchw", torch.float16), (3, "nhwc", torch.float16)]
+                (3, "nchw", torch.float16), (3, "nhwc", torch.float16),
+                (3, "nchw_cl", torch.bfloat16)]
 
 
 @pytest.mark.interpreter

@@ -156,10 +156,13 @@ def test_bwd_tiny_and_wide_shapes_fp32():
     pytest.param(torch.float32, False, id="fp32-atomic"),
     pytest.param(torch.float32, True, id="fp32-det"),
     pytest.param(torch.float16, False, id="fp16-atomic"),
+    pytest.param(torch.bfloat16, False, id="bf16-atomic"),
+    pytest.param(torch.bfloat16, True, id="bf16-det"),
 ])
 def test_bwd_16_pixel_tiles(dtype, deterministic):
     """D = 72 -> BLOCK_D = 128, where the tiles hold 16 pixels (``_blocks``; 64 at D = 24):
-    every option on, 117 pixels per image (not a multiple of 16). fp16 by SPEC's 2x rule."""
+    every option on, 117 pixels per image (not a multiple of 16). fp16 and bf16 by SPEC's 2x
+    rule."""
     from mslora_kernels.triton.mslora_bwd import _blocks
 
     assert _blocks(72, dtype, False)[0] == 16
@@ -204,14 +207,15 @@ def test_bwd_deterministic_is_bitwise_reproducible():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("ks", [(3, 5), (7, 3, 5)], ids=["k3_5", "k7_3_5"])
-def test_bwd_fp16_within_twice_reference_error(ks):
-    """fp16 (the interpreter's tl.dot is right for fp16, not for bf16): SPEC's 2x rule against
-    the reference's own fp16 error, both measured against float64. B1 keeps c_i in fp16 for
-    every kernel but the smallest (the first, then the middle one)."""
+def test_bwd_lowp_within_twice_reference_error(ks, dtype):
+    """fp16 and bf16: SPEC's 2x rule against the reference's own error in that dtype, both
+    measured against float64. B1 keeps c_i in the compute dtype for every kernel but the
+    smallest (the first, then the middle one)."""
     o, x, weights, grad_out = case(**ODD, ks=ks, layout="nhwc", **ALL_ON)
     ref_gx, ref_grads = reference_grads(x, weights, o, grad_out)
-    h = torch.float16
+    h = dtype
     base_gx, base_grads = reference_grads(x.to(h), {k: v.to(h) for k, v in weights.items()}, o,
                                           grad_out.to(h))
     gx, grads = run_bwd(x, weights, o, grad_out, h)

@@ -28,7 +28,7 @@ def _gelu_check(device, dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gelu_interpreter(dtype):
     _gelu_check("cpu", dtype)
 

@@ -1,7 +1,8 @@
 """MSLoRA(backend="triton") end to end: forward and every gradient against the reference.
 
 Interpreter tests (CPU, TRITON_INTERPRET=1): fp32 forward and gradients for no option, each option
-alone and all on, in all three layouts, at an odd shape; fp16 forward. GPU tests: every dtype,
+alone and all on, in all three layouts, at an odd shape; fp16 and bf16 forward, bf16 gradients
+(bf16 as the GPU computes it: mslora_kernels/triton/_interpreter.py). GPU tests: every dtype,
 layout and option at odd and real sizes, opcheck, torch.compile, CUDA graphs, autocast.
 Gradient tests are skipped, with the reason, while the backward kernels
 (mslora_kernels.triton.mslora_bwd) are not in this build.
@@ -133,12 +134,25 @@ def test_forward_fp32_interpreter(opts, fmt, mem):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
-def test_forward_fp16_interpreter(opts):
+def test_forward_lowp_interpreter(opts, dtype):
     m = make_module(opts, "channels_first", c=ODD["c"], d=ODD["d"], g=ODD["g"])
     x = make_input("channels_first", None, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"],
-                   dtype=torch.float16)
+                   dtype=dtype)
     check_forward(m, x)
+
+
+@pytest.mark.interpreter
+@needs_bwd
+@pytest.mark.parametrize("fmt,mem", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
+def test_gradients_bf16_interpreter(opts, fmt, mem):
+    """bf16 end to end, SPEC's 2x rule against the reference's own bf16 error."""
+    m = make_module(opts, fmt, c=ODD["c"], d=ODD["d"], g=ODD["g"])
+    x = make_input(fmt, mem, n=ODD["n"], c=ODD["c"], h=ODD["h"], w=ODD["w"],
+                   dtype=torch.bfloat16)
+    check_gradients(m, x)
 
 
 @pytest.mark.interpreter

@@ -1,12 +1,5 @@
 """Helpers shared by the Triton kernel modules (MSLoRA forward/backward, LoRA linear).
 
-``fix_interpreter_for_numpy2()``: Triton's interpreter (3.6) turns a scalar kernel argument used
-as a loop bound (``for k in range(0, C, BLOCK)``) into a Python int with ``int(array)`` on a
-one-element 1-D NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
-converted to Python scalars"). The fix converts through ``.item()``. It changes nothing but the
-interpreter's scalar conversion and is a no-op when the interpreter is not in use or already
-fixed; compiled GPU kernels never see it.
-
 ``wrap_triton(kernel)``: ``torch.library.wrap_triton``, through which every launch inside a
 ``triton_op`` goes, except that an interpreted kernel (``TRITON_INTERPRET=1``) is launched as it
 is. torch 2.13 does that itself; torch 2.11 (the GPU machine's) refuses an ``InterpretedFunction``
@@ -16,34 +9,9 @@ the CPU. Interpreted kernels run eagerly on CPU tensors and are never traced, so
 
 from __future__ import annotations
 
-import os
-
 # Limits of the fused MSLoRA kernels, checked by the op layer before any launch.
 MAX_PATHS = 4  # kernel sizes served by one program (one fp32 accumulator tile each)
 MAX_RANK = 512  # BLOCK_D beyond this leaves fewer than 16 pixels per tile (tl.dot needs 16)
-
-
-def fix_interpreter_for_numpy2() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_mslora_fixed", False):
-        return
-
-    def index(self):
-        return int(self.handle.data.reshape(-1)[0])
-
-    def patched(tensor, *scope):  # (tensor, scope) in Triton 3.6; (tensor) in 3.3
-        orig(tensor, *scope)
-        if scope:
-            scope[0].set_attr(tensor, "__index__", index)
-        else:
-            tensor.__index__ = index
-
-    patched._mslora_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 def wrap_triton(kernel):

@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import fix_interpreter_for_numpy2
 from ._compile import TRITON_DTYPE, CompileCase
+from ._interpreter import fix_interpreter
 
-fix_interpreter_for_numpy2()
+fix_interpreter()
 
 # The widest concatenated rank the fused kernel takes (BLOCK_R's largest value).
 MAX_RANK = 64

@@ -85,7 +85,6 @@ import triton.language as tl
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
 from ._common import (
-    fix_interpreter_for_numpy2,
     nchw_strides,
     normalize_layout,
     taps_by_tap,
@@ -93,6 +92,7 @@ from ._common import (
     wrap_triton,
 )
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
+from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
@@ -115,7 +115,7 @@ BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_stage
 TAP_ALIGN = tl.constexpr(16)
 
 
-fix_interpreter_for_numpy2()
+fix_interpreter()
 
 # -------------------------------------------------------------------------------------------
 # jit helpers

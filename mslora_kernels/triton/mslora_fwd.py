@@ -51,17 +51,17 @@ from ..workspace import image_slices, rows
 from ._common import (
     MAX_PATHS,
     MAX_RANK,
-    fix_interpreter_for_numpy2,
     nchw_strides,
     normalize_layout,
     taps_by_tap,
     wrap_triton,
 )
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
+from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
 
-fix_interpreter_for_numpy2()
+fix_interpreter()
 
 GATE_STRIDE = 4  # fp32 gate logits stored per pixel (one per path, MAX_PATHS slots)
 
