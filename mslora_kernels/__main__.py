@@ -1,7 +1,8 @@
 """``python -m mslora_kernels``: check every backend usable here against the float64 reference.
 
 Builds MSLoRA modules at an odd shape, runs each available backend (forward and every gradient)
-in each dtype and layout it supports on this machine, and prints one table row per case with the
+in each dtype and layout it supports on this machine (on a CPU: fp32, and the Triton kernels
+under ``TRITON_INTERPRET=1`` in bf16 and fp16 too), and prints one table row per case with the
 relative errors and SPEC section 4's verdict. Backends that cannot run here are listed with why.
 """
 
@@ -87,7 +88,10 @@ def main(argv=None) -> int:
             if reason is not None:
                 skipped.append((device, backend, reason))
                 continue
-            dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" else [])
+            # 16-bit on the CPU only for the interpreted Triton kernels (the reference there
+            # would be its own baseline)
+            lowp = device == "cuda" or backend == "triton"
+            dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if lowp else [])
             for dtype in dtypes:
                 for layout in LAYOUTS:
                     for opts in OPTIONS:

@@ -156,6 +156,18 @@ def test_gradients_bf16_interpreter(opts, fmt, mem):
 
 
 @pytest.mark.interpreter
+@needs_bwd
+@pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
+def test_default_config_bf16_interpreter(opts):
+    """The configuration most users run: C = 64, D = 128 (16-pixel backward tiles, the
+    staged D x D products, taps 16-aligned), G = 4, K = (3, 5, 7), bf16, channels_last memory."""
+    m = make_module(opts, "channels_first", c=64, d=128, g=4)
+    x = make_input("channels_first", torch.channels_last, n=2, c=64, h=7, w=9,
+                   dtype=torch.bfloat16)
+    check_gradients(m, x)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("ks,c,d,g,shape", [
     ((1, 3), 12, 20, 2, (1, 5, 1)),  # a 1x1 path, a 1-pixel-wide map, G = 2
     ((9,), 6, 6, 3, (3, 2, 3)),  # one path larger than the map, G = 3 (not a power of two)
