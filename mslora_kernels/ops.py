@@ -119,26 +119,26 @@ def triton_fwd(x: Tensor, weights: list[Tensor], groups: int, kernel_sizes: list
 
 def _triton_bwd_launcher():
     try:
-        from .triton.mslora_bwd import mslora_bwd
+        from .triton.mslora_bwd import mslora_bwd_flat
     except ImportError as e:
         raise NotImplementedError(
             "MSLoRA backend='triton': the backward kernels (mslora_kernels.triton.mslora_bwd) "
             f"are not available in this build ({e})"
         ) from e
-    return mslora_bwd
+    return mslora_bwd_flat
 
 
 @torch.library.triton_op("mslora::triton_bwd", mutates_args=())
 def triton_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor, groups: int,
                kernel_sizes: list[int], prenorm: bool, enhance: bool, pool: bool, gate: bool,
                shuffle: bool, channels_last: bool, deterministic: bool) -> list[Tensor]:
-    mslora_bwd = _triton_bwd_launcher()
+    mslora_bwd_flat = _triton_bwd_launcher()
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
-    names = weight_names(o)
-    grad_x, grads = mslora_bwd(grad_out, x, dict(zip(names, weights, strict=True)), o,
-                               zmean if pool else None, deterministic)
-    return [grad_x, _flat_grads(grads, names)]
+    # the launcher writes the weight gradients flat, in weight_names order, in one kernel
+    grad_x, flat = mslora_bwd_flat(grad_out, x, dict(zip(weight_names(o), weights, strict=True)),
+                                   o, zmean if pool else None, deterministic)
+    return [grad_x, flat]
 
 
 # ------------------------------------------------------------------------------------------

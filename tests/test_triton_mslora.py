@@ -167,6 +167,73 @@ def test_default_config_bf16_interpreter(opts):
     check_gradients(m, x)
 
 
+# Aten ops that launch no kernel: allocation only (views are told apart by ``is_view``).
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
+              "lift_fresh", "split_with_sizes"}
+
+
+def _launches(fn):
+    """The kernels one call of ``fn`` launches, by name: the Triton kernels it runs and every
+    aten op outside them that would launch one on a GPU (not a view, not an allocation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched, inside = [], [0]
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):  # the interpreter's own tensor copies are not launches
+        launched.append(self.fn.__name__)
+        inside[0] += 1
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not (inside[0] or func.is_view or name in _NO_KERNEL):
+                launched.append(f"{func.namespace}.{name}")
+            return func(*args, **(kwargs or {}))
+
+    InterpretedFunction.run = run
+    try:
+        with Ops():
+            result = fn()
+    finally:
+        InterpretedFunction.run = real_run
+    return result, launched
+
+
+@pytest.mark.interpreter
+@needs_bwd
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("opts", [{}, {k: True for k in OPTIONS}], ids=["plain", "all"])
+def test_kernels_per_call_interpreter(opts, det):
+    """What one forward and one backward launch (what the ops run), small ops included: at the
+    late stages' sizes (7x7 maps) a kernel's launch costs more than its work, so every small
+    tensor op the launchers run around the fused kernels counts (an op's own inner ops are not
+    visible to a dispatch mode wrapped around the op, hence the launchers). Forward: the
+    packed taps, F1, (pool's reduce,) F2; backward: the packed taps, the gradient buffer's
+    zeroing, B0, B1, (pool,) B2 and the finishing kernel that writes every weight gradient."""
+    from mslora_kernels.triton.mslora_bwd import mslora_bwd_flat
+    from mslora_kernels.triton.mslora_fwd import mslora_fwd
+
+    m = make_module(opts, "channels_first", c=64, d=128, g=4)
+    x = make_input("channels_first", torch.channels_last, n=2, c=64, h=7, w=7,
+                   dtype=torch.bfloat16)
+    w = {k: v.detach().to(x.dtype) for k, v in m.named_parameters()}
+    (out, zmean), fwd = _launches(lambda: mslora_fwd(x, w, m.options))
+    grad = torch.randn_like(out)
+    _, bwd = _launches(lambda: mslora_bwd_flat(grad, x, w, m.options, zmean, det))
+    pool = bool(opts)
+    assert fwd == ["_pack_taps_kernel", "_mslora_f1_kernel"] + ["aten.sum"] * pool + [
+        "_mslora_f2_kernel"]
+    assert bwd == ["_pack_taps_kernel", "aten.zeros",
+                   "_bwd_z_kernel", "_bwd_main_kernel"] + ["_bwd_pool_kernel"] * pool + [
+        "_bwd_dz_kernel", "_bwd_finish_kernel"], bwd
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("ks,c,d,g,shape", [
     ((1, 3), 12, 20, 2, (1, 5, 1)),  # a 1x1 path, a 1-pixel-wide map, G = 2

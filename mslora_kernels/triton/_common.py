@@ -23,20 +23,6 @@ def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def taps_by_tap(w):
-    """A depthwise weight (D, 1, k, k) as the kernels read it: (k*k, D), tap-major, so that the
-    D channels of one tap, which neighbouring lanes of a program load (and whose gradients they
-    add), are neighbouring elements. In the checkpoint's layout they lie k*k elements apart:
-    a sector per lane at k = 7, where a warp's load of z for the same tap takes a few lines."""
-    return w.reshape(w.shape[0], -1).t().contiguous()
-
-
-def taps_from_tap_major(g, d: int, k: int):
-    """The inverse of :func:`taps_by_tap` for a gradient kept tap-major: a flat (k*k*D,) as
-    (D, 1, k, k)."""
-    return g.view(k * k, d).t().reshape(d, 1, k, k)
-
-
 def normalize_layout(x, data_format: str):
     """x as one of the three layouts the MSLoRA kernels address: NCHW contiguous, NCHW in
     ``torch.channels_last`` memory format, or (N, H, W, C) contiguous (``data_format=

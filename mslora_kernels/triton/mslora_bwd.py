@@ -1,4 +1,5 @@
-"""The backward of fused MSLoRA: gradients for x and every parameter, in three Triton kernels.
+"""The backward of fused MSLoRA: gradients for x and every parameter, in three Triton kernels
+(and three small ones around them).
 
 Entry point: :func:`mslora_bwd` (see ``TRITON_CONTRACT``). What the forward saved is only x, the
 weights and ``zmean`` (pool); everything D-sized is recomputed here, per tile, from x. The
@@ -18,6 +19,17 @@ resident, instead of recomputing ``Q u`` 83 times per pixel):
 - B2 ``_bwd_dz_kernel``: on a tile, ``dz = sum_i flip(K_i) * dc_i`` (dc_i read with halo), plus
   the pool term; accumulate ``dK_i`` (``dc_i`` times z with halo) and dQ; write
   ``dx = d + du`` or ``d + LN_C backward(du)`` (prenorm, with norm's gradients).
+
+Around them, per call: ``taps.pack_taps`` (the depthwise taps tap-major, and the int32 sizes and
+offsets B1 and B2 index them by), the gradient buffer's zeroing, per slice with pool
+``_bwd_pool_kernel`` (pool's term of dz from B1's per-image sums of ds0, which it zeroes for
+the next slice), and last ``_bwd_finish_kernel``, which writes every weight gradient (summed
+over the deterministic mode's rows, cast, the taps' turned back to the checkpoint's layout)
+into the one flat tensor the op returns. 6 launches a call (7 with pool; B0-B2 and the pool
+kernel once per image slice); there were 26 to 45, mostly small tensor ops (per-path copies of
+the taps, a fill kernel per int of the index tables, the pool term's dozen elementwise ops, a
+sum and a cast per gradient, the concatenation), each costing a launch at sizes (Swin-B's 7x7
+stage) where the fused kernels' own work takes a few microseconds.
 
 Transient bytes per pixel (elements; C input channels, D rank, nK = len(K)):
 z and dc_i are kept in the compute dtype (the reference rounds them there too), du in fp32.
@@ -49,8 +61,8 @@ Weight gradients are reductions over N*H*W, accumulated in fp32:
 - ``deterministic=True``: a persistent grid of ``min(#tiles, DET_PROGRAMS, partial budget)``
   programs (a function of the shape only, independent of the device), each owning a private
   fp32 slice of the buffer that it updates (load, add, store) over its tiles in a fixed order;
-  then a fixed-order ``sum`` over the programs (``torch.sum`` over dim 0 of a fixed-shape
-  tensor). Bitwise reproducible run to run; the program count, hence the order of the
+  then a fixed-order sum over the programs (``_bwd_finish_kernel``, row after row). Bitwise
+  reproducible run to run; the program count, hence the order of the
   reduction over tiles, does not depend on the device (the per-tile products may still differ
   between GPU generations, whose builds use different MMA instructions and warp counts).
 
@@ -78,23 +90,20 @@ own), num_stages=1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
-from ._common import (
-    nchw_strides,
-    normalize_layout,
-    taps_by_tap,
-    taps_from_tap_major,
-    wrap_triton,
-)
+from ._common import MAX_PATHS, nchw_strides, normalize_layout, wrap_triton
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
 from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
+from .taps import TAP_ALIGN, pack_taps, path_taps
 
 LN_EPS = 1e-6
 # Persistent programs of the deterministic mode: a fixed count (2 per SM of an H100), so the
@@ -109,10 +118,8 @@ BLOCK_C = 32  # channels of x per chunk of the C loops (the K dim of the grouped
 # default of 3: 88.5 KB of shared memory for fp32 D=128 det B1 where the check had read 67.8 KB)
 NUM_STAGES = 2
 BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
-# Each path's block of the packed taps (and of their gradient) starts at a multiple of this many
-# elements, so that with D % 16 == 0 (which Triton's launcher specialises on) one tap's D channels
-# load, and add up, as 16-byte vectors
-TAP_ALIGN = tl.constexpr(16)
+BLOCK_FINISH = 1024  # gradient elements per program of the finishing kernel
+PATHS = tl.constexpr(MAX_PATHS)  # the finishing kernel's kernel-size arguments K0..K3
 
 
 fix_interpreter()
@@ -324,8 +331,9 @@ def _bwd_main_kernel(
     """B1: everything from d = grad_out down to dc_i, per tile.
 
     Inputs: x (strides sx*), grad_out (strides sg*), z ((N*H*W, D) from B0), zmean (fp32
-    (N, D), pool), the weights in the compute dtype (dw taps packed: path i at woffs[i], size
-    ks[i], tap-major (k*k, D); gate weight (nK, D) and bias (nK,)).
+    (N, D), pool), the weights in the compute dtype (dw taps packed by ``taps.pack_taps``:
+    path i of size ks[i] at woffs[i], tap-major (k*k, D); ks and woffs int32, written by the
+    packing kernel; gate weight (nK, D) and bias (nK,)).
     Outputs: dc ((nK, N*H*W, D), compute dtype), du (fp32 (N*H*W, C): P^T da + Q^T dz_gate)
     and, added
     into the fp32 buffer g_ptr at the o_* offsets (+ pid * gstride when DET), the gradients of
@@ -611,6 +619,53 @@ def _bwd_dz_kernel(
                          dx.to(gx_ptr.dtype.element_ty), mask=pcm)
 
 
+@triton.jit
+def _bwd_pool_kernel(g_ptr, o_pool, gstride, NPROG, zmean_ptr, dzpool_ptr, D, HW,
+                     BLOCK_D: tl.constexpr):
+    """pool's term of dz, one program per image n of the slice: ``dzpool[n] = (sum of ds0 over
+    the image) * GELU'(mean z) / (H W)``, fp32 (N, D). The sum of ds0 is B1's per-(n, d) sum in
+    the gradient buffer's pool section, over its NPROG rows (the deterministic mode's private
+    rows, in row order; one row otherwise); read, it is zeroed for the next slice's B1."""
+    n = tl.program_id(0)
+    dd = tl.arange(0, BLOCK_D)
+    m = dd < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for p in range(NPROG):  # p * gstride < 2^31: the rows hold at most DET_PARTIAL_BUDGET floats
+        ptrs = g_ptr + p * gstride + o_pool + n * D + dd
+        acc += tl.load(ptrs, mask=m, other=0.0)
+        tl.store(ptrs, tl.zeros([BLOCK_D], dtype=tl.float32), mask=m)
+    zm = tl.load(zmean_ptr + n * D + dd, mask=m, other=0.0)
+    tl.store(dzpool_ptr + n * D + dd, acc * _gelu_grad(zm) / HW, mask=m)
+
+
+@triton.jit
+def _bwd_finish_kernel(g_ptr, out_ptr, o_grads, gstride, NPROG, TOTAL, DW0, DWLEN, DWPAD, D,
+                       K0, K1, K2, K3, BLOCK: tl.constexpr):
+    """Every weight gradient from the fp32 buffer in one pass: summed over its NPROG rows (the
+    deterministic mode's private rows, in row order; one row otherwise), cast to the weights'
+    dtype, written flat in ``weight_shapes`` order and checkpoint layout (``out_ptr``, TOTAL
+    elements). The buffer holds the same gradients in the same order from ``o_grads`` on, but
+    the taps' gradient as the taps are packed (``taps.tap_offsets``: tap-major, each path's
+    block 16-aligned; DWPAD elements where the checkpoint's take DWLEN). So output element e
+    reads element e before the taps (proj, down: e < DW0), e + DWPAD - DWLEN after them, and in
+    path i's block (offset r = ch * k^2 + t) the tap-major ``DW0 + woff_i + t * D + ch``."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < TOTAL
+    src = tl.where(e < DW0, e, e + (DWPAD - DWLEN))
+    start = DW0  # path i's first element in the output
+    for i in tl.static_range(PATHS):
+        k, woff = path_taps(i, K0, K1, K2, K3, D)
+        kk = tl.maximum(k * k, 1)
+        r = e - start
+        blk = (r >= 0) & (r < D * k * k)
+        src = tl.where(blk, DW0 + woff + (r % kk) * D + r // kk, src)
+        start += D * k * k
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in range(NPROG):
+        acc += tl.load(g_ptr + p * gstride + o_grads + src, mask=m, other=0.0)
+    tl.store(out_ptr + e, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
 # -------------------------------------------------------------------------------------------
 # launcher
 # -------------------------------------------------------------------------------------------
@@ -705,22 +760,9 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype) -> int:
     return (len(o.kernel_sizes) + 1) * o.rank * dtype.itemsize + 4 * o.channels
 
 
-def _device_int32(values, device: torch.device) -> torch.Tensor:
-    """A few ints as an int32 vector on ``device``, made by fill kernels: ``torch.tensor(values,
-    device=)`` copies from pageable host memory and synchronises the stream, which CUDA graph
-    capture refuses ("operation not permitted when stream is capturing")."""
-    return torch.stack([torch.full((), int(v), dtype=torch.int32, device=device)
-                        for v in values])
-
-
-def _gelu_grad_torch(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x * 0.7071067811865476)) + \
-        x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
-
-
-def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch.Tensor],
-               o: MSLoRAOptions, zmean: torch.Tensor | None,
-               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch.Tensor],
+                    o: MSLoRAOptions, zmean: torch.Tensor | None,
+                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``out = x + H(x)`` (SPEC section 1) for x and every weight.
 
     Args:
@@ -735,8 +777,9 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
             order-dependent in the last bits). True: bitwise reproducible (persistent grid of
             ``DET_PROGRAMS`` programs with private fp32 partials, fixed-order reduction).
 
-    Returns ``(grad_x, grads)``: grad_x in x's layout, memory format and dtype; grads keyed like
-    ``weights``, each in its weight's shape and dtype (accumulated in fp32).
+    Returns ``(grad_x, flat)``: grad_x in x's layout, memory format and dtype; flat, every
+    weight gradient (accumulated in fp32) in the weights' dtype, flattened and concatenated in
+    ``weight_shapes`` order (what the op returns; :func:`mslora_bwd` splits it).
     """
     _check(grad_out, x, weights, o, zmean)
     # The one layout rule (normalize_layout) of the forward and the ops' fake impls, so that
@@ -762,41 +805,40 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     ns_max = max(n1 - n0 for n0, n1 in slices)
     nhw_max = ns_max * hw
 
-    # packed depthwise taps: path i at woffs[i], tap-major (k*k, D) (taps_by_tap), each path's
-    # block padded to a multiple of TAP_ALIGN elements (the kernels' tl.multiple_of)
-    ks = _device_int32(o.kernel_sizes, dev)
-    align = TAP_ALIGN.value
-    sizes = [triton.cdiv(d * k * k, align) * align for k in o.kernel_sizes]
-    woffs_list = [sum(sizes[:i]) for i in range(nk)]
-    woffs = _device_int32(woffs_list, dev)
-    dw = torch.cat([torch.nn.functional.pad(taps_by_tap(weights[f"dw.{i}.weight"]).reshape(-1),
-                                            (0, sizes[i] - d * k * k))
-                    for i, k in enumerate(o.kernel_sizes)])
+    # every path's taps tap-major in one buffer, and the int32 kernel sizes and offsets the
+    # kernels index them by, in one launch (taps.pack_taps)
+    dw, _, ks, woffs = pack_taps(weights, o.kernel_sizes, d)
+    ksz = list(o.kernel_sizes) + [0] * (MAX_PATHS - nk)
 
-    # the fp32 gradient buffer: one section per gradient, plus the per-(n, d) sum of ds0 (pool)
-    # of the images of one slice (zeroed before each slice's B1, consumed before its B2)
-    sections = {"proj.weight": d * cg, "down.weight": d * cg, "up.weight": c * dg,
-                "pw.weight": d * d, "dw": sum(sizes), "gate.weight": nk * d, "gate.bias": nk,
-                "enorm.weight": d, "enorm.bias": d, "norm.weight": c, "norm.bias": c,
-                "pool": ns_max * d}
-    offs, total = {}, 0
-    for key, size in sections.items():
-        offs[key] = total
-        total += (size + 31) // 32 * 32
+    # The fp32 gradient buffer: the per-(n, d) sum of ds0 (pool) of the images of one slice
+    # (zeroed by _bwd_pool_kernel once read), then every gradient in weight_shapes' order, the
+    # taps' as packed (one "dw" section). With C and D multiples of 16 every offset is one.
+    offs, total = {"pool": 0}, ns_max * d if o.pool else 0
+    o_grads = total
+    for name, shape in weight_shapes(o).items():
+        if name.startswith("dw."):
+            if name == "dw.0.weight":
+                offs["dw"], total = total, total + dw.numel()
+            continue
+        offs[name], total = total, total + math.prod(shape)
+    row = triton.cdiv(total, 32) * 32
     if deterministic:
         # One program count for every slice (a program with no tile in a smaller slice adds
         # nothing), so each program's private row sums its tiles slice after slice: a fixed order.
-        nprog = min(ns_max * tiles_per_img, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // total))
+        nprog = min(ns_max * tiles_per_img, DET_PROGRAMS, max(16, DET_PARTIAL_BUDGET // row))
     else:
         nprog = 1  # one row, shared through atomics
-    gbuf = torch.zeros((nprog, total), dtype=f32, device=dev)
-    pool_sec = gbuf[:, offs["pool"]:offs["pool"] + ns_max * d]
+    gbuf = torch.zeros((nprog, row), dtype=f32, device=dev)
+    off = {k: offs.get(k, 0) for k in ("proj.weight", "down.weight", "up.weight", "pw.weight",
+                                       "gate.weight", "gate.bias", "enorm.weight",
+                                       "enorm.bias", "norm.weight", "norm.bias", "dw")}
 
     # z and dc_i in the compute dtype (as the reference rounds them); du in fp32; allocated once
     # at the largest slice, the leading rows of each used by a slice
     zbuf = torch.empty((nhw_max, d), dtype=x.dtype, device=dev)
     dcbuf = torch.empty((nk * nhw_max * d,), dtype=x.dtype, device=dev)
     dubuf = torch.empty((nhw_max, c), dtype=f32, device=dev)
+    dzpool = torch.empty((ns_max, d), dtype=f32, device=dev) if o.pool else gbuf
     grad_x = torch.empty_like(x)
     sgx = nchw_strides(grad_x, o.data_format)
 
@@ -807,7 +849,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     gw, gbias = (wt["gate.weight"], wt["gate.bias"]) if o.gate else (dummy, dummy)
     zm_all = zmean.to(f32).contiguous() if o.pool and zmean is not None else None
 
-    for i, (n0, n1) in enumerate(slices):
+    for n0, n1 in slices:
         # Batch slices of x, grad_out, grad_x: views with the full tensors' strides (sx, sg,
         # sgx), so every kernel addresses image n of the slice at n * sxn from the view's start.
         ns = n1 - n0
@@ -816,12 +858,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
         zs, dus = rows(zbuf, 0, nhw), rows(dubuf, 0, nhw)
         dcs = rows(dcbuf, 0, nk * nhw * d).view(nk, nhw, d)
         grid = (nprog,) if deterministic else (ntiles,)
-        if o.pool:
-            zm = rows(zm_all, n0, n1) if zm_all is not None else None
-            if i > 0:
-                pool_sec.zero_()
-        else:
-            zm = gbuf
+        zm = (rows(zm_all, n0, n1) if zm_all is not None else None) if o.pool else gbuf
 
         wrap_triton(_bwd_z_kernel)[(ntiles,)](
             xs, wt["down.weight"], ng, nb, zs, c, d, h, w, cg, dg, *sx, tiles_per_img,
@@ -832,44 +869,51 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
 
         wrap_triton(_bwd_main_kernel)[grid](
             xs, gos, zs, zm, dcs, dus,
-            wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks,
-            woffs, gw, gbias, ng, nb, eg, eb,
-            gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"],
-            offs["pw.weight"], offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"],
-            offs["enorm.bias"], offs["pool"], total,
+            wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks, woffs,
+            gw, gbias, ng, nb, eg, eb,
+            gbuf, off["proj.weight"], off["down.weight"], off["up.weight"], off["pw.weight"],
+            off["gate.weight"], off["gate.bias"], off["enorm.weight"], off["enorm.bias"],
+            offs["pool"], row,
             ns, c, d, h, w, g, cg, dg, nk, _staging_path(o.kernel_sizes), *sx, *sg, ntiles,
             tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
             POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
             num_stages=NUM_STAGES, maxnreg=maxnreg)
 
+        dzp = gbuf
         if o.pool:
-            pool_sum = pool_sec[:, :ns * d].sum(0).view(ns, d)
-            dzpool = (pool_sum * _gelu_grad_torch(zm) / hw).contiguous()
-        else:
-            dzpool = gbuf
+            dzp = rows(dzpool, 0, ns)
+            wrap_triton(_bwd_pool_kernel)[(ns,)](gbuf, offs["pool"], row, nprog, zm, dzp, d, hw,
+                                                 BLOCK_D=bd, num_warps=4, num_stages=1)
 
         wrap_triton(_bwd_dz_kernel)[grid](
-            xs, gos, gxs, zs, dcs, dus, dzpool,
+            xs, gos, gxs, zs, dcs, dus, dzp,
             wt["down.weight"], dw, ks, woffs, ng, nb,
-            gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], total,
+            gbuf, off["down.weight"], off["dw"], off["norm.weight"], off["norm.bias"], row,
             ns, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
             DET=deterministic, num_warps=warps,
             num_stages=NUM_STAGES, maxnreg=maxnreg)
 
-    flat = gbuf.sum(0) if deterministic else gbuf[0]
-    grads = {}
-    for name in weight_shapes(o):
-        wgt = weights[name]
-        if name.startswith("dw."):  # accumulated tap-major, like the taps it reads
-            i = int(name.split(".")[1])
-            start = offs["dw"] + woffs_list[i]
-            grad = taps_from_tap_major(flat[start:start + wgt.numel()], d, o.kernel_sizes[i])
-        else:
-            grad = flat[offs[name]:offs[name] + wgt.numel()].view(wgt.shape)
-        grads[name] = grad.to(wgt.dtype)
-    return grad_x, grads
+    # every weight gradient in one launch: summed (deterministic), cast, taps turned back
+    flat = torch.empty((sum(math.prod(sh) for sh in weight_shapes(o).values()),),
+                       dtype=x.dtype, device=dev)
+    dwlen = d * sum(k * k for k in o.kernel_sizes)
+    wrap_triton(_bwd_finish_kernel)[(triton.cdiv(flat.numel(), BLOCK_FINISH),)](
+        gbuf, flat, o_grads, row, nprog, flat.numel(), off["dw"] - o_grads, dwlen, dw.numel(),
+        d, *ksz, BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1)
+    return grad_x, flat
+
+
+def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch.Tensor],
+               o: MSLoRAOptions, zmean: torch.Tensor | None,
+               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`mslora_bwd_flat` with the weight gradients as a dict keyed like ``weights``, each
+    in its weight's shape and dtype (views of the flat buffer)."""
+    grad_x, flat = mslora_bwd_flat(grad_out, x, weights, o, zmean, deterministic)
+    shapes = weight_shapes(o)
+    parts = flat.split([math.prod(sh) for sh in shapes.values()])
+    return grad_x, {name: p.view(sh) for (name, sh), p in zip(shapes.items(), parts, strict=True)}
 
 
 # -------------------------------------------------------------------------------------------
@@ -930,8 +974,7 @@ def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
                         sig[nm] = "*fp32"
                     for nm in ("proj_ptr", "down_ptr", "up_ptr", "pw_ptr", "dw_ptr"):
                         sig[nm] = f"*{dt}"
-                    sig["ks_ptr"] = "*i32"
-                    sig["woffs_ptr"] = "*i32"
+                    sig.update({"ks_ptr": "*i32", "woffs_ptr": "*i32"})
                     for nm in ("gw_ptr", "gb_ptr", "ng_ptr", "nb_ptr", "eg_ptr", "eb_ptr"):
                         sig[nm] = f"*{dt}"
                     sig["g_ptr"] = "*fp32"
@@ -953,8 +996,7 @@ def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
                         sig[nm] = "*fp32"
                     sig["down_ptr"] = f"*{dt}"
                     sig["dw_ptr"] = f"*{dt}"
-                    sig["ks_ptr"] = "*i32"
-                    sig["woffs_ptr"] = "*i32"
+                    sig.update({"ks_ptr": "*i32", "woffs_ptr": "*i32"})
                     sig["ng_ptr"] = f"*{dt}"
                     sig["nb_ptr"] = f"*{dt}"
                     sig["g_ptr"] = "*fp32"
@@ -968,6 +1010,21 @@ def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
                     cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
                                              num_warps=warps, num_stages=NUM_STAGES,
                                              maxnreg=maxnreg))
+        bd = _blocks(d, torch.float32, False)[1]
+        sig = {"g_ptr": "*fp32", "o_pool": i32, "gstride": i32, "NPROG": i32,
+               "zmean_ptr": "*fp32", "dzpool_ptr": "*fp32", "D": i32, "HW": i32,
+               "BLOCK_D": "constexpr"}
+        cases.append(CompileCase(f"mslora_bwd_pool[D={d}]", _bwd_pool_kernel, sig,
+                                 {"BLOCK_D": bd}, num_warps=4,
+                                 num_stages=1))
     # what D = 128 runs with the usual widths: every pointer and size 16-divisible
     cases += [aligned(c) for c in cases if f"D={ALIGNED_RANK}," in c.name]
+    for dt in TRITON_DTYPE.values():
+        sig = {"g_ptr": "*fp32", "out_ptr": f"*{dt}"}
+        sig.update({nm: i32 for nm in ("o_grads", "gstride", "NPROG", "TOTAL", "DW0", "DWLEN",
+                                       "DWPAD", "D", "K0", "K1", "K2", "K3")})
+        sig["BLOCK"] = "constexpr"
+        cases.append(CompileCase(f"mslora_bwd_finish[{dt}]", _bwd_finish_kernel, sig,
+                                 {"BLOCK": BLOCK_FINISH}, num_warps=4,
+                                 num_stages=1))
     return cases

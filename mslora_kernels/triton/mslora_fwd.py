@@ -53,13 +53,13 @@ from ._common import (
     MAX_RANK,
     nchw_strides,
     normalize_layout,
-    taps_by_tap,
     wrap_triton,
 )
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
 from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
+from .taps import pack_taps
 
 fix_interpreter()
 
@@ -171,7 +171,8 @@ def _mslora_f1_kernel(
         z_ptr: out, (N, H, W, D) contiguous z in x's dtype.
         stats_ptr: out (PRENORM), (N*H*W, 2) fp32 mean and 1/std over C.
         glog_ptr: out (GATE), (N*H*W, 4) fp32 gate logits ``gate_i(z) + b_i``.
-        part_ptr: out (POOL), (N, NT, D) fp32 sums of z over this program's pixels.
+        part_ptr: out (POOL), (N, NT, D) fp32 sums of z over this program's pixels, over H*W
+            (so that their sum over the NT programs is the mean).
         C, D, CG, DG: channels, rank, C/G, D/G. H, W: spatial size. NT: programs per image.
     Tiling: [BLOCK_P pixels, BLOCK_D = max(16, next_pow2(D)) channels] in registers, the C
     contraction in BLOCK_K steps of ``tl.dot``; z is written once, masked to d < D.
@@ -201,7 +202,7 @@ def _mslora_f1_kernel(
     tl.store(z_ptr + gidx[:, None] * D + dd[None, :], zq, mask=pmask[:, None] & dmask[None, :])
     zr = zq.to(tl.float32)  # what F2 reads back: gate and pool see the stored z
     if POOL:
-        zsum = tl.sum(tl.where(pmask[:, None], zr, 0.0), axis=0)
+        zsum = tl.sum(tl.where(pmask[:, None], zr, 0.0), axis=0) / HW
         tl.store(part_ptr + (n * NT + pid) * D + dd, zsum, mask=dmask)
     if GATE:
         for i in tl.static_range(NPATHS):
@@ -443,8 +444,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     glog = torch.empty((ns_max * hw, GATE_STRIDE) if o.gate else (1,), device=dev,
                        dtype=torch.float32)
     part = torch.empty((ns_max * nt, d) if o.pool else (1,), device=dev, dtype=torch.float32)
-    zmean = torch.empty((n, d), device=dev, dtype=torch.float32) \
-        if o.pool and len(slices) > 1 else None
+    zmean = torch.empty((n, d), device=dev, dtype=torch.float32) if o.pool else None
     nw = wt["norm.weight"] if o.prenorm else wt["down.weight"]
     nb = wt["norm.bias"] if o.prenorm else wt["down.weight"]
     gw = wt["gate.weight"] if o.gate else wt["down.weight"]
@@ -454,8 +454,9 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     tiles_w = triton.cdiv(w, cfg2["TW"])
     tiles2 = triton.cdiv(h, cfg2["TH"]) * tiles_w
     ks = list(o.kernel_sizes) + [0] * (MAX_PATHS - len(o.kernel_sizes))
-    taps = [taps_by_tap(wt[f"dw.{i}.weight"]) for i in range(len(o.kernel_sizes))]
-    dws = [taps[i] if ks[i] else taps[0] for i in range(MAX_PATHS)]
+    # every path's taps tap-major in one buffer (one launch), path i a view at its offset
+    taps, woffs, _, _ = pack_taps(wt, o.kernel_sizes, d)
+    dws = [taps[woffs[i]:] if ks[i] else taps for i in range(MAX_PATHS)]
     ew = wt["enorm.weight"] if o.enhance else wt["pw.weight"]
     eb = wt["enorm.bias"] if o.enhance else wt["pw.weight"]
 
@@ -478,12 +479,8 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
         )
         zmean_s = stats
         if o.pool:
-            # a fixed-order reduce of the per-tile partial sums (deterministic, tiny)
-            zmean_s = part_s.view(ns, nt, d).sum(dim=1) / hw
-            if len(slices) == 1:
-                zmean = zmean_s
-            else:
-                zmean[n0:n1] = zmean_s
+            # a fixed-order reduce of the per-tile partial means (deterministic, tiny)
+            zmean_s = torch.sum(part_s.view(ns, nt, d), dim=1, out=rows(zmean, n0, n1))
 
         wrap_triton(_mslora_f2_kernel)[(tiles2, ns)](
             xs, outs, zs, stats_s, glog_s, zmean_s,
