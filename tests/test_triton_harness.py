@@ -81,6 +81,21 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
     assert "broken" in r.stdout and "ERROR" in r.stdout and "1 failed" in r.stdout
 
 
+def test_compile_check_refuses_two_cases_of_one_name(tmp_path, monkeypatch):
+    """A worker finds its case again by name, so a second case of the same name (another
+    configuration, or the same one listed twice) would be compiled as the first: refused."""
+    from mslora_kernels.checks.triton_compile import collect_cases
+
+    twice = BROKEN.replace('return [CompileCase("broken"', 'return 2 * [CompileCase("broken"')
+    (tmp_path / "twice_mod.py").write_text(twice)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"twice_mod.compile_cases\(\) names several cases "
+                                         r"\['broken'\]"):
+        collect_cases(["twice_mod"], None)
+    names = [n for _, n in collect_cases(["mslora_kernels.triton.mslora_bwd"], None)]
+    assert len(names) == len(set(names)) and "mslora_bwd_pool[D=128]" in names
+
+
 def test_compile_case_signature_follows_the_kernels_argument_order():
     """Triton 3.3's ASTSource reads the signature by position, 3.6's by name: a case written in
     another order (as mslora_bwd's dc_ptr and zmean_ptr once were) gave 3.3 the wrong types, so

@@ -68,14 +68,19 @@ def kernel_modules(extra: list[str]) -> list[str]:
 
 
 def collect_cases(modules: list[str], text: str | None):
+    """(module, case name) of every case whose name contains ``text``. A module's case names
+    must be unique: a worker finds its case again by name, so a second case of the same name
+    would silently be compiled as the first."""
     cases = []
     for mod_name in modules:
         mod = importlib.import_module(mod_name)
         if not hasattr(mod, "compile_cases"):
             continue
-        for case in mod.compile_cases():
-            if text is None or text in case.name:
-                cases.append((mod_name, case.name))
+        names = [case.name for case in mod.compile_cases()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{mod_name}.compile_cases() names several cases {twice}")
+        cases += [(mod_name, n) for n in names if text is None or text in n]
     return cases
 
 

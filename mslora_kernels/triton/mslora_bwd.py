@@ -1010,15 +1010,15 @@ def compile_cases(ranks=COMPILE_RANKS) -> list[CompileCase]:
                     cases.append(CompileCase(f"mslora_bwd_dz[{tag}]", _bwd_dz_kernel, sig, cx,
                                              num_warps=warps, num_stages=NUM_STAGES,
                                              maxnreg=maxnreg))
-        bd = _blocks(d, torch.float32, False)[1]
+    # what D = 128 runs with the usual widths: every pointer and size 16-divisible
+    cases += [aligned(c) for c in cases if f"D={ALIGNED_RANK}," in c.name]
+    for d in ranks:  # the small kernels: one configuration per BLOCK_D or dtype
         sig = {"g_ptr": "*fp32", "o_pool": i32, "gstride": i32, "NPROG": i32,
                "zmean_ptr": "*fp32", "dzpool_ptr": "*fp32", "D": i32, "HW": i32,
                "BLOCK_D": "constexpr"}
         cases.append(CompileCase(f"mslora_bwd_pool[D={d}]", _bwd_pool_kernel, sig,
-                                 {"BLOCK_D": bd}, num_warps=4,
+                                 {"BLOCK_D": max(16, triton.next_power_of_2(d))}, num_warps=4,
                                  num_stages=1))
-    # what D = 128 runs with the usual widths: every pointer and size 16-divisible
-    cases += [aligned(c) for c in cases if f"D={ALIGNED_RANK}," in c.name]
     for dt in TRITON_DTYPE.values():
         sig = {"g_ptr": "*fp32", "out_ptr": f"*{dt}"}
         sig.update({nm: i32 for nm in ("o_grads", "gstride", "NPROG", "TOTAL", "DW0", "DWLEN",
