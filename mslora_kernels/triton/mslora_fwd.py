@@ -126,8 +126,8 @@ def _grouped_in_proj(x_base, pix_off, pmask, w_ptr, nw_ptr, nb_ptr, mean, rstd, 
 def _tap(acc, zs, w_ptr, d, dmask, D, dy, DX: tl.constexpr, K: tl.constexpr,
          RMAX: tl.constexpr):
     """Add tap (dy, DX) of the largest window to one path's accumulator if its K x K window
-    contains that tap. ``w_ptr``: the path's taps, tap-major (K*K, D) (``taps_by_tap``: the
-    step's DC channels of one tap contiguous). The column test is resolved at compile time, the
+    contains that tap. ``w_ptr``: the path's taps, tap-major (K*K, D) (``taps.pack_taps``:
+    the step's DC channels of one tap contiguous). The column test is resolved at compile time, the
     row test (dy is a loop counter) is one uniform branch per program."""
     OFF: tl.constexpr = RMAX - K // 2
     if DX >= OFF and DX < OFF + K:
