@@ -81,18 +81,19 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
     assert "broken" in r.stdout and "ERROR" in r.stdout and "1 failed" in r.stdout
 
 
-def test_compile_check_refuses_two_cases_of_one_name(tmp_path, monkeypatch):
+def test_compile_check_refuses_two_cases_of_one_name(tmp_path):
     """A worker finds its case again by name, so a second case of the same name (another
-    configuration, or the same one listed twice) would be compiled as the first: refused."""
-    from mslora_kernels.checks.triton_compile import collect_cases
+    configuration, or the same one listed twice) would be compiled as the first: refused. (In a
+    subprocess: the check's module drops TRITON_INTERPRET from the environment on import.)"""
+    from mslora_kernels.triton import mslora_bwd
 
     twice = BROKEN.replace('return [CompileCase("broken"', 'return 2 * [CompileCase("broken"')
     (tmp_path / "twice_mod.py").write_text(twice)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError, match=r"twice_mod.compile_cases\(\) names several cases "
-                                         r"\['broken'\]"):
-        collect_cases(["twice_mod"], None)
-    names = [n for _, n in collect_cases(["mslora_kernels.triton.mslora_bwd"], None)]
+    r = _run_check("--only-module", "--module", "twice_mod", "--arch", "90",
+                   extra_path=tmp_path)
+    assert r.returncode != 0
+    assert "twice_mod.compile_cases() names several cases ['broken']" in r.stderr, r.stderr
+    names = [c.name for c in mslora_bwd.compile_cases()]
     assert len(names) == len(set(names)) and "mslora_bwd_pool[D=128]" in names
 
 
