@@ -14,6 +14,11 @@ MAX_PATHS = 4  # kernel sizes served by one program (one fp32 accumulator tile e
 MAX_RANK = 512  # BLOCK_D beyond this leaves fewer than 16 pixels per tile (tl.dot needs 16)
 
 
+def kernel_size_slots(kernel_sizes) -> list[int]:
+    """The kernel sizes in the MAX_PATHS slots the kernels take as K0..K3 (0: no path)."""
+    return list(kernel_sizes) + [0] * (MAX_PATHS - len(kernel_sizes))
+
+
 def wrap_triton(kernel):
     import torch
     from triton.runtime.interpreter import InterpretedFunction

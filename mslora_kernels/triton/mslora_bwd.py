@@ -98,7 +98,7 @@ import triton.language as tl
 
 from ..config import MSLoRAOptions, weight_shapes
 from ..workspace import image_slices, rows
-from ._common import MAX_PATHS, nchw_strides, normalize_layout, wrap_triton
+from ._common import MAX_PATHS, kernel_size_slots, nchw_strides, normalize_layout, wrap_triton
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
 from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
@@ -120,6 +120,10 @@ NUM_STAGES = 2
 BLOCK_K = tl.constexpr(32)  # K chunk of the staged (D, D) products (``_mm_staged``)
 BLOCK_FINISH = 1024  # gradient elements per program of the finishing kernel
 PATHS = tl.constexpr(MAX_PATHS)  # the finishing kernel's kernel-size arguments K0..K3
+# The fp32 gradient buffer's sections (mslora_bwd_flat): the kernels' o_* offsets
+_BUFFER_SECTIONS = ("pool", "proj.weight", "down.weight", "dw", "pw.weight", "up.weight",
+                    "norm.weight", "norm.bias", "enorm.weight", "enorm.bias", "gate.weight",
+                    "gate.bias")
 
 
 fix_interpreter()
@@ -808,12 +812,13 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
     # every path's taps tap-major in one buffer, and the int32 kernel sizes and offsets the
     # kernels index them by, in one launch (taps.pack_taps)
     dw, _, ks, woffs = pack_taps(weights, o.kernel_sizes, d)
-    ksz = list(o.kernel_sizes) + [0] * (MAX_PATHS - nk)
 
     # The fp32 gradient buffer: the per-(n, d) sum of ds0 (pool) of the images of one slice
     # (zeroed by _bwd_pool_kernel once read), then every gradient in weight_shapes' order, the
-    # taps' as packed (one "dw" section). With C and D multiples of 16 every offset is one.
-    offs, total = {"pool": 0}, ns_max * d if o.pool else 0
+    # taps' as packed (one "dw" section). With C and D multiples of 16 every offset is one. The
+    # sections of options that are off are empty: their offsets (passed, never read) stay 0.
+    offs = dict.fromkeys(_BUFFER_SECTIONS, 0)
+    total = ns_max * d if o.pool else 0
     o_grads = total
     for name, shape in weight_shapes(o).items():
         if name.startswith("dw."):
@@ -829,9 +834,6 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
     else:
         nprog = 1  # one row, shared through atomics
     gbuf = torch.zeros((nprog, row), dtype=f32, device=dev)
-    off = {k: offs.get(k, 0) for k in ("proj.weight", "down.weight", "up.weight", "pw.weight",
-                                       "gate.weight", "gate.bias", "enorm.weight",
-                                       "enorm.bias", "norm.weight", "norm.bias", "dw")}
 
     # z and dc_i in the compute dtype (as the reference rounds them); du in fp32; allocated once
     # at the largest slice, the leading rows of each used by a slice
@@ -871,8 +873,8 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
             xs, gos, zs, zm, dcs, dus,
             wt["proj.weight"], wt["down.weight"], wt["up.weight"], wt["pw.weight"], dw, ks, woffs,
             gw, gbias, ng, nb, eg, eb,
-            gbuf, off["proj.weight"], off["down.weight"], off["up.weight"], off["pw.weight"],
-            off["gate.weight"], off["gate.bias"], off["enorm.weight"], off["enorm.bias"],
+            gbuf, offs["proj.weight"], offs["down.weight"], offs["up.weight"], offs["pw.weight"],
+            offs["gate.weight"], offs["gate.bias"], offs["enorm.weight"], offs["enorm.bias"],
             offs["pool"], row,
             ns, c, d, h, w, g, cg, dg, nk, _staging_path(o.kernel_sizes), *sx, *sg, ntiles,
             tiles_per_img,
@@ -889,7 +891,7 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
         wrap_triton(_bwd_dz_kernel)[grid](
             xs, gos, gxs, zs, dcs, dus, dzp,
             wt["down.weight"], dw, ks, woffs, ng, nb,
-            gbuf, off["down.weight"], off["dw"], off["norm.weight"], off["norm.bias"], row,
+            gbuf, offs["down.weight"], offs["dw"], offs["norm.weight"], offs["norm.bias"], row,
             ns, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
             DET=deterministic, num_warps=warps,
@@ -900,8 +902,8 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
                        dtype=x.dtype, device=dev)
     dwlen = d * sum(k * k for k in o.kernel_sizes)
     wrap_triton(_bwd_finish_kernel)[(triton.cdiv(flat.numel(), BLOCK_FINISH),)](
-        gbuf, flat, o_grads, row, nprog, flat.numel(), off["dw"] - o_grads, dwlen, dw.numel(),
-        d, *ksz, BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1)
+        gbuf, flat, o_grads, row, nprog, flat.numel(), offs["dw"] - o_grads, dwlen, dw.numel(),
+        d, *kernel_size_slots(o.kernel_sizes), BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1)
     return grad_x, flat
 
 

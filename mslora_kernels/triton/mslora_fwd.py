@@ -51,6 +51,7 @@ from ..workspace import image_slices, rows
 from ._common import (
     MAX_PATHS,
     MAX_RANK,
+    kernel_size_slots,
     nchw_strides,
     normalize_layout,
     wrap_triton,
@@ -453,7 +454,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
     cfg2 = f2_config(d, o.enhance, dt)
     tiles_w = triton.cdiv(w, cfg2["TW"])
     tiles2 = triton.cdiv(h, cfg2["TH"]) * tiles_w
-    ks = list(o.kernel_sizes) + [0] * (MAX_PATHS - len(o.kernel_sizes))
+    ks = kernel_size_slots(o.kernel_sizes)
     # every path's taps tap-major in one buffer (one launch), path i a view at its offset
     taps, woffs, _, _ = pack_taps(wt, o.kernel_sizes, d)
     dws = [taps[woffs[i]:] if ks[i] else taps for i in range(MAX_PATHS)]
@@ -546,7 +547,7 @@ def compile_cases() -> list[CompileCase]:
                                          "sxh", "sxw"), ce1), ce1,
                     num_warps=c1["num_warps"], num_stages=c1["num_stages"]))
                 c2 = f2_config(d, o["enhance"], torch_dt)
-                ks = list(COMPILE_KERNEL_SIZES) + [0] * (MAX_PATHS - len(COMPILE_KERNEL_SIZES))
+                ks = kernel_size_slots(COMPILE_KERNEL_SIZES)
                 ce2 = {"K0": ks[0], "K1": ks[1], "K2": ks[2], "K3": ks[3], "KMAX": max(ks),
                        "PRENORM": o["prenorm"], "ENHANCE": o["enhance"], "POOL": o["pool"],
                        "GATE": o["gate"], "SHUFFLE": o["shuffle"], "TH": c2["TH"],

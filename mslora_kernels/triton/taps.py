@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_PATHS, wrap_triton
+from ._common import MAX_PATHS, kernel_size_slots, wrap_triton
 from ._compile import TRITON_DTYPE, CompileCase
 from ._interpreter import fix_interpreter
 
@@ -100,10 +100,10 @@ def pack_taps(weights, kernel_sizes, d: int):
     out = torch.empty((total,), dtype=ws[0].dtype, device=dev)
     ks_t = torch.empty((nk,), dtype=torch.int32, device=dev)
     woffs_t = torch.empty((nk,), dtype=torch.int32, device=dev)
-    ks = list(kernel_sizes) + [0] * (MAX_PATHS - nk)
     ptrs = ws + [ws[0]] * (MAX_PATHS - nk)
     grid = (triton.cdiv(d * max(kernel_sizes) ** 2, BLOCK), nk)
-    wrap_triton(_pack_taps_kernel)[grid](*ptrs, out, ks_t, woffs_t, d, *ks, BLOCK=BLOCK,
+    wrap_triton(_pack_taps_kernel)[grid](*ptrs, out, ks_t, woffs_t, d,
+                                           *kernel_size_slots(kernel_sizes), BLOCK=BLOCK,
                                            num_warps=4, num_stages=1)
     return out, offs, ks_t, woffs_t
 
