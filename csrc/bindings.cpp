@@ -40,5 +40,6 @@ PYBIND11_MODULE(_C, m) {
           return mslora::mslora_launch(k, dtype, nhwc, p, g.first, g.second, stream_of(stream));
         }, py::arg("kernel"), py::arg("dtype"), py::arg("nhwc"), py::arg("ints"), py::arg("ptrs"),
         py::arg("stream"),
-        "Launch one MSLoRA kernel (prep, fwd, bwd_tile, bwd_dz, bwd_dx); returns the CUDA error code.");
+        "Launch one MSLoRA kernel (prep, fwd, bwd_tile, bwd_dz, bwd_dx, pack, bwd_pool, "
+        "bwd_finish); returns the CUDA error code.");
 }

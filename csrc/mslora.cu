@@ -60,6 +60,27 @@ __global__ void __launch_bounds__(kThreads) mslora_bwd_dx_kernel(Params p) {
   bwd_dx_body<T, kNHWC>(p, int(blockIdx.x), sm, ex);
 }
 
+// The small kernels (mslora.cuh) index Params' segment tables with a runtime index: as a
+// __grid_constant__ parameter it is read in place, where a plain by-value one is copied to
+// every thread's stack first.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mslora_pack_kernel(const __grid_constant__ Params p) {
+  DeviceEx ex{int(blockDim.x)};
+  pack_body<T>(p, int(blockIdx.x), int(blockIdx.y), ex);
+}
+
+__global__ void __launch_bounds__(kThreads) mslora_bwd_pool_kernel(const __grid_constant__ Params p) {
+  DeviceEx ex{int(blockDim.x)};
+  bwd_pool_body(p, int(blockIdx.x), ex);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mslora_bwd_finish_kernel(
+    const __grid_constant__ Params p) {
+  DeviceEx ex{int(blockDim.x)};
+  bwd_finish_body<T>(p, int(blockIdx.x), ex);
+}
+
 template <class K>
 static int launch_one(K kernel, const Params& p, int64_t gx, int64_t gy, size_t smem,
                       cudaStream_t stream) {
@@ -81,6 +102,10 @@ static int launch_t(int kernel, const Params& p, int64_t gx, int64_t gy, size_t 
     case kBwdTile: return launch_one(mslora_bwd_tile_kernel<T, kNHWC>, p, gx, gy, smem, s);
     case kBwdDz: return launch_one(mslora_bwd_dz_kernel<T, kNHWC>, p, gx, gy, smem, s);
     case kBwdDx: return launch_one(mslora_bwd_dx_kernel<T, kNHWC>, p, gx, gy, smem, s);
+    // the small kernels do not depend on the layout: one instantiation per dtype
+    case kPack: return launch_one(mslora_pack_kernel<T>, p, gx, gy, smem, s);
+    case kBwdPool: return launch_one(mslora_bwd_pool_kernel, p, gx, gy, smem, s);
+    case kBwdFinish: return launch_one(mslora_bwd_finish_kernel<T>, p, gx, gy, smem, s);
     default: return int(cudaErrorInvalidValue);
   }
 }

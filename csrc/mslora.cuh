@@ -37,9 +37,14 @@
 //            with N*H*W).                                                             [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads. [B3]
-// The dense weight gradients (proj, down, pw, up) are GEMMs in T (fp32 accumulation) over the
-// workspaces, done by the launcher with torch; the per-tile partials are summed there in a
-// fixed order, so every weight gradient is deterministic.
+//   pack     (grid (blocks, segments)): the weights as the kernels read them (Params), from the
+//            module's: the products' transposes, the taps, norms and gate in fp32.
+//   bwd_pool (grid N): pool's term of dz per image from bwd_tile's partials.
+//   bwd_finish (1-D grid over the gradients' elements): every weight gradient, flat in weight
+//            order: the per-tile / per-block partials summed in a fixed order (so every weight
+//            gradient is deterministic), the dense ones (proj, down, pw, up: GEMMs in T with fp32
+//            accumulation over the workspaces, done by the launcher with torch) taken as they
+//            are, each added to the earlier image slices' fp32 sum and cast to T.
 #pragma once
 
 #include "common.cuh"
@@ -49,6 +54,29 @@ namespace mslora {
 
 constexpr int kMaxPaths = 8;
 constexpr float kLnEps = 1e-6f;
+// pack's segments (Params::pack): the 4 products' transposes, kMaxPaths taps, 6 vectors (norm,
+// enorm, gate); bwd_finish's (Params::grad): a weight gradient each, the taps' in one.
+constexpr int kMaxPack = 4 + kMaxPaths + 6;
+constexpr int kMaxGrads = 5 + 6;
+// Elements per block of pack (per segment) and bwd_finish: a block's threads stride over them.
+constexpr int kSmallChunk = 1024;
+
+// One weight for pack: a (rows, cols) matrix of T at src to dst, transposed to (cols, rows) in
+// T (widen = 0), or its rows * cols values converted to fp32 in order (widen = 1).
+struct PackSeg {
+  const void* src;
+  void* dst;
+  int rows, cols, widen;
+};
+
+// One weight gradient (or a run of them with one source, the taps') for bwd_finish: len
+// elements in the checkpoint's order, a dense product's result of type T at src (rows = 0), or
+// the sum of `rows` fp32 partial rows of len at src, in row order.
+struct GradSeg {
+  const void* src;
+  int64_t len;
+  int rows;
+};
 
 // Everything a kernel needs; filled by the binding from the launcher's dicts (missing = 0).
 struct Params {
@@ -86,7 +114,8 @@ struct Params {
                           // fwd / bwd_tile / bwd_dx read it
   float* gsig;            // (N*H*W, nk) sigmoid(gate_w[i] . z + gate_b[i]) (gate): prep writes
                           // it, fwd / bwd_tile / bwd_dz read it (on their tiles and halos)
-  const float* pool_dz;   // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W)  (pool, bwd_dz)
+  float* pool_dz;         // (N, D) (sum_HW ds0) * GELU'(zmean) / (H W) (pool): bwd_pool writes
+                          // it, bwd_dz reads it
   // workspaces, pixel-major (N*H*W, D): z and ds0 fp32: the depthwise passes read them with
   // halos and they feed the few-element weight gradients (dK, gate), which a 16-bit z or ds0
   // pushed past SPEC's 2x bound on fp16 / bf16 (tests/test_cuda_host.py); s, mp, dt, da, dz of
@@ -100,6 +129,17 @@ struct Params {
   float *part_norm_w, *part_norm_b;                     // (blocks, C)
   // bwd_dz: number of blocks (= partial rows); the launcher's bound, at most N * tiles/image
   int dz_blocks;
+  // pack: the weights above (the transposes, dw, the norms and gate in fp32) from the module's
+  int npack;
+  PackSeg pack[kMaxPack];
+  // bwd_finish: the weight gradients, flat in weight order, from the GEMM results and partials;
+  // plus gacc's (fp32, the earlier image slices') under acc_in; to gacc under acc_out (for the
+  // next slice); cast to T into gout if given (the last slice)
+  int ngrad;
+  GradSeg grad[kMaxGrads];
+  float* gacc;
+  void* gout;
+  int acc_in, acc_out;
 };
 
 // ---------------------------------------------------------------- small per-element helpers
@@ -1416,7 +1456,92 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
   }
 }
 
-enum Kernel : int { kPrep = 0, kFwd = 1, kBwdTile = 2, kBwdDz = 3, kBwdDx = 4 };
+// ------------------------------------------------------ the small kernels around the passes
+//
+// One launch each where the launcher ran a tensor op per weight or gradient: at the late stages
+// of a backbone (7 x 7 maps) the passes above take a few microseconds, about a launch each.
+
+// Blocks of pack along a segment: enough for its longest one.
+MSLORA_HD int pack_blocks(const Params& p) {
+  int64_t most = 1;
+  for (int i = 0; i < p.npack; ++i) {
+    const int64_t n = int64_t(p.pack[i].rows) * p.pack[i].cols;
+    most = n > most ? n : most;
+  }
+  return int(cdiv(most, kSmallChunk));
+}
+
+// pack (grid (pack_blocks, npack)): segment `seg` of Params::pack, elements [bx, bx + 1) *
+// kSmallChunk of it. A transpose writes dst in order (neighbouring threads on neighbouring
+// elements) and reads src a row apart: the weights are small and L2-resident.
+template <typename T, class Ex>
+MSLORA_HD void pack_body(const Params& p, int bx, int seg, Ex& ex) {
+  const PackSeg& s = p.pack[seg];
+  const int64_t n = int64_t(s.rows) * s.cols, end = (int64_t(bx) + 1) * kSmallChunk;
+  ex.stage([&](int tid) {
+    for (int64_t i = int64_t(bx) * kSmallChunk + tid; i < n && i < end; i += ex.nt) {
+      const T* src = static_cast<const T*>(s.src);
+      if (s.widen) {
+        static_cast<float*>(s.dst)[i] = to_f32(src[i]);
+      } else {  // dst (cols, rows): element i = (j, r) is src's (r, j)
+        const int64_t j = i / s.rows, r = i % s.rows;
+        static_cast<T*>(s.dst)[i] = src[r * s.cols + j];
+      }
+    }
+  });
+}
+
+// bwd_pool (grid N): pool's term of dz for image n (Params::pool_dz), from bwd_tile's per-tile
+// sums of ds0 (part_pool), summed in tile order: (sum_HW ds0) GELU'(zmean) / (H W).
+template <class Ex>
+MSLORA_HD void bwd_pool_body(const Params& p, int n, Ex& ex) {
+  const int tiles = tiles_per_image(p);
+  ex.stage([&](int tid) {
+    for (int d = tid; d < p.D; d += ex.nt) {
+      float sum = 0.f;
+      for (int t = 0; t < tiles; ++t) sum += p.part_pool[(int64_t(n) * tiles + t) * p.D + d];
+      const int64_t i = int64_t(n) * p.D + d;
+      p.pool_dz[i] = sum * gelu_grad(p.zmean[i]) / float(hw(p));
+    }
+  });
+}
+
+// Elements of bwd_finish's output: every weight gradient.
+MSLORA_HD int64_t grad_total(const Params& p) {
+  int64_t n = 0;
+  for (int i = 0; i < p.ngrad; ++i) n += p.grad[i].len;
+  return n;
+}
+
+// bwd_finish (grid cdiv(grad_total, kSmallChunk)): elements [bx, bx + 1) * kSmallChunk of the
+// flat weight gradients (Params::grad, gacc, gout), each in fp32 then rounded once to T.
+template <typename T, class Ex>
+MSLORA_HD void bwd_finish_body(const Params& p, int bx, Ex& ex) {
+  const int64_t total = grad_total(p), end = (int64_t(bx) + 1) * kSmallChunk;
+  ex.stage([&](int tid) {
+    for (int64_t e = int64_t(bx) * kSmallChunk + tid; e < total && e < end; e += ex.nt) {
+      int seg = 0;
+      int64_t i = e;
+      while (i >= p.grad[seg].len) i -= p.grad[seg++].len;
+      const GradSeg& s = p.grad[seg];
+      float v = 0.f;
+      if (s.rows == 0) {
+        v = to_f32(static_cast<const T*>(s.src)[i]);
+      } else {
+        const float* part = static_cast<const float*>(s.src);
+        for (int r = 0; r < s.rows; ++r) v += part[int64_t(r) * s.len + i];
+      }
+      if (p.acc_in) v = p.gacc[e] + v;
+      if (p.acc_out) p.gacc[e] = v;
+      if (p.gout) static_cast<T*>(p.gout)[e] = from_f32<T>(v);
+    }
+  });
+}
+
+enum Kernel : int {
+  kPrep = 0, kFwd = 1, kBwdTile = 2, kBwdDz = 3, kBwdDx = 4, kPack = 5, kBwdPool = 6,
+  kBwdFinish = 7
+};
 
 // Dynamic shared memory of a kernel, in floats (0: unknown kernel).
 inline int64_t smem_floats(int kernel, const Params& p) {

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,27 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.part_gate_b = F("part_gate_b"); p.part_norm_w = F("part_norm_w");
   p.part_norm_b = F("part_norm_b");
   p.dz_blocks = I("dz_blocks");
+  // the small kernels' segment tables: lists of tuples of ints (pointers as ints)
+  auto table = [&](const char* k) {
+    return ptrs.contains(k) ? ptrs[k].cast<std::vector<std::vector<int64_t>>>()
+                            : std::vector<std::vector<int64_t>>{};
+  };
+  auto ptr = [](int64_t v) { return reinterpret_cast<void*>(static_cast<std::uintptr_t>(v)); };
+  const auto pack = table("pack"), grads = table("grads");
+  if (pack.size() > size_t(kMaxPack) || grads.size() > size_t(kMaxGrads))
+    throw std::invalid_argument("mslora: too many pack or gradient segments");
+  p.npack = int(pack.size());
+  for (int i = 0; i < p.npack; ++i) {  // (src, dst, rows, cols, widen)
+    if (pack[i].size() != 5) throw std::invalid_argument("mslora: a pack segment has 5 ints");
+    p.pack[i] = PackSeg{ptr(pack[i][0]), ptr(pack[i][1]), int(pack[i][2]), int(pack[i][3]),
+                        int(pack[i][4])};
+  }
+  p.ngrad = int(grads.size());
+  for (int i = 0; i < p.ngrad; ++i) {  // (src, len, rows)
+    if (grads[i].size() != 3) throw std::invalid_argument("mslora: a gradient segment has 3 ints");
+    p.grad[i] = GradSeg{ptr(grads[i][0]), grads[i][1], int(grads[i][2])};
+  }
+  p.gacc = F("gacc"); p.gout = P("gout"); p.acc_in = I("acc_in"); p.acc_out = I("acc_out");
   return p;
 }
 
@@ -52,6 +74,9 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
 inline std::pair<int64_t, int64_t> grid_of(int kernel, const Params& p) {
   if (kernel == kPrep || kernel == kBwdDx) return {cdiv(int64_t(p.N) * p.H * p.W, p.PB), 1};
   if (kernel == kBwdDz) return {p.dz_blocks, 1};  // persistent: each block a run of tiles
+  if (kernel == kPack) return {pack_blocks(p), p.npack};
+  if (kernel == kBwdPool) return {p.N, 1};
+  if (kernel == kBwdFinish) return {cdiv(grad_total(p), kSmallChunk), 1};
   return {tiles_per_image(p), p.N};
 }
 
@@ -61,6 +86,9 @@ inline int kernel_id(const std::string& name) {
   if (name == "bwd_tile") return kBwdTile;
   if (name == "bwd_dz") return kBwdDz;
   if (name == "bwd_dx") return kBwdDx;
+  if (name == "pack") return kPack;
+  if (name == "bwd_pool") return kBwdPool;
+  if (name == "bwd_finish") return kBwdFinish;
   return -1;
 }
 

@@ -6,7 +6,12 @@ exactly one place (here) and never inside a kernel.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_FORMATS = ("channels_first", "channels_last")
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -91,6 +96,14 @@ def weight_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
     if o.gate:
         s.update({"gate.weight": (nk, d, 1, 1), "gate.bias": (nk,)})
     return s
+
+
+def split_flat_grads(flat: torch.Tensor, o: MSLoRAOptions) -> dict[str, torch.Tensor]:
+    """The fused backwards' flat weight gradients (every one flattened, in :func:`weight_shapes`
+    order) as a dict of views in the weights' shapes."""
+    shapes = weight_shapes(o)
+    parts = flat.split([math.prod(sh) for sh in shapes.values()])
+    return {name: p.view(sh) for (name, sh), p in zip(shapes.items(), parts, strict=True)}
 
 
 def mslora_param_count(channels: int, rank: int = 128, groups: int = 4,

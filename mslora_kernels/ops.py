@@ -92,10 +92,6 @@ def _bwd_fake(grad_out, x, weights, zmean, groups, kernel_sizes, prenorm, enhanc
     return [torch.empty_like(normalize_layout(x, fmt)), weights[0].new_empty((total,))]
 
 
-def _flat_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
-    return torch.cat([grads[n].reshape(-1) for n in names])
-
-
 def split_weight_grads(flat: Tensor, weights: Sequence[Tensor]) -> list[Tensor]:
     """The backward op's flat weight gradients cut back into the weights' shapes."""
     sizes = [w.numel() for w in weights]
@@ -168,11 +164,11 @@ def cuda_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], zmean: Tensor, 
              shuffle: bool, channels_last: bool, deterministic: bool) -> list[Tensor]:
     o = _options(x, weights, groups, kernel_sizes, prenorm, enhance, pool, gate, shuffle,
                  channels_last)
-    names = weight_names(o)
-    wdict = dict(zip(names, weights, strict=True))
-    grad_x, grads = _cuda_launchers().mslora_bwd(grad_out, x, wdict, o, zmean if pool else None,
-                                                 deterministic)
-    return [grad_x, _flat_grads(grads, names)]
+    wdict = dict(zip(weight_names(o), weights, strict=True))
+    # the launcher writes the weight gradients flat, in weight_names order, in one kernel
+    grad_x, flat = _cuda_launchers().mslora_bwd_flat(grad_out, x, wdict, o,
+                                                     zmean if pool else None, deterministic)
+    return [grad_x, flat]
 
 
 # ------------------------------------------------------------------------------------------

@@ -519,29 +519,43 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
 
     out, zmean = forward_impl(x, wt, o, recording, smem_bytes, limit)
     assert zmean.dtype == torch.float32
-    assert seen == {"prep": [{"z", "xstats", "gsig"}], "fwd": [{"z", "xstats", "gsig"}]}
+    assert seen == {"pack": [set()], "prep": [{"z", "xstats", "gsig"}],
+                    "fwd": [{"z", "xstats", "gsig"}]}
     seen.clear()
     dx, grads = backward_impl(gout, x, wt, o, zmean, recording, smem_bytes, limit)
-    assert seen == {"prep": [{"z", "xstats", "gsig"}],
+    assert seen == {"pack": [set()], "prep": [{"z", "xstats", "gsig"}],
                     "bwd_tile": [set(WORKSPACES) - {"dz"} | {"xstats", "gsig"}],
-                    "bwd_dz": [{"z", "da", "ds0", "dz", "gsig"}],
-                    "bwd_dx": [{"da", "dz", "xstats"}]}
+                    "bwd_pool": [set()], "bwd_dz": [{"z", "da", "ds0", "dz", "gsig"}],
+                    "bwd_dx": [{"da", "dz", "xstats"}], "bwd_finish": [set()]}
     _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_kernel_weights(dtype):
+@pytest.mark.parametrize("c,d,ks", [(12, 8, (3, 5)), (12, 8, (7, 1, 5, 3, 9, 3, 1, 5)),
+                                    (64, 128, (3, 5, 7))],  # pw: 16 of pack's blocks
+                         ids=["2paths", "8paths", "d128"])
+def test_kernel_weights(host, dtype, c, d, ks, monkeypatch):
     """What the launcher hands the kernels as weights: the channel products' (proj, down, pw,
     up) in x's dtype, as the module holds them (csrc reads them through wl<T>), and their
     transposes; the depthwise taps packed path after path, the norms and the gate in fp32;
-    every one contiguous, in the shape Params documents."""
-    from mslora_kernels.cuda.mslora import _kernel_weights
+    every one contiguous, in the shape Params documents, at a WEIGHT_ALIGN-element offset. The
+    transposes and fp32 copies come from one pack launch (the host build's) into NaN-filled
+    buffers: an element it missed would show."""
+    from mslora_kernels.cuda.mslora import WEIGHT_ALIGN, _kernel_weights
 
-    c, d, g, ks = 12, 8, 4, (3, 5)
+    _nan_workspaces(monkeypatch)
+    g = 4
     m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
-    kw = _kernel_weights(wt, m.options)
+    launched = []
+
+    def launch(kernel, *args):
+        launched.append(kernel)
+        _launcher(host, 227 * 1024)[0](kernel, *args)
+
+    kw = _kernel_weights(wt, m.options, launch)
+    assert launched == ["pack"]
     shapes = {"proj": (d, c // g), "down": (d, c // g), "pw": (d, d), "up": (c, d // g)}
     for k, shape in shapes.items():
         src = wt[f"{k}.weight"]
@@ -558,6 +572,8 @@ def test_kernel_weights(dtype):
     for k, v in kw.items():
         assert v.is_contiguous(), k
         assert v.dtype == (dtype if k.split("_t")[0] in shapes else torch.float32), k
+        if k not in shapes:  # the pack kernel's outputs: sections of two buffers
+            assert v.storage_offset() % WEIGHT_ALIGN == 0, k
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -783,3 +799,64 @@ def test_host_kernels_under_address_sanitizer(sanitized_host):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------ launches per call
+
+
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
+              "lift_fresh", "split_with_sizes", "_unsafe_view"}  # (reshape's view of a copy)
+
+
+def _launches(fn, launch):
+    """(fn's result, what it launched by name): the host build's kernels ``fn`` runs through
+    the recording launcher it gets, and every aten op outside them that would launch a kernel
+    on a GPU (not a view, not an allocation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launched = []
+
+    def recording(kernel, *args):
+        launched.append(kernel)
+        launch(kernel, *args)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not (func.is_view or name in _NO_KERNEL):
+                launched.append(f"{func.namespace}.{name}")
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        result = fn(recording)
+    return result, launched
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", [OPTION_SETS[0], OPTION_SETS[1]], ids=["plain", "all"])
+def test_host_kernels_per_call(host, opts, layout):
+    """What one forward and one backward launch (what the ops run), small ops included: at the
+    late stages' sizes (7x7 maps) a launch costs about what the fused kernels' work does.
+    Forward: pack (the weights' transposes and fp32 copies, one launch), prep, (pool's mean,)
+    fwd. Backward: pack, prep, bwd_tile, the dense weight gradients' GEMMs (cuBLAS on a GPU),
+    (pool's term of dz,) bwd_dz, bwd_dx, (prenorm's LayerNorm of x for the proj / down GEMMs,)
+    and bwd_finish, which sums, casts and writes every weight gradient flat. In NCHW memory the
+    pixel-major views of grad_out and x for the GEMMs are copies."""
+    from mslora_kernels.cuda.mslora import backward_flat_impl
+
+    o, x, wt, gout = _case((2, 64, 7, 7, 128, 4, (3, 5, 7)), torch.bfloat16, opts, layout)
+    launch, smem_bytes, limit = _launcher(host, 227 * 1024)
+    (out, zmean), fwd = _launches(lambda la: forward_impl(x, wt, o, la, smem_bytes, limit),
+                                  launch)
+    (dx, flat), bwd = _launches(
+        lambda la: backward_flat_impl(gout, x, wt, o, zmean, la, smem_bytes, limit), launch)
+    pool = prenorm = bool(opts)
+    copy = ["aten.clone"] * (layout == "nchw")
+    assert fwd == ["pack", "prep"] + ["aten.mean"] * pool + ["fwd"], fwd
+    assert bwd == ["pack", "prep", "bwd_tile", "aten.mm", *copy, "aten.bmm"] + \
+        ["bwd_pool"] * pool + ["bwd_dz", "bwd_dx", *copy] + \
+        ["aten.native_layer_norm"] * prenorm + ["aten.bmm", "aten.bmm", "bwd_finish"], bwd
+    check = _reference_checker(x, wt, o, gout)
+    from mslora_kernels.config import split_flat_grads
+
+    check(out, dx, split_flat_grads(flat, o))

@@ -4,8 +4,11 @@ Same contract as ``mslora_kernels.triton.mslora_fwd`` / ``mslora_bwd`` (TRITON_C
 
 - ``mslora_fwd(x, weights, o) -> (out, zmean)``
 - ``mslora_bwd(grad_out, x, weights, o, zmean, deterministic=False) -> (grad_x, grads)``
+  (``mslora_bwd_flat``: the weight gradients flat, as the op returns them)
 
-Pass plan (DESIGN.md): forward = ``prep`` (z = down(u) into a workspace) then ``fwd`` (one
+Pass plan (DESIGN.md): ``pack`` writes the weights as the kernels read them (the products'
+transposes, the taps, norms and gate in fp32: one launch, :func:`_kernel_weights`); forward =
+``prep`` (z = down(u) into a workspace) then ``fwd`` (one
 TH x TW pixel tile per block: the multi-scale depthwise + GELU (+gate, +pool, +enhance) sum
 from one z halo tile in shared memory, pw, proj, the product, the shuffle by indexing, the
 grouped up-projection and the residual). Backward = ``prep`` (recompute z), ``bwd_tile``
@@ -21,11 +24,15 @@ the same tensors in that dtype), z and ds0 in fp32 (:data:`FP32_WORKSPACES`): th
 once on store and compute in fp32. :func:`workspace_bytes_per_pixel` gives the backward's peak
 transient memory per pixel (bf16, D = 128: 2 KB, against 3 KB with every workspace fp32). The
 dense weight gradients (proj, down, pw, up) are GEMMs in x's dtype (torch/cuBLAS, fp32
-accumulation) straight over the workspaces and the activations, taken to fp32 afterwards;
-every other weight gradient is a per-tile (bwd_tile) or per-block (bwd_dz: a bounded number
-of blocks, each a fixed run of tiles) partial sum reduced here in a fixed order. So the weight
+accumulation) straight over the workspaces and the activations, written in the weights'
+layouts; every other weight gradient is a per-tile (bwd_tile) or per-block (bwd_dz: a bounded
+number of blocks, each a fixed run of tiles) partial sum. ``bwd_finish`` sums those partials
+in a fixed order, takes the GEMMs' results, and writes every weight gradient flat in x's dtype
+(one launch); ``bwd_pool`` gives pool's term of dz from bwd_tile's partials. So the weight
 gradients are deterministic whatever ``deterministic`` says (the flag is accepted for the
-common contract).
+common contract), and a call launches few kernels (``tests/test_cuda_host.py`` lists them):
+forward 3 (4 with pool), backward 10 (12 with pool and prenorm), where a tensor op per weight
+and per gradient made them 8-16 and 27-59.
 
 Image slices: :func:`forward_impl` / :func:`backward_impl` run the pass plan above
 (:func:`_forward_slice`, :func:`_backward_slice`) over slices of whole images whose workspaces
@@ -47,7 +54,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..config import MSLoRAOptions, weight_shapes
+from ..config import MSLoRAOptions, split_flat_grads, weight_shapes
 from ..reference import LN_EPS
 from ..triton._common import normalize_layout
 from ..workspace import image_slices
@@ -104,25 +111,58 @@ def _pixel_major(t: torch.Tensor, o: MSLoRAOptions) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _kernel_weights(weights: Mapping[str, torch.Tensor],
-                    o: MSLoRAOptions) -> dict[str, torch.Tensor]:
+# Each section of the kernels' weight buffers (:func:`_kernel_weights`) starts at a multiple of
+# this many elements: 128 bytes in 16 bits, as a tensor of its own would.
+WEIGHT_ALIGN = 64
+
+
+def _sections(shapes: Mapping[str, tuple[int, ...]], like: torch.Tensor,
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Contiguous tensors of the given shapes and dtype on like's device, views of one buffer
+    (one allocation, :func:`_ws`), each starting at a multiple of WEIGHT_ALIGN elements."""
+    offs, total = {}, 0
+    for k, shape in shapes.items():
+        offs[k] = total
+        total += math.ceil(math.prod(shape) / WEIGHT_ALIGN) * WEIGHT_ALIGN
+    buf = _ws(1, total, like, dtype).view(-1)
+    return {k: buf[offs[k]: offs[k] + math.prod(shape)].view(shape) for k, shape in shapes.items()}
+
+
+def _kernel_weights(weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
+                    launch: Launch) -> dict[str, torch.Tensor]:
     """The kernels' weights (Params of csrc/mslora.cuh), contiguous in their checkpoint shapes:
     the channel products' (proj, down, pw, up) in x's dtype, as given (the kernels read them as
     fp32, exactly), and their transposes (Params::proj_t, down_t, pw_t, up_t), for the products
-    whose lanes would read them a row apart; the depthwise taps (packed), norms and gate fp32."""
+    whose lanes would read them a row apart; the depthwise taps (packed path after path), norms
+    and gate in fp32. The transposes and fp32 copies are written by one launch of the pack
+    kernel (a segment each), into two buffers."""
     w = {k: v.detach().contiguous() for k, v in weights.items()}
     d, g, nk = o.rank, o.groups, len(o.kernel_sizes)
-    out = {"proj": w["proj.weight"].reshape(d, -1), "down": w["down.weight"].reshape(d, -1),
+    src = w["proj.weight"]
+    out = {"proj": src.reshape(d, -1), "down": w["down.weight"].reshape(d, -1),
            "pw": w["pw.weight"].reshape(d, d), "up": w["up.weight"].reshape(o.channels, d // g)}
-    out.update({f"{k}_t": out[k].t().contiguous() for k in ("proj", "down", "pw", "up")})
-    out["dw"] = torch.cat([w[f"dw.{i}.weight"].reshape(-1) for i in range(nk)]).float()
+    products = ("proj", "down", "pw", "up")
+    out.update(_sections({f"{k}_t": out[k].shape[::-1] for k in products}, src, src.dtype))
+    # the fp32 ones: name -> the weights they come from, in order
+    widened = {"dw": [f"dw.{i}.weight" for i in range(nk)]}
     if o.prenorm:
-        out["norm_w"], out["norm_b"] = w["norm.weight"].float(), w["norm.bias"].float()
+        widened.update(norm_w=["norm.weight"], norm_b=["norm.bias"])
     if o.enhance:
-        out["enorm_w"], out["enorm_b"] = w["enorm.weight"].float(), w["enorm.bias"].float()
+        widened.update(enorm_w=["enorm.weight"], enorm_b=["enorm.bias"])
     if o.gate:
-        out["gate_w"] = w["gate.weight"].reshape(nk, d).float()
-        out["gate_b"] = w["gate.bias"].float()
+        widened.update(gate_w=["gate.weight"], gate_b=["gate.bias"])
+    shapes = {k: (sum(w[n].numel() for n in names),) for k, names in widened.items()}
+    if o.gate:
+        shapes["gate_w"] = (nk, d)
+    out.update(_sections(shapes, src, torch.float32))
+    # pack's segments (PackSeg): (src, dst, rows, cols, widen)
+    segs = [(out[k].data_ptr(), out[f"{k}_t"].data_ptr(), *out[k].shape, 0) for k in products]
+    for k, names in widened.items():
+        dst = out[k].reshape(-1)
+        for n in names:
+            segs.append((w[n].data_ptr(), dst.data_ptr(), 1, w[n].numel(), 1))
+            dst = dst[w[n].numel():]
+    launch("pack", _ext.DTYPE_CODE[src.dtype], False, {}, {"pack": segs})
     return out
 
 
@@ -277,21 +317,23 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
 def workspace_bytes_fixed(o: MSLoRAOptions, slots: int) -> int:
     """The CUDA backward's transient memory that does not grow with N*H*W, in bytes, at most: the
     weights as the kernels read them (:func:`_kernel_weights`: the products' transposes in x's
-    dtype, fp32 copies of the others; 4 B a parameter bounds both), and bwd_dz's partial rows
-    (dK, gate; ``slots`` rows at most, see :func:`dz_slots`). Small next to
+    dtype, fp32 copies of the others; 4 B a parameter bounds both), the dense weight gradients'
+    GEMM results (x's dtype) and, over several image slices, the fp32 sum of every weight
+    gradient (4 B a parameter each bounds them: 12 B a parameter in all), and bwd_dz's partial
+    rows (dK, gate; ``slots`` rows at most, see :func:`dz_slots`). Small next to
     :func:`workspace_bytes_per_pixel` times the pixels except for tiny batches: 4 per SM on a
     132-SM GPU at D=128, K=(3,5,7) is 22 MB."""
     d, nk = o.rank, len(o.kernel_sizes)
     ktot = sum(k * k for k in o.kernel_sizes)
     params = sum(math.prod(shape) for shape in weight_shapes(o).values())
-    return 4 * (params + slots * (d * ktot + o.gate * (nk * d + nk)))
+    return 4 * (3 * params + slots * (d * ktot + o.gate * (nk * d + nk)))
 
 
 def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
-                   smem_limit: int, out: torch.Tensor) -> torch.Tensor | None:
+                   smem_limit: int, out: torch.Tensor, zmean: torch.Tensor | None) -> None:
     """One slice of images with the given kernel launcher (x already validated, in a kernel
-    layout; kw: :func:`_kernel_weights`): writes ``out`` (x's shape and layout) and returns
-    zmean (pool) or None."""
+    layout; kw: :func:`_kernel_weights`): writes ``out`` (x's shape and layout) and, under
+    pool, ``zmean`` (the slice's rows)."""
     xc, nhwc, sizes = _physical(x, o)
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
@@ -303,10 +345,10 @@ def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemByte
     stats = _ptrs(xstats=xstats, gsig=gsig)
     launch("prep", dt, nhwc, {**ints, "CH": CHUNK, "PB": ints["PB_prep"]},
            {**stats, **_ptrs(x=xc, z=z, **kw)})
-    zmean = z.view(n, h * w, o.rank).mean(1) if o.pool else None  # fp32, as z
+    if o.pool:  # fp32, as z
+        torch.mean(z.view(n, h * w, o.rank), 1, out=zmean)
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **kw)})
-    return zmean
 
 
 def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
@@ -316,11 +358,12 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
 
 def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: Launch,
                     smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
-                    dx: torch.Tensor) -> dict[str, torch.Tensor]:
+                    dx: torch.Tensor, finish: tuple[dict, dict]) -> None:
     """One slice of images with the given kernel launcher (inputs already validated, in a kernel
-    layout; kw: :func:`_kernel_weights` of weights): writes ``dx`` (x's shape and layout) and
-    returns the slice's weight gradients in fp32. ``slots``: the bound on bwd_dz's blocks and
-    partial rows (default :func:`dz_slots` of x's device)."""
+    layout; kw: :func:`_kernel_weights` of weights): writes ``dx`` (x's shape and layout), and
+    its weight gradients through bwd_finish, whose ints and pointers ``finish`` gives (the
+    flat output and the fp32 sum across slices: :func:`backward_flat_impl`). ``slots``: the
+    bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device)."""
     xc, nhwc, sizes = _physical(x, o)
     dc, _, _ = _physical(grad_out, o, nhwc)
     n, c, h, w = sizes
@@ -360,18 +403,22 @@ def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: L
            {**common, **xstats, **gsig, **_ptrs(**ws)})
 
     # Dense weight gradients: GEMMs in x's dtype (fp32 accumulation) over the workspaces and
-    # the activations, no fp32 copies (grouped ones per group); to fp32 in grads32.
+    # the activations, no fp32 copies (grouped ones per group, batched), each written in its
+    # weight's layout into gemm; bwd_finish takes them from there.
     cg, dg = c // g, d // g
-    grads32 = {"pw.weight": (ws.pop("dt").t() @ ws.pop("s")).float()}
+    gemm = _sections({"proj.weight": (g, dg, cg), "down.weight": (g, dg, cg),
+                      "pw.weight": (d, d), "up.weight": (g, cg, dg)}, x, x.dtype)
+    torch.mm(ws.pop("dt").t(), ws.pop("s"), out=gemm["pw.weight"])
     dpix = _pixel_major(grad_out, o)
-    grads32["up.weight"] = torch.einsum("pgc,pgj->gcj", dpix.view(npix, g, cg),
-                                        ws.pop("mp").view(npix, g, dg)).float()
+    torch.bmm(dpix.view(npix, g, cg).permute(1, 2, 0),
+              ws.pop("mp").view(npix, g, dg).permute(1, 0, 2), out=gemm["up.weight"])
     del dpix
     ws["dz"] = _workspace("dz", npix, o, x)
     pool_dz = None
-    if o.pool:
-        psum = part["part_pool"].view(n, ints["tiles"], d).sum(1)
-        pool_dz = (psum * _gelu_grad(zm) / (h * w)).contiguous()
+    if o.pool:  # pool's term of dz per image, from bwd_tile's per-tile sums
+        pool_dz = _partial(n, d, x)
+        launch("bwd_pool", dt, nhwc, ints, _ptrs(part_pool=part["part_pool"], zmean=zm,
+                                                 pool_dz=pool_dz))
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **gsig, **_ptrs(pool_dz=pool_dz, **ws)})
     del ws["z"], ws["ds0"], gsig_t  # bwd_dx and the GEMMs below need da and dz only
@@ -381,24 +428,21 @@ def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: L
     u = _pixel_major(x, o)
     if o.prenorm:  # in x's dtype, as the reference computes it
         u = F.layer_norm(u, (c,), weights["norm.weight"], weights["norm.bias"], LN_EPS)
-    ug = u.view(npix, g, cg)
-    grads32["proj.weight"] = torch.einsum("pge,pgj->gej", ws["da"].view(npix, g, dg), ug).float()
-    grads32["down.weight"] = torch.einsum("pge,pgj->gej", ws["dz"].view(npix, g, dg), ug).float()
-    dwsum = part["part_dw"].sum(0)
-    off = 0
-    for i, k in enumerate(o.kernel_sizes):
-        grads32[f"dw.{i}.weight"] = dwsum[off: off + d * k * k]
-        off += d * k * k
-    if o.prenorm:
-        grads32["norm.weight"] = part["part_norm_w"].sum(0)
-        grads32["norm.bias"] = part["part_norm_b"].sum(0)
-    if o.enhance:
-        grads32["enorm.weight"] = part["part_enorm_w"].sum(0)
-        grads32["enorm.bias"] = part["part_enorm_b"].sum(0)
-    if o.gate:
-        grads32["gate.weight"] = part["part_gate_w"].sum(0)
-        grads32["gate.bias"] = part["part_gate_b"].sum(0)
-    return grads32
+    ug = u.view(npix, g, cg).permute(1, 0, 2)
+    for name, ds in (("proj.weight", ws["da"]), ("down.weight", ws["dz"])):
+        torch.bmm(ds.view(npix, g, dg).permute(1, 2, 0), ug, out=gemm[name])
+
+    # bwd_finish's segments (GradSeg: source, length, partial rows or 0 for a GEMM's result),
+    # in weight_shapes' order; every path's taps one run (part_dw's rows, dw.0's place)
+    grads = {k: (v, v.numel(), 0) for k, v in gemm.items()}
+    grads["dw.0.weight"] = (part["part_dw"], d * ktot, ints["dz_blocks"])
+    for mod, r in (("norm", blocks), ("enorm", tiles), ("gate", ints["dz_blocks"])):
+        for kind in ("weight", "bias"):
+            if (t := part.get(f"part_{mod}_{kind[0]}")) is not None:
+                grads[f"{mod}.{kind}"] = (t, t.shape[1], r)
+    segs = [(grads[k][0].data_ptr(), *grads[k][1:]) for k in weight_shapes(o) if k in grads]
+    fin_ints, fin_ptrs = finish
+    launch("bwd_finish", dt, nhwc, fin_ints, {**fin_ptrs, "grads": segs})
 
 
 # ------------------------------------------------------------------ image slices
@@ -418,38 +462,54 @@ def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemB
     ``out``; every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
     out = torch.empty_like(xc)
-    kw = _kernel_weights(weights, o)  # once, for every slice
-    zmeans = []
+    zmean = _partial(x.shape[0], o.rank, xc) if o.pool else None
+    kw = _kernel_weights(weights, o, launch)  # once, for every slice
     per_pixel = 4 * o.rank + 8 * int(o.prenorm) + 4 * len(o.kernel_sizes) * int(o.gate)
     for n0, n1 in _slices(x, o, per_pixel):  # z, xstats, gsig
-        zmeans.append(_forward_slice(xc[n0:n1], kw, o, launch, smem_bytes, smem_limit,
-                                     out=out[n0:n1]))
-    return out, torch.cat(zmeans) if o.pool else None
+        _forward_slice(xc[n0:n1], kw, o, launch, smem_bytes, smem_limit, out=out[n0:n1],
+                       zmean=zmean[n0:n1] if o.pool else None)
+    return out, zmean
 
 
-def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
-                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
-    """(grad_x, grads) with the given kernel launcher; inputs already validated. ``slots``:
-    the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device).
+def backward_flat_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                       smem_bytes: SmemBytes, smem_limit: int,
+                       slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, flat) with the given kernel launcher; inputs already validated. ``flat``: every
+    weight gradient flattened, in weight_shapes order, x's dtype (what the op returns).
+    ``slots``: the bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's
+    device).
 
     Runs :func:`_backward_slice` over slices of whole images whose workspaces
     (:func:`workspace_bytes_per_pixel`) fit the workspace budget (``mslora_kernels.workspace``),
-    each writing its images of one grad_x. Each slice returns fp32 weight gradients, its own
-    partial sums (dz_blocks rows, tiles, pixel blocks) already reduced in a fixed order; they
-    are summed slice after slice in fp32 and cast to the weights' dtype once: deterministic."""
+    each writing its images of one grad_x. Each slice's bwd_finish sums its weight gradients
+    (the GEMMs' results, its partial rows in a fixed order) in fp32, adds the earlier slices'
+    fp32 sum and keeps it for the next slice; the last one casts to x's dtype once:
+    deterministic."""
     if slots is not None and slots < 1:
         raise ValueError(f"MSLoRA CUDA backward: slots must be >= 1, got {slots}")
     xc, nhwc, _ = _physical(x, o)
     gc, _, _ = _physical(grad_out, o, nhwc)
     dx = torch.empty_like(xc)
-    kw = _kernel_weights(weights, o)  # once, for every slice
-    total = None
-    for n0, n1 in _slices(x, o, workspace_bytes_per_pixel(o, x.dtype, nchw_memory=not nhwc)):
-        zm = zmean[n0:n1] if o.pool else None
-        g = _backward_slice(gc[n0:n1], xc[n0:n1], weights, kw, o, zm, launch, smem_bytes,
-                            smem_limit, slots, dx=dx[n0:n1])
-        total = g if total is None else {k: total[k] + g[k] for k in total}
-    return dx, {k: total[k].reshape(v.shape).to(v.dtype) for k, v in weights.items()}
+    kw = _kernel_weights(weights, o, launch)  # once, for every slice
+    flat = _ws(1, sum(math.prod(sh) for sh in weight_shapes(o).values()), xc).view(-1)
+    slices = _slices(x, o, workspace_bytes_per_pixel(o, x.dtype, nchw_memory=not nhwc))
+    acc = _partial(1, flat.numel(), xc).view(-1) if len(slices) > 1 else None
+    for i, (n0, n1) in enumerate(slices):
+        last = i == len(slices) - 1
+        finish = ({"acc_in": int(i > 0), "acc_out": int(not last)},
+                  _ptrs(gacc=acc, gout=flat if last else None))
+        _backward_slice(gc[n0:n1], xc[n0:n1], weights, kw, o, zmean[n0:n1] if o.pool else None,
+                        launch, smem_bytes, smem_limit, slots, dx=dx[n0:n1], finish=finish)
+    return dx, flat
+
+
+def backward_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: Launch,
+                  smem_bytes: SmemBytes, smem_limit: int, slots: int | None = None):
+    """(grad_x, grads): :func:`backward_flat_impl` with the weight gradients as a dict keyed
+    like ``weights`` (views of the flat buffer)."""
+    dx, flat = backward_flat_impl(grad_out, x, weights, o, zmean, launch, smem_bytes,
+                                  smem_limit, slots)
+    return dx, split_flat_grads(flat, o)
 
 
 # ------------------------------------------------------------------ the public launchers
@@ -504,10 +564,12 @@ def mslora_fwd(x: torch.Tensor, weights: Mapping[str, torch.Tensor],
     return forward_impl(x, weights, o, *_gpu(x.device))
 
 
-def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
-               o: MSLoRAOptions, zmean: torch.Tensor | None,
-               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(grad_x, grads)`` per the contract; always deterministic (see the module doc)."""
+def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor,
+                    weights: Mapping[str, torch.Tensor], o: MSLoRAOptions,
+                    zmean: torch.Tensor | None,
+                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, flat)``: the weight gradients flattened in weight_shapes order (what the op
+    returns); always deterministic (see the module doc)."""
     check_inputs("mslora_bwd (cuda)", x, weights, o, grad_out)
     if o.pool:
         if zmean is None or tuple(zmean.shape) != (x.shape[0], o.rank):
@@ -515,4 +577,13 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: Mapping[str, to
                 f"mslora_bwd (cuda): pool needs zmean of shape ({x.shape[0]}, {o.rank})")
         # the kernels read it through a raw pointer: a CPU zmean would be an illegal address
         _ext.check_tensor("mslora_bwd (cuda)", "zmean", zmean, device=x.device, contiguous=False)
-    return backward_impl(grad_out, x, weights, o, zmean, *_gpu(x.device))
+    return backward_flat_impl(grad_out, x, weights, o, zmean, *_gpu(x.device))
+
+
+def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: Mapping[str, torch.Tensor],
+               o: MSLoRAOptions, zmean: torch.Tensor | None,
+               deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(grad_x, grads)`` per the contract: :func:`mslora_bwd_flat` with the weight gradients
+    as a dict keyed like ``weights`` (views of the flat buffer)."""
+    grad_x, flat = mslora_bwd_flat(grad_out, x, weights, o, zmean, deterministic)
+    return grad_x, split_flat_grads(flat, o)

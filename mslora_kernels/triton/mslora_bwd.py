@@ -96,7 +96,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import MSLoRAOptions, weight_shapes
+from ..config import MSLoRAOptions, split_flat_grads, weight_shapes
 from ..workspace import image_slices, rows
 from ._common import MAX_PATHS, kernel_size_slots, nchw_strides, normalize_layout, wrap_triton
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
@@ -913,9 +913,7 @@ def mslora_bwd(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, torch
     """:func:`mslora_bwd_flat` with the weight gradients as a dict keyed like ``weights``, each
     in its weight's shape and dtype (views of the flat buffer)."""
     grad_x, flat = mslora_bwd_flat(grad_out, x, weights, o, zmean, deterministic)
-    shapes = weight_shapes(o)
-    parts = flat.split([math.prod(sh) for sh in shapes.values()])
-    return grad_x, {name: p.view(sh) for (name, sh), p in zip(shapes.items(), parts, strict=True)}
+    return grad_x, split_flat_grads(flat, o)
 
 
 # -------------------------------------------------------------------------------------------

@@ -229,6 +229,9 @@ static void run_block(int k, const Params& p, int x, int y, float* sm, Ex& ex) {
     case kBwdTile: bwd_tile_body<T, kNHWC>(p, x, y, sm, ex); break;
     case kBwdDz: bwd_dz_body<T, kNHWC>(p, x, sm, ex); break;
     case kBwdDx: bwd_dx_body<T, kNHWC>(p, x, sm, ex); break;
+    case kPack: pack_body<T>(p, x, y, ex); break;
+    case kBwdPool: bwd_pool_body(p, x, ex); break;
+    case kBwdFinish: bwd_finish_body<T>(p, x, ex); break;
   }
 }
 
