@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 
 from mslora_kernels import MSLoRA
 from mslora_kernels.cuda._ext import DTYPE_CODE
-from mslora_kernels.cuda.mslora import backward_impl, forward_impl
+from mslora_kernels.cuda.mslora import MAX_PATHS, backward_impl, forward_impl
 from mslora_kernels.reference import mslora as reference
 from mslora_kernels.testing import check_close
 
@@ -155,6 +156,56 @@ def _case(shape, dtype, opts, layout):
     gout = torch.randn_like(x)
     assert x.stride() == gout.stride()
     return m.options, x, wt, gout
+
+
+def random_config(seed: int, max_paths: int):
+    """(shape, dtype, options, layout) drawn from ``seed``, for the random-configuration tests
+    (here and tests/test_triton_mslora.py): G in 1..4, C and D multiples of it (up to 96), 1 to
+    ``max_paths`` kernel sizes from {1, 3, 5, 7, 9}, repeats allowed, each option on or off, N
+    1..3, H 1..13, W 1..19, any dtype and layout. Redrawn past the degenerate configurations
+    whose gradients are mathematically zero or nearly so, where SPEC's relative error is
+    undefined (measured: the float64 reference gives 1e-12 noise, fp32 eager errs by 1e8, or by
+    5e-4 past SPEC's 1e-4): enhance at D = 1 (LayerNorm over one channel: s is constant),
+    enhance with gate on a single path (LayerNorm undoes the gate's per-pixel scale), prenorm at
+    C = 1."""
+    rng = random.Random(seed)
+    while True:
+        g = rng.choice([1, 2, 3, 4])
+        big = rng.random() < 0.3  # past the channel chunks (32) and several z chunks
+        c, d = g * rng.randint(1, 24 if big else 6), g * rng.randint(1, 24 if big else 12)
+        ks = tuple(rng.choice([1, 3, 5, 7, 9]) for _ in range(rng.randint(1, max_paths)))
+        opts = {k: True for k in ("prenorm", "enhance", "pool", "gate", "shuffle")
+                if rng.random() < 0.5 and not (k == "shuffle" and g == 1)}
+        shape = (rng.randint(1, 3), c, rng.randint(1, 13), rng.randint(1, 19), d, g, ks)
+        dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        layout = rng.choice(LAYOUTS)
+        enhance, gate = "enhance" in opts, "gate" in opts
+        degenerate = (enhance and (d == 1 or (len(ks) == 1 and gate))) or \
+            ("prenorm" in opts and c == 1)
+        if not degenerate:
+            return shape, dtype, opts, layout
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_host_random_configurations(host, seed):
+    """Forty configurations drawn at random (:func:`random_config`, up to 8 paths, and a random
+    shared-memory limit, which moves the tiles; an H100's where the kernels need more than it
+    gives, which they refuse by name): forward and every gradient against the reference. They
+    add what the fixed grid above does not combine: option sets, kernel-size lists with repeats
+    and 1x1 paths, several channel chunks, tiny and tall maps."""
+    shape, dtype, opts, layout = random_config(seed, MAX_PATHS)
+    torch.manual_seed(seed)
+    o, x, wt, gout = _case(shape, dtype, opts, layout)
+    check = _reference_checker(x, wt, o, gout)
+    smem = random.Random(-seed).choice([44 * 1024, 100 * 1024])
+    for limit in (smem, 227 * 1024):
+        try:
+            out, zmean = forward_impl(x, wt, o, *_launcher(host, limit))
+            dx, grads = backward_impl(gout, x, wt, o, zmean, *_launcher(host, limit))
+            break
+        except ValueError as e:
+            assert "bytes of shared memory" in str(e) and limit < 227 * 1024, e
+    check(out, dx, grads)
 
 
 @pytest.mark.parametrize("dtype,opts", CASES,
