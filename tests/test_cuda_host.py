@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from launches import AtenLaunches
 
 from mslora_kernels import MSLoRA
+from mslora_kernels.config import split_flat_grads
 from mslora_kernels.cuda._ext import DTYPE_CODE
 from mslora_kernels.cuda.mslora import MAX_PATHS, backward_impl, forward_impl
 from mslora_kernels.reference import mslora as reference
@@ -855,30 +857,17 @@ if __name__ == "__main__":
 # ------------------------------------------------------------ launches per call
 
 
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
-              "lift_fresh", "split_with_sizes", "_unsafe_view"}  # (reshape's view of a copy)
-
-
 def _launches(fn, launch):
     """(fn's result, what it launched by name): the host build's kernels ``fn`` runs through
     the recording launcher it gets, and every aten op outside them that would launch a kernel
-    on a GPU (not a view, not an allocation)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    on a GPU (tests/launches.py)."""
     launched = []
 
     def recording(kernel, *args):
         launched.append(kernel)
         launch(kernel, *args)
 
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if not (func.is_view or name in _NO_KERNEL):
-                launched.append(f"{func.namespace}.{name}")
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
+    with AtenLaunches(launched):
         result = fn(recording)
     return result, launched
 
@@ -907,7 +896,4 @@ def test_host_kernels_per_call(host, opts, layout):
     assert bwd == ["pack", "prep", "bwd_tile", "aten.mm", *copy, "aten.bmm"] + \
         ["bwd_pool"] * pool + ["bwd_dz", "bwd_dx", *copy] + \
         ["aten.native_layer_norm"] * prenorm + ["aten.bmm", "aten.bmm", "bwd_finish"], bwd
-    check = _reference_checker(x, wt, o, gout)
-    from mslora_kernels.config import split_flat_grads
-
-    check(out, dx, split_flat_grads(flat, o))
+    _reference_checker(x, wt, o, gout)(out, dx, split_flat_grads(flat, o))

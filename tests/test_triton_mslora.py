@@ -167,38 +167,27 @@ def test_default_config_bf16_interpreter(opts):
     check_gradients(m, x)
 
 
-# Aten ops that launch no kernel: allocation only (views are told apart by ``is_view``).
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
-              "lift_fresh", "split_with_sizes"}
-
-
 def _launches(fn):
     """The kernels one call of ``fn`` launches, by name: the Triton kernels it runs and every
-    aten op outside them that would launch one on a GPU (not a view, not an allocation)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    aten op outside them that would launch one on a GPU (tests/launches.py)."""
+    from launches import AtenLaunches
     from triton.runtime.interpreter import InterpretedFunction
 
-    launched, inside = [], [0]
+    launched = []
+    ops = AtenLaunches(launched)
     real_run = InterpretedFunction.run
 
     def run(self, *args, **kwargs):  # the interpreter's own tensor copies are not launches
         launched.append(self.fn.__name__)
-        inside[0] += 1
+        ops.paused += 1
         try:
             return real_run(self, *args, **kwargs)
         finally:
-            inside[0] -= 1
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if not (inside[0] or func.is_view or name in _NO_KERNEL):
-                launched.append(f"{func.namespace}.{name}")
-            return func(*args, **(kwargs or {}))
+            ops.paused -= 1
 
     InterpretedFunction.run = run
     try:
-        with Ops():
+        with ops:
             result = fn()
     finally:
         InterpretedFunction.run = real_run
