@@ -98,6 +98,17 @@ def weight_shapes(o: MSLoRAOptions) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def flat_grad_sections(o: MSLoRAOptions) -> dict[str, int]:
+    """The weight gradients as the fused backwards lay out their sections: name -> elements, in
+    :func:`weight_shapes` order, with every path's taps one run ``"dw"`` (D * sum k^2 elements,
+    in dw.0's place)."""
+    out = {}
+    for name, shape in weight_shapes(o).items():
+        key = "dw" if name.startswith("dw.") else name
+        out[key] = out.get(key, 0) + math.prod(shape)
+    return out
+
+
 def split_flat_grads(flat: torch.Tensor, o: MSLoRAOptions) -> dict[str, torch.Tensor]:
     """The fused backwards' flat weight gradients (every one flattened, in :func:`weight_shapes`
     order) as a dict of views in the weights' shapes."""

@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..config import MSLoRAOptions, split_flat_grads, weight_shapes
+from ..config import MSLoRAOptions, flat_grad_sections, split_flat_grads, weight_shapes
 from ..reference import LN_EPS
 from ..triton._common import normalize_layout
 from ..workspace import image_slices
@@ -433,14 +433,13 @@ def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: L
         torch.bmm(ds.view(npix, g, dg).permute(1, 2, 0), ug, out=gemm[name])
 
     # bwd_finish's segments (GradSeg: source, length, partial rows or 0 for a GEMM's result),
-    # in weight_shapes' order; every path's taps one run (part_dw's rows, dw.0's place)
-    grads = {k: (v, v.numel(), 0) for k, v in gemm.items()}
-    grads["dw.0.weight"] = (part["part_dw"], d * ktot, ints["dz_blocks"])
+    # in the flat gradients' order; every path's taps one run (part_dw's rows)
+    src = {**{k: (v, 0) for k, v in gemm.items()}, "dw": (part["part_dw"], ints["dz_blocks"])}
     for mod, r in (("norm", blocks), ("enorm", tiles), ("gate", ints["dz_blocks"])):
         for kind in ("weight", "bias"):
             if (t := part.get(f"part_{mod}_{kind[0]}")) is not None:
-                grads[f"{mod}.{kind}"] = (t, t.shape[1], r)
-    segs = [(grads[k][0].data_ptr(), *grads[k][1:]) for k in weight_shapes(o) if k in grads]
+                src[f"{mod}.{kind}"] = (t, r)
+    segs = [(src[k][0].data_ptr(), n, src[k][1]) for k, n in flat_grad_sections(o).items()]
     fin_ints, fin_ptrs = finish
     launch("bwd_finish", dt, nhwc, fin_ints, {**fin_ptrs, "grads": segs})
 

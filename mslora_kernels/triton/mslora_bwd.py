@@ -90,13 +90,11 @@ own), num_stages=1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..config import MSLoRAOptions, split_flat_grads, weight_shapes
+from ..config import MSLoRAOptions, flat_grad_sections, split_flat_grads, weight_shapes
 from ..workspace import image_slices, rows
 from ._common import MAX_PATHS, kernel_size_slots, nchw_strides, normalize_layout, wrap_triton
 from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
@@ -820,12 +818,9 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
     offs = dict.fromkeys(_BUFFER_SECTIONS, 0)
     total = ns_max * d if o.pool else 0
     o_grads = total
-    for name, shape in weight_shapes(o).items():
-        if name.startswith("dw."):
-            if name == "dw.0.weight":
-                offs["dw"], total = total, total + dw.numel()
-            continue
-        offs[name], total = total, total + math.prod(shape)
+    sections = flat_grad_sections(o)
+    for name, size in sections.items():
+        offs[name], total = total, total + (dw.numel() if name == "dw" else size)
     row = triton.cdiv(total, 32) * 32
     if deterministic:
         # One program count for every slice (a program with no tile in a smaller slice adds
@@ -898,11 +893,10 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
             num_stages=NUM_STAGES, maxnreg=maxnreg)
 
     # every weight gradient in one launch: summed (deterministic), cast, taps turned back
-    flat = torch.empty((sum(math.prod(sh) for sh in weight_shapes(o).values()),),
-                       dtype=x.dtype, device=dev)
-    dwlen = d * sum(k * k for k in o.kernel_sizes)
+    flat = torch.empty((sum(sections.values()),), dtype=x.dtype, device=dev)
     wrap_triton(_bwd_finish_kernel)[(triton.cdiv(flat.numel(), BLOCK_FINISH),)](
-        gbuf, flat, o_grads, row, nprog, flat.numel(), offs["dw"] - o_grads, dwlen, dw.numel(),
+        gbuf, flat, o_grads, row, nprog, flat.numel(), offs["dw"] - o_grads, sections["dw"],
+        dw.numel(),
         d, *kernel_size_slots(o.kernel_sizes), BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1)
     return grad_x, flat
 
