@@ -121,8 +121,12 @@ struct Params {
   // halos and they feed the few-element weight gradients (dK, gate), which a 16-bit z or ds0
   // pushed past SPEC's 2x bound on fp16 / bf16 (tests/test_cuda_host.py); s, mp, dt, da, dz of
   // type T (ws<T>): they feed per-pixel products and the dense GEMMs.
+  // In the forward z is of type T instead (z_lowp): its only readers there are fwd's depthwise
+  // sums and prep's gate logits, whose precision the reference's own z, rounded to x's dtype,
+  // sets; half the bytes of fp32 on both of z's trips through memory.
   float *z, *ds0;
   void *s, *mp, *dt, *da, *dz;
+  int z_lowp;             // prep: z of type T (the forward) rather than fp32 (the backward)
   // (N*H*W, C) pixel-major u = LN_C(x) of type T (prenorm): bwd_dx writes it, from the x-hat
   // its LayerNorm backward computes anyway, for the launcher's proj / down weight gradients
   void* u;
@@ -798,9 +802,13 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
       const int64_t pix = pix0 + pl;
       if (pix >= npix) continue;
       const float mu = p.prenorm ? stats[2 * pl] : 0.f, rs = p.prenorm ? stats[2 * pl + 1] : 1.f;
-      ws_store(p.z, pix * p.D + e,
-               tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
-                  : grouped_in<T, kNHWC>(p, p.down_t, e, int(pix / hw(p)), pix % hw(p), mu, rs));
+      const float v = tc ? sm[L.out + pl * L.ldo + tc_col(p, e)]
+                         : grouped_in<T, kNHWC>(p, p.down_t, e, int(pix / hw(p)), pix % hw(p),
+                                                mu, rs);
+      if (p.z_lowp)
+        ws_store(ws<T>(p.z), pix * p.D + e, v);
+      else
+        ws_store(p.z, pix * p.D + e, v);
     }
     for (int i = tid; p.prenorm && i < 2 * p.PB; i += ex.nt)  // [PB][2] -> xstats[pix0 ...]
       if (pix0 + i / 2 < npix) p.xstats[2 * pix0 + i] = stats[i];
@@ -814,7 +822,8 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
           const int64_t pix = pix0 + item % p.PB;
           if (pix < npix)
             for (int d = j; d < p.D; d += kSumParts)
-              acc[0] += p.gate_w[path * p.D + d] * p.z[pix * p.D + d];
+              acc[0] += p.gate_w[path * p.D + d] *
+                        (p.z_lowp ? ws_load(ws<T>(p.z), pix * p.D + d) : p.z[pix * p.D + d]);
         },
         [&](int item, const float* sums) {
           const int path = item / p.PB;
@@ -827,14 +836,14 @@ MSLORA_HD void prep_body(const Params& p, int bx, float* sm, Ex& ex) {
 
 // Stages shared by fwd and bwd_tile: LN_C stats of x (from Params::xstats), gate sigmoids (from
 // Params::gsig), s0 (multi-scale sum), enhance (s = GELU(LN_D(s0)), written to `s_out`, which
-// may alias s0).
+// may alias s0). Z: z's storage type, T in fwd (Params::z_lowp), float in bwd_tile.
 // stats: [P][4] = (x mean, x rstd, s0 mean, s0 rstd).
-template <typename T, bool kNHWC, class Ex>
+template <typename T, bool kNHWC, typename Z, class Ex>
 MSLORA_HD void branch_stages(const Params& p, const Tile& t, float* sm, const TileSmem& L,
                              float* s0, float* s_out, Ex& ex) {
   float *zt = sm + L.zt, *sig = sm + L.sig, *stats = sm + L.stats;
   const int P = L.P;
-  const float* zimg = p.z + int64_t(t.n) * hw(p) * p.D;
+  const Z* zimg = reinterpret_cast<const Z*>(p.z) + int64_t(t.n) * hw(p) * p.D;
   ex.stage([&](int tid) {
     for (int pl = tid; pl < P; pl += ex.nt) {
       const int64_t q = tile_pixel(p, t, pl), xi = 2 * (int64_t(t.n) * hw(p) + q);
@@ -931,7 +940,7 @@ MSLORA_HD void fwd_body(const Params& p, int bx, int by, float* sm, Ex& ex) {
   const TileSmem L = tile_smem(p, 2);
   float *s = sm + L.buf0, *m = sm + L.buf1, *stats = sm + L.stats;
   const int P = L.P, dg = p.D / p.G, cg = p.C / p.G;
-  branch_stages<T, kNHWC>(p, t, sm, L, s, s, ex);
+  branch_stages<T, kNHWC, T>(p, t, sm, L, s, s, ex);  // z of type T: prep's z_lowp
   const bool tc = use_tc<T>(p);
   const float* tco = sm + L.tc.out;  // a = proj(u) on tensor cores: tco[pl * ldo + tc_col(e)]
   if constexpr (kTensorCoreType<T>) {
@@ -999,7 +1008,7 @@ MSLORA_HD void bwd_tile_body(const Params& p, int bx, int by, float* sm, Ex& ex)
   const int P = L.P, dg = p.D / p.G, cg = p.C / p.G;
   const int64_t tile_id = int64_t(by) * tiles_per_image(p) + bx;
   const int64_t pix0 = int64_t(t.n) * hw(p);
-  branch_stages<T, kNHWC>(p, t, sm, L, s0, s, ex);
+  branch_stages<T, kNHWC, float>(p, t, sm, L, s0, s, ex);
   const bool tc = use_tc<T>(p);
   const float* tco = sm + L.tc.out;  // grouped products on tensor cores: tco[pl * ldo + tc_col]
   if constexpr (kTensorCoreType<T>) {

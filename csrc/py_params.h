@@ -41,7 +41,7 @@ inline Params params_from_dicts(const pybind11::dict& ints, const pybind11::dict
   p.gsig = F("gsig");
   p.z = F("z"); p.ds0 = F("ds0");  // the fp32 workspaces; the others of type T (ws<T>)
   p.s = P("s"); p.mp = P("mp"); p.dt = P("dt"); p.da = P("da"); p.dz = P("dz");
-  p.u = P("u");
+  p.u = P("u"); p.z_lowp = I("z_lowp");
   p.part_enorm_w = F("part_enorm_w"); p.part_enorm_b = F("part_enorm_b");
   p.part_pool = F("part_pool"); p.part_dw = F("part_dw"); p.part_gate_w = F("part_gate_w");
   p.part_gate_b = F("part_gate_b"); p.part_norm_w = F("part_norm_w");

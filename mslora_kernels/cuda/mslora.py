@@ -20,20 +20,22 @@ down(u), a = proj(u), y = up(m'), up^T(dout), proj^T(da) + down^T(dz)). Saved fo
 backward: only x, the weights and zmean.
 
 The pixel-major D-channel workspaces s, m', dt, da and dz are in x's dtype (the reference holds
-the same tensors in that dtype), z and ds0 in fp32 (:data:`FP32_WORKSPACES`): the kernels round
-once on store and compute in fp32. :func:`workspace_bytes_per_pixel` gives the backward's peak
-transient memory per pixel (bf16, D = 128: 2 KB, against 3 KB with every workspace fp32). The
-dense weight gradients (proj, down, pw, up) are GEMMs in x's dtype (torch/cuBLAS, fp32
-accumulation) straight over the workspaces and the activations, written in the weights'
-layouts; every other weight gradient is a per-tile (bwd_tile) or per-block (bwd_dz: a bounded
-number of blocks, each a fixed run of tiles) partial sum. ``bwd_finish`` sums those partials
-in a fixed order, takes the GEMMs' results, and writes every weight gradient flat in x's dtype
-(one launch); ``bwd_pool`` gives pool's term of dz from bwd_tile's partials. So the weight
-gradients are deterministic whatever ``deterministic`` says (the flag is accepted for the
-common contract), and a call launches few kernels (``tests/test_cuda_host.py`` lists them):
-forward 3 (4 with pool), backward 10 (11 with pool), where a tensor op per weight and per
-gradient made them 8-16 and 27-59. Under prenorm, bwd_dx also writes u = LN_C(x) pixel-major
-for the proj / down weight GEMMs (no LayerNorm launch, no copy of x in NCHW memory).
+the same tensors in that dtype), the backward's z and ds0 in fp32 (:data:`FP32_WORKSPACES`), the
+forward's z in x's dtype (its only readers there are fwd and prep's gate logits, which the
+reference also takes from z in x's dtype): the kernels round once on store and compute in fp32.
+:func:`workspace_bytes_per_pixel` gives the backward's peak transient memory per pixel (bf16, D
+= 128: 2 KB, against 3 KB with every workspace fp32). The dense weight gradients (proj, down,
+pw, up) are GEMMs in x's dtype (torch/cuBLAS, fp32 accumulation) straight over the workspaces
+and the activations, written in the weights' layouts; every other weight gradient is a per-tile
+(bwd_tile) or per-block (bwd_dz: a bounded number of blocks, each a fixed run of tiles) partial
+sum. ``bwd_finish`` sums those partials in a fixed order, takes the GEMMs' results, and writes
+every weight gradient flat in x's dtype (one launch); ``bwd_pool`` gives pool's term of dz from
+bwd_tile's partials. So the weight gradients are deterministic whatever ``deterministic`` says
+(the flag is accepted for the common contract), and a call launches few kernels
+(``tests/test_cuda_host.py`` lists them): forward 3 (4 with pool), backward 10 (11 with pool),
+where a tensor op per weight and per gradient made them 8-16 and 27-59. Under prenorm, bwd_dx
+also writes u = LN_C(x) pixel-major for the proj / down weight GEMMs (no LayerNorm launch, no
+copy of x in NCHW memory).
 
 Image slices: :func:`forward_impl` / :func:`backward_impl` run the pass plan above
 (:func:`_forward_slice`, :func:`_backward_slice`) over slices of whole images whose workspaces
@@ -81,7 +83,8 @@ DZ_SLOTS_HOST = 3     # ... on the CPU (host build): small, so that blocks take 
 # those gradients errors of the reference's own size but independent of it, so past SPEC's 2x
 # on some random inputs: gate.bias (nk elements, at any shape) in 3 of 40 seeds at one host
 # shape, up to 7x; fp32 z and ds0 keep them at the fp32-workspace levels (max 1.0x there). The
-# others (s, mp, dt, da, dz) are in x's dtype.
+# others (s, mp, dt, da, dz) are in x's dtype, as is the forward's z (prep's z_lowp), which
+# feeds no gradient.
 FP32_WORKSPACES = ("z", "ds0")
 
 # launch(kernel, dtype_code, nhwc, ints, ptrs) runs one kernel or raises.
@@ -336,15 +339,15 @@ def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemByte
     n, c, h, w = sizes
     ints = _plan(o, sizes, smem_bytes, smem_limit, x.dtype)
     dt = _ext.DTYPE_CODE[x.dtype]
-    z = _workspace("z", n * h * w, o, x)
+    z = _ws(n * h * w, o.rank, x)  # in x's dtype (z_lowp): see FP32_WORKSPACES
     # prep's LN_C statistics of x (prenorm) and gate sigmoids (gate) for fwd: the tensors held
     # here until it has run (the kernels see only their pointers)
     xstats, gsig = _xstats(n * h * w, o, x), _gsig(n * h * w, o, x)
     stats = _ptrs(xstats=xstats, gsig=gsig)
-    launch("prep", dt, nhwc, {**ints, "CH": CHUNK, "PB": ints["PB_prep"]},
+    launch("prep", dt, nhwc, {**ints, "CH": CHUNK, "PB": ints["PB_prep"], "z_lowp": 1},
            {**stats, **_ptrs(x=xc, z=z, **kw)})
-    if o.pool:  # fp32, as z
-        torch.mean(z.view(n, h * w, o.rank), 1, out=zmean)
+    if o.pool:  # summed in fp32, kept fp32
+        torch.mean(z.view(n, h * w, o.rank), 1, dtype=torch.float32, out=zmean)
     launch("fwd", dt, nhwc, {**ints, "TH": ints["TH_fwd"], "CH": CHUNK},
            {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **kw)})
 
@@ -457,14 +460,15 @@ def _slices(x: torch.Tensor, o: MSLoRAOptions, bytes_per_pixel: float) -> list[t
 def forward_impl(x, weights, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemBytes,
                  smem_limit: int):
     """(out, zmean) with the given kernel launcher; x already validated. Runs
-    :func:`_forward_slice` over slices of whole images whose workspaces (z, xstats, gsig; fp32)
-    fit the workspace budget (``mslora_kernels.workspace``), each writing its images of one
-    ``out``; every value is per image, so slicing changes no result."""
+    :func:`_forward_slice` over slices of whole images whose workspaces (z in x's dtype; xstats,
+    gsig fp32) fit the workspace budget (``mslora_kernels.workspace``), each writing its images of
+    one ``out``; every value is per image, so slicing changes no result."""
     xc, _, _ = _physical(x, o)  # one layout for every slice and the result
     out = torch.empty_like(xc)
     zmean = _partial(x.shape[0], o.rank, xc) if o.pool else None
     kw = _kernel_weights(weights, o, launch)  # once, for every slice
-    per_pixel = 4 * o.rank + 8 * int(o.prenorm) + 4 * len(o.kernel_sizes) * int(o.gate)
+    per_pixel = xc.element_size() * o.rank + 8 * int(o.prenorm) + \
+        4 * len(o.kernel_sizes) * int(o.gate)
     for n0, n1 in _slices(x, o, per_pixel):  # z, xstats, gsig
         _forward_slice(xc[n0:n1], kw, o, launch, smem_bytes, smem_limit, out=out[n0:n1],
                        zmean=zmean[n0:n1] if o.pool else None)
