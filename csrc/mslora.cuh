@@ -37,7 +37,7 @@
 //            with N*H*W).                                                             [B2]
 //   bwd_dx   (1-D grid over pixel blocks of PB): du = P^T da + Q^T dz, dx = dout + du or
 //            LayerNorm_C backward (prenorm), per-block partial norm weight/bias grads; under
-//            prenorm also u = LN_C(x) pixel-major for the proj / down weight GEMMs.   [B3]
+//            prenorm in NHWC also u = LN_C(x) for the proj / down weight GEMMs.       [B3]
 //   pack     (grid (blocks, segments)): the weights as the kernels read them (Params), from the
 //            module's: the products' transposes, the taps, norms and gate in fp32.
 //   bwd_pool (grid N): pool's term of dz per image from bwd_tile's partials.
@@ -127,8 +127,11 @@ struct Params {
   float *z, *ds0;
   void *s, *mp, *dt, *da, *dz;
   int z_lowp;             // prep: z of type T (the forward) rather than fp32 (the backward)
-  // (N*H*W, C) pixel-major u = LN_C(x) of type T (prenorm): bwd_dx writes it, from the x-hat
-  // its LayerNorm backward computes anyway, for the launcher's proj / down weight gradients
+  // (N*H*W, C) pixel-major u = LN_C(x) of type T (prenorm, NHWC memory; else null): bwd_dx
+  // writes it, from the x-hat its LayerNorm backward computes anyway, for the launcher's proj /
+  // down weight gradients. Not in NCHW memory, where its pixel-fastest loop would store a warp's
+  // 32 values C elements apart: 32 sectors a store instruction, a full L2 transaction for every
+  // element; the launcher's pixel-major copy and LayerNorm move whole lines.
   void* u;
   // fp32 per-tile / per-block partial sums, (blocks, ...)
   float *part_enorm_w, *part_enorm_b, *part_pool;      // (tiles, D)
@@ -1451,7 +1454,7 @@ MSLORA_HD void bwd_dx_body(const Params& p, int bx, float* sm, Ex& ex) {
       float g = *dup;
       if (p.prenorm) {
         const float xh = (load_act<T, kNHWC>(p, p.x, n, c, q) - stats[4 * pl]) * stats[4 * pl + 1];
-        ws_store(ws<T>(p.u), pix * p.C + c, xh * p.norm_w[c] + p.norm_b[c]);
+        if (p.u) ws_store(ws<T>(p.u), pix * p.C + c, xh * p.norm_w[c] + p.norm_b[c]);
         *dup = g * xh;
         g = stats[4 * pl + 1] * (g * p.norm_w[c] - stats[4 * pl + 2] - xh * stats[4 * pl + 3]);
       }

@@ -534,17 +534,18 @@ def test_host_backward_refuses_zero_slots(host):
 WORKSPACES = ("z", "s", "mp", "dt", "da", "ds0", "dz")
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last_memory"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
+def test_host_workspaces_are_in_x_dtype(host, dtype, layout, monkeypatch):
     """Every D-channel workspace the launcher hands a kernel (forward and backward) is an
     (N*H*W, D) tensor of x's dtype (the kernels' T) but the backward's z and ds0, fp32
-    (FP32_WORKSPACES; the forward's z is in x's dtype), and every partial-sum buffer fp32; prenorm's
-    xstats (prep's LN_C statistics of x) is (N*H*W, 2) fp32, gate's gsig (prep's gate sigmoids)
-    (N*H*W, nk) fp32, prenorm's u (LN_C(x), which bwd_dx writes for the proj / down GEMMs) (N*H*W,
-    C) in x's dtype; each kernel gets the workspaces it reads or writes; s, m' and dt are freed
-    before dz is allocated, z and ds0 before bwd_dx; results right (NaN-filled buffers: a pixel prep
-    or bwd_dx did not write poisons them)."""
+    (FP32_WORKSPACES; the forward's z is in x's dtype), and every partial-sum buffer fp32;
+    prenorm's xstats (prep's LN_C statistics of x) is (N*H*W, 2) fp32, gate's gsig (prep's gate
+    sigmoids) (N*H*W, nk) fp32, prenorm's u (LN_C(x), which bwd_dx writes for the proj / down
+    GEMMs in NHWC memory) (N*H*W, C) in x's dtype; each kernel gets the workspaces it reads or
+    writes; s, m' and dt are freed before dz is allocated, z and ds0 before bwd_dx; results
+    right (NaN-filled buffers: a pixel prep or bwd_dx did not write poisons them)."""
     import mslora_kernels.cuda.mslora as launcher
 
     assert launcher.FP32_WORKSPACES == ("z", "ds0")
@@ -553,6 +554,8 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     m = _module(c, d, g, ks, OPTION_SETS[1], "channels_first")
     o = m.options
     x = torch.randn(n, c, h, w).to(dtype)
+    if layout == "channels_last_memory":
+        x = x.contiguous(memory_format=torch.channels_last)
     wt = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
     gout = torch.randn_like(x)
     made = _nan_workspaces(monkeypatch)
@@ -586,7 +589,8 @@ def test_host_workspaces_are_in_x_dtype(host, dtype, monkeypatch):
     assert seen == {"pack": [set()], "prep": [{"z", "xstats", "gsig"}],
                     "bwd_tile": [set(WORKSPACES) - {"dz"} | {"xstats", "gsig"}],
                     "bwd_pool": [set()], "bwd_dz": [{"z", "da", "ds0", "dz", "gsig"}],
-                    "bwd_dx": [{"da", "dz", "xstats", "u"}], "bwd_finish": [set()]}
+                    "bwd_dx": [{"da", "dz", "xstats"} | ({"u"} if layout != "nchw" else set())],
+                    "bwd_finish": [set()]}
     _reference_checker(x, wt, o, gout)(out, dx, grads)
 
 
@@ -641,9 +645,9 @@ def test_kernel_weights(host, dtype, c, d, ks, monkeypatch):
 @pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
 def test_workspace_bytes_per_pixel(fmt, prenorm, gate):
     """The helper's phases: the six workspaces of bwd_tile at the peak for small C (bf16: z and
-    ds0 4 D B each, the other four 2 D B), the C-channel copies (under prenorm bwd_dx's LN_C(x)
-    in place of x's) where C is large, plus the partial sums and, under prenorm, xstats (8 B);
-    under gate, gsig (4 nk B) until bwd_dz; fp32: every workspace 4 D B."""
+    ds0 4 D B each, the other four 2 D B), the C-channel copies and LN's output (in NHWC memory
+    bwd_dx's LN_C(x) alone) where C is large, plus the partial sums and, under prenorm, xstats
+    (8 B); under gate, gsig (4 nk B) until bwd_dz; fp32: every workspace 4 D B."""
     from mslora_kernels.config import MSLoRAOptions
     from mslora_kernels.cuda.mslora import workspace_bytes_fixed, workspace_bytes_per_pixel
 
@@ -657,7 +661,8 @@ def test_workspace_bytes_per_pixel(fmt, prenorm, gate):
     got = workspace_bytes_per_pixel(o, torch.bfloat16, tile_pixels=64, pixel_block=32)
     want = max(2 * 128 * 4 + 4 * 128 * 2 + gate * 4 * 3,
                2 * 128 * 4 + 2 * 128 * 2 + copy * 1024 * 2 + gate * 4 * 3,
-               2 * 128 * 2 + (copy or prenorm) * 1024 * 2)
+               2 * 128 * 2 + (copy or prenorm) * 1024 * 2 +
+               (copy and prenorm) * (1024 * 2 + 8))
     assert got == want + 128 * 4 / 64 + prenorm * 2 * 1024 * 4 / 32 + prenorm * 8
     assert workspace_bytes_per_pixel(o, torch.bfloat16, nchw_memory=False, tile_pixels=64,
                                      pixel_block=32) <= got
@@ -886,10 +891,10 @@ def test_host_kernels_per_call(host, opts, layout):
     late stages' sizes (7x7 maps) a launch costs about what the fused kernels' work does.
     Forward: pack (the weights' transposes and fp32 copies, one launch), prep, (pool's mean,)
     fwd. Backward: pack, prep, bwd_tile, the dense weight gradients' GEMMs (cuBLAS on a GPU),
-    (pool's term of dz,) bwd_dz, bwd_dx (under prenorm it also writes LN_C(x) pixel-major for
-    the proj / down GEMMs), the proj / down GEMMs and bwd_finish, which sums, casts and writes
-    every weight gradient flat. In NCHW memory the pixel-major views of grad_out and (without
-    prenorm) x for the GEMMs are copies."""
+    (pool's term of dz,) bwd_dz, bwd_dx (under prenorm in NHWC memory it also writes LN_C(x)
+    pixel-major for the proj / down GEMMs), the proj / down GEMMs and bwd_finish, which sums,
+    casts and writes every weight gradient flat. In NCHW memory the pixel-major views of
+    grad_out and x for the GEMMs are copies, and under prenorm a LayerNorm of x follows."""
     from mslora_kernels.cuda.mslora import backward_flat_impl
 
     o, x, wt, gout = _case((2, 64, 7, 7, 128, 4, (3, 5, 7)), torch.bfloat16, opts, layout)
@@ -902,6 +907,7 @@ def test_host_kernels_per_call(host, opts, layout):
     copy = ["aten.clone"] * (layout == "nchw")
     assert fwd == ["pack", "prep"] + ["aten.mean"] * pool + ["fwd"], fwd
     assert bwd == ["pack", "prep", "bwd_tile", "aten.mm", *copy, "aten.bmm"] + \
-        ["bwd_pool"] * pool + ["bwd_dz", "bwd_dx"] + copy * (not prenorm) + \
+        ["bwd_pool"] * pool + ["bwd_dz", "bwd_dx", *copy] + \
+        ["aten.native_layer_norm"] * (prenorm and layout == "nchw") + \
         ["aten.bmm", "aten.bmm", "bwd_finish"], bwd
     _reference_checker(x, wt, o, gout)(out, dx, split_flat_grads(flat, o))

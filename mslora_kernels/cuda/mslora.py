@@ -33,9 +33,10 @@ every weight gradient flat in x's dtype (one launch); ``bwd_pool`` gives pool's 
 bwd_tile's partials. So the weight gradients are deterministic whatever ``deterministic`` says
 (the flag is accepted for the common contract), and a call launches few kernels
 (``tests/test_cuda_host.py`` lists them): forward 3 (4 with pool), backward 10 (11 with pool),
-where a tensor op per weight and per gradient made them 8-16 and 27-59. Under prenorm, bwd_dx
-also writes u = LN_C(x) pixel-major for the proj / down weight GEMMs (no LayerNorm launch, no
-copy of x in NCHW memory).
+where a tensor op per weight and per gradient made them 8-16 and 27-59. Under prenorm in NHWC
+memory, bwd_dx also writes u = LN_C(x) pixel-major for the proj / down weight GEMMs (no
+LayerNorm launch); NCHW memory adds pixel-major copies for the GEMMs, and under prenorm
+LayerNorm's launch.
 
 Image slices: :func:`forward_impl` / :func:`backward_impl` run the pass plan above
 (:func:`_forward_slice`, :func:`_backward_slice`) over slices of whole images whose workspaces
@@ -55,8 +56,10 @@ import os
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..config import MSLoRAOptions, flat_grad_sections, split_flat_grads, weight_shapes
+from ..reference import LN_EPS
 from ..triton._common import normalize_layout
 from ..workspace import image_slices
 from . import _ext
@@ -286,7 +289,8 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
       NCHW): 8 D + 2 D b (+ C b);
     - bwd_dz: z, ds0, da, dz: 8 D + 2 D b;
     - bwd_dx and the proj / down gradients: da, dz and u, x pixel-major (a C b copy if NCHW
-      memory) or under prenorm LN_C(x) pixel-major (C b, written by bwd_dx): 2 D b (+ C b);
+      memory) or under prenorm LN_C(x) pixel-major (C b: written by bwd_dx in NHWC memory; in
+      NCHW the copy's LayerNorm, with its fp32 mean / rstd, 8 B): 2 D b (+ C b) (+ C b + 8);
 
     plus, all along, the fp32 partial sums that grow with the pixels: pool and enhance
     (3 D fp32 a tile of ``tile_pixels``) and prenorm (2 C fp32 a block of ``pixel_block``
@@ -309,7 +313,8 @@ def workspace_bytes_per_pixel(o: MSLoRAOptions, dtype: torch.dtype, *,
     phases = [sum(size[k] for k in ("z", "ds0", "da", "s", "mp", "dt")) + gsig,
               sum(size[k] for k in ("z", "ds0", "da", "mp")) + copy * c * b + gsig,
               sum(size[k] for k in ("z", "ds0", "da", "dz")) + gsig,
-              size["da"] + size["dz"] + (copy or o.prenorm) * c * b]
+              size["da"] + size["dz"] + (copy or o.prenorm) * c * b +
+              (copy and o.prenorm) * (c * b + 8)]
     partials = (int(o.pool) + 2 * int(o.enhance)) * d * 4 / tile_pixels + \
         int(o.prenorm) * 2 * c * 4 / pixel_block
     return max(phases) + partials + int(o.prenorm) * 8
@@ -357,11 +362,11 @@ def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
         2 * math.pi)
 
 
-def _backward_slice(grad_out, x, kw, o: MSLoRAOptions, zmean, launch: Launch,
+def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: Launch,
                     smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
                     dx: torch.Tensor, finish: tuple[dict, dict]) -> None:
     """One slice of images with the given kernel launcher (inputs already validated, in a kernel
-    layout; kw: :func:`_kernel_weights` of the weights): writes ``dx`` (x's shape and layout), and
+    layout; kw: :func:`_kernel_weights` of weights): writes ``dx`` (x's shape and layout), and
     its weight gradients through bwd_finish, whose ints and pointers ``finish`` gives (the
     flat output and the fp32 sum across slices: :func:`backward_flat_impl`). ``slots``: the
     bound on bwd_dz's blocks and partial rows (default :func:`dz_slots` of x's device)."""
@@ -423,15 +428,18 @@ def _backward_slice(grad_out, x, kw, o: MSLoRAOptions, zmean, launch: Launch,
     launch("bwd_dz", dt, nhwc, {**ints, "CH": CHUNK_DZ},
            {**common, **gsig, **_ptrs(pool_dz=pool_dz, **ws)})
     del ws["z"], ws["ds0"], gsig_t  # bwd_dx and the GEMMs below need da and dz only
-    # u for the proj / down GEMMs: under prenorm LN_C(x) pixel-major in x's dtype (as the
-    # reference computes it), which bwd_dx writes from its LayerNorm backward's x-hat; else x
-    # pixel-major (a copy in NCHW memory)
-    u = _ws(npix, c, x) if o.prenorm else None
+    # u for the proj / down GEMMs, pixel-major: x, or under prenorm LN_C(x) in x's dtype (as the
+    # reference computes it). In NHWC memory bwd_dx writes LN_C(x) from its LayerNorm backward's
+    # x-hat (Params::u); in NCHW memory, where those stores would not coalesce, x is copied
+    # pixel-major and normalised here.
+    u = _ws(npix, c, x) if o.prenorm and nhwc else None
     launch("bwd_dx", dt, nhwc, {**ints, "CH": CHUNK},
            {**common, **xstats, **_ptrs(dx=dx, u=u, **ws)})
 
     if u is None:
         u = _pixel_major(x, o)
+        if o.prenorm:
+            u = F.layer_norm(u, (c,), weights["norm.weight"], weights["norm.bias"], LN_EPS)
     ug = u.view(npix, g, cg).permute(1, 0, 2)
     for name, ds in (("proj.weight", ws["da"]), ("down.weight", ws["dz"])):
         torch.bmm(ds.view(npix, g, dg).permute(1, 2, 0), ug, out=gemm[name])
@@ -502,7 +510,7 @@ def backward_flat_impl(grad_out, x, weights, o: MSLoRAOptions, zmean, launch: La
         last = i == len(slices) - 1
         finish = ({"acc_in": int(i > 0), "acc_out": int(not last)},
                   _ptrs(gacc=acc, gout=flat if last else None))
-        _backward_slice(gc[n0:n1], xc[n0:n1], kw, o, zmean[n0:n1] if o.pool else None,
+        _backward_slice(gc[n0:n1], xc[n0:n1], weights, kw, o, zmean[n0:n1] if o.pool else None,
                         launch, smem_bytes, smem_limit, slots, dx=dx[n0:n1], finish=finish)
     return dx, flat
 
