@@ -357,11 +357,6 @@ def _forward_slice(x, kw, o: MSLoRAOptions, launch: Launch, smem_bytes: SmemByte
            {**stats, **_ptrs(x=xc, out=out, z=z, zmean=zmean, **kw)})
 
 
-def _gelu_grad(v: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1 + torch.erf(v * 0.7071067811865476)) + v * torch.exp(-0.5 * v * v) / math.sqrt(
-        2 * math.pi)
-
-
 def _backward_slice(grad_out, x, weights, kw, o: MSLoRAOptions, zmean, launch: Launch,
                     smem_bytes: SmemBytes, smem_limit: int, slots: int | None,
                     dx: torch.Tensor, finish: tuple[dict, dict]) -> None:
