@@ -232,6 +232,27 @@ def test_host_kernels_match_reference(host, dtype, opts, layout, shape, smem):
     check(out, dx, grads)
 
 
+# The benchmark's default rank, groups and kernel sizes at two of its map sizes (ResNet-50's
+# first stage, one image; a 14x14 stage at 256 channels), with an H100's shared memory: the
+# tiles, channel chunks and tensor-core staging the GPU will run, which the small shapes above
+# do not reach (D = 128 is four z chunks, 56-pixel rows several tiles wide). fp16 only at 14x14:
+# its eager baseline is slow on the CPU.
+BENCH_SHAPES = {"56x56": (1, 64, 56, 56, 128, 4, (3, 5, 7)),
+                "14x14": (2, 256, 14, 14, 128, 4, (3, 5, 7))}
+BENCH_CASES = [(sid, dt, lay) for sid in BENCH_SHAPES
+               for dt, lay in [*((torch.bfloat16, lay) for lay in LAYOUTS),
+                               (torch.float32, "nchw"), (torch.float32, "nhwc")]] + \
+    [("14x14", torch.float16, "channels_last_memory")]
+
+
+@pytest.mark.parametrize("shape_id,dtype,layout", BENCH_CASES,
+                         ids=[f"{sid}-{str(dt)[6:]}-{lay}" for sid, dt, lay in BENCH_CASES])
+@pytest.mark.parametrize("opts", OPTION_SETS[:2], ids=["plain", "all"])
+def test_host_kernels_at_benchmark_shapes(host, opts, shape_id, dtype, layout):
+    shape = BENCH_SHAPES[shape_id]
+    test_host_kernels_match_reference(host, dtype, opts, layout, shape, 227 * 1024)
+
+
 # ------------------------------------------------------ the emulated storage conversions
 
 
