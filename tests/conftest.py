@@ -29,6 +29,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_threads))
 
 HAS_CUDA = torch.cuda.is_available()
+NO_GPU = "needs a CUDA device; none is available here"  # the skip reason of the gpu marker
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -49,7 +50,7 @@ def _gpu_file_rank(item) -> int:
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         items.sort(key=_gpu_file_rank)  # stable: each file keeps its own order
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    skip_gpu = pytest.mark.skip(reason=NO_GPU)
     skip_interp = pytest.mark.skip(
         reason="Triton interpreter tests run only with TRITON_INTERPRET=1 (set on CPU machines)"
     )
@@ -65,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 # that a green run would hide (the host tests once skipped whole for a missing pybind11), so it
 # fails the run. timm and torchvision cannot sit beside CI's CPU wheel of torch
 # (scripts/test_gpu_stack.sh runs their tests).
-CI_SKIPS = (re.compile(r"needs a CUDA device; none is available here"),
+CI_SKIPS = (re.compile(re.escape(NO_GPU)),
             re.compile(r"could not import '(timm|torchvision\.models)'"))
 _unexpected_skips: list[str] = []
 
