@@ -8,6 +8,7 @@ import time.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -39,14 +40,24 @@ def _load_extension():
     """``(mslora_kernels._C, None)``, or ``(None, why it cannot be had)``."""
     try:
         from . import _C
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}._C":
+    except ImportError as e:
+        # A missing file and one that fails to load both raise a plain ImportError ("cannot
+        # import name '_C'", or the loader's message), so what lies in the package tells them
+        # apart.
+        here = Path(__file__).parent
+        built = sorted(f.name for f in here.glob("_C.*") if f.suffix in (".so", ".pyd"))
+        loads = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]  # what this Python looks for
+        ours = {"_C" + sfx for sfx in importlib.machinery.EXTENSION_SUFFIXES}.intersection(built)
+        if not built:
             return None, (
                 "which was not built (setup.py builds it only when nvcc is found and "
                 "MSLORA_SKIP_CUDA_BUILD is unset)"
             )
-        return None, f"which does not import: {e}"
-    except ImportError as e:  # built, but it does not load (another Python's ABI, a bad symbol)
+        if not ours:
+            return None, (
+                f"which was built for another Python ({', '.join(built)} in {here}; this Python "
+                f"loads {loads}): reinstall the package with this Python"
+            )
         return None, f"which was built but does not load: {e}"
     return _C, None
 

@@ -51,47 +51,75 @@ def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
     assert not glob.glob(str(tmp_path / "lib" / "**" / "_C*.so"), recursive=True)
 
 
-def _run_ok(code: str) -> None:
-    """Run ``code`` in a fresh Python from the checkout; it must print ok."""
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+def _run_ok(code: str, cwd: Path = ROOT) -> None:
+    """Run ``code`` in a fresh Python from ``cwd`` (the checkout); it must print ok."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
-def test_package_works_without_extension():
-    code = (
-        "import sys; sys.modules['mslora_kernels._C'] = None  # as if never built\n"
+def _package_copy(tmp_path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006
+    """A copy of the package with no compiled extension, plus ``files``; returns its parent, from
+    which ``import mslora_kernels`` finds the copy."""
+    dst = tmp_path / "mslora_kernels"
+    shutil.copytree(ROOT / "mslora_kernels", dst,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    for name, data in files.items():
+        (dst / name).write_bytes(data)
+    return tmp_path
+
+
+def _reason_in_copy(tmp_path: Path) -> str:
+    return (
         "import torch, mslora_kernels\n"
-        "from mslora_kernels.backends import cuda_unavailable_reason\n"
+        f"assert mslora_kernels.__file__.startswith({str(tmp_path)!r}), mslora_kernels.__file__\n"
+        "from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason\n"
+        "assert cuda_extension() is None\n"
+        "why = cuda_unavailable_reason(torch.device('cuda'))\n"
+    )
+
+
+def test_package_works_without_extension(tmp_path):
+    """Never built (no nvcc, or MSLORA_SKIP_CUDA_BUILD): said so, and everything else works."""
+    code = _reason_in_copy(_package_copy(tmp_path)) + (
+        "assert 'which was not built' in why, why\n"
         "assert 'cuda' not in mslora_kernels.available_backends('cpu')\n"
-        "assert 'not built' in cuda_unavailable_reason(torch.device('cpu'))\n"
         "m = mslora_kernels.MSLoRA(8, rank=4, groups=2)\n"
         "x = torch.randn(1, 8, 3, 3)\n"
         "assert torch.equal(m(x), x)  # up is zero-initialised: identity\n"
         "import mslora_kernels.cuda.gelu, mslora_kernels.cuda.mslora\n"
         "print('ok')\n"
     )
-    _run_ok(code)
+    _run_ok(code, cwd=tmp_path)
 
 
-def test_an_extension_that_does_not_load_says_so():
-    """A _C that was built but does not load (another Python's ABI, an undefined symbol) is not
-    reported as "not built": the reason carries the loader's message."""
-    code = (
-        "import importlib.abc, sys\n"
-        "class Broken(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'mslora_kernels._C':\n"
-        "            raise ImportError('_C.so: undefined symbol: _Z3foov')\n"
-        "sys.meta_path.insert(0, Broken())\n"
-        "import torch\n"
-        "from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason\n"
-        "assert cuda_extension() is None\n"
-        "why = cuda_unavailable_reason(torch.device('cuda'))\n"
-        "assert 'built but does not load' in why and 'undefined symbol: _Z3foov' in why, why\n"
+def test_an_extension_that_does_not_load_says_so(tmp_path):
+    """A _C that was built but does not load (a bad symbol, a broken file) is not reported as
+    "not built": the reason carries the loader's message."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    root = _package_copy(tmp_path, {"_C" + EXTENSION_SUFFIXES[0]: b"not an ELF file"})
+    code = _reason_in_copy(root) + (
+        "import importlib.machinery as m\n"
+        "assert 'built but does not load' in why, why\n"
+        "assert '_C' + m.EXTENSION_SUFFIXES[0] + ':' in why, why  # the loader's own words\n"
         "print('ok')\n"
     )
-    _run_ok(code)
+    _run_ok(code, cwd=root)
+
+
+def test_an_extension_built_for_another_python_names_both(tmp_path):
+    """setup.py builds _C for the Python that installs the package; another Python finds only a
+    file with a foreign ABI tag, and is told which file it found and which it would load."""
+    root = _package_copy(tmp_path, {"_C.cpython-39-x86_64-linux-gnu.so": b"\x7fELF"})
+    code = _reason_in_copy(root) + (
+        "assert 'built for another Python' in why, why\n"
+        "assert '_C.cpython-39-x86_64-linux-gnu.so' in why, why\n"
+        "import importlib.machinery as m\n"
+        "assert '_C' + m.EXTENSION_SUFFIXES[0] in why and 'reinstall' in why, why\n"
+        "print('ok')\n"
+    )
+    _run_ok(code, cwd=root)
 
 
 def _compile_check(*args) -> subprocess.CompletedProcess:
