@@ -71,18 +71,19 @@ def build_model(model_key: str, variant: str, device: torch.device):
         return model.to(device), f'inject(model, MSLoRAConfig(backend="{backend}")) + head'
     if variant == "lora-peft":
         try:
-            from peft import LoraConfig, get_peft_model
+            import peft
         except Exception as e:
             raise Unavailable(f"PEFT is not importable ({type(e).__name__}: {e})") from e
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS[model_key])
-        model = get_peft_model(model, cfg)
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS[model_key])
+        model = peft.get_peft_model(model, cfg)
         _unfreeze_head(model.get_base_model())
         # Frozen BatchNorm pinned to eval mode, as inject does for the MSLoRA variants: the same
         # frozen backbone (no batch statistics, no running-stat updates) for every adapter.
         from mslora_kernels.inject import freeze
 
         freeze(model, keep={n for n, p in model.named_parameters() if p.requires_grad})
-        return model.to(device), (f"PEFT LoRA r=8 alpha=16 on {PEFT_TARGETS[model_key]} + head; "
+        return model.to(device), (f"PEFT {peft.__version__} LoRA r=8 alpha=16 on "
+                                  f"{PEFT_TARGETS[model_key]} + head; "
                                   "frozen BatchNorm in eval mode")
     raise ValueError(f"unknown end-to-end variant {variant!r}; expected one of {VARIANTS}")
 

@@ -11,6 +11,10 @@
 #     pytest_gpu   the GPU tests (tests -m gpu): kernels against the reference, opcheck,
 #                  torch.compile, CUDA graphs, CUDA vs Triton
 #     sanitizer    compute-sanitizer memcheck and racecheck on small CUDA-backend cases
+#     peft         PEFT, offline, from the wheels scripts/wheelhouse.sh gathered, for the
+#                  benchmarks' standard-LoRA rows: only when the device call carried them
+#                  (MSLORA_WHEELHOUSE, default wheelhouse/; about 15 s); without them, those
+#                  rows record that PEFT is not importable
 #     bench        python -m benchmarks.run --quick, its time budget cut to the step's limit
 #     check        python -m mslora_kernels (the check table of every backend)
 #     bench_lora   the Serial LoRA / MSPLoRA benchmark
@@ -33,6 +37,7 @@
 # Environment:
 #   MSLORA_GPU_BUDGET_S   seconds for the whole command (default 480); give the device call a
 #                         timeout_s of the budget plus a minute
+#   MSLORA_WHEELHOUSE     the wheels for the peft step (default wheelhouse; run's carry names it)
 #   MSLORA_GPU_TESTS      what pytest_gpu runs (default `tests`), e.g. a file or `tests -k cuda`
 #                         for a re-run of what failed
 #   MSLORA_TEST_WORKERS   pytest-xdist workers (default: one per core; xdist is installed there):
@@ -48,6 +53,7 @@ PHASE=${2:-all}
 PY=${PYTHON:-python3}
 DRY=${MSLORA_GPU_CHECK_DRY:-}
 BUDGET=${MSLORA_GPU_BUDGET_S:-480}
+WHEELHOUSE=${MSLORA_WHEELHOUSE:-wheelhouse}
 mkdir -p "$DIR/bench"
 LOG="$DIR/gpu_check.log"
 : > "$LOG"
@@ -57,12 +63,13 @@ unset TRITON_INTERPRET
 
 # Every step, in the order they run: phase, cap (s), floor (s: less than this is not worth
 # starting), essential (later-step time the earlier steps leave free).
-STEPS=(install pytest_gpu sanitizer bench check bench_lora profile pytest pybench)
-declare -A STEP_PHASE=([install]=- [pytest_gpu]=tests [sanitizer]=sanitize [bench]=bench
-  [check]=sanitize [bench_lora]=bench [profile]=bench [pytest]=suite [pybench]=pybench)
-declare -A CAP=([install]=150 [pytest_gpu]=300 [sanitizer]=120 [bench]=300 [check]=120
+STEPS=(install pytest_gpu sanitizer peft bench check bench_lora profile pytest pybench)
+declare -A STEP_PHASE=([install]=- [pytest_gpu]=tests [sanitizer]=sanitize [peft]=bench
+  [bench]=bench [check]=sanitize [bench_lora]=bench [profile]=bench [pytest]=suite
+  [pybench]=pybench)
+declare -A CAP=([install]=150 [pytest_gpu]=300 [sanitizer]=120 [peft]=60 [bench]=300 [check]=120
   [bench_lora]=100 [profile]=60 [pytest]=200 [pybench]=400)
-declare -A FLOOR=([install]=30 [pytest_gpu]=60 [sanitizer]=45 [bench]=90 [check]=30
+declare -A FLOOR=([install]=30 [pytest_gpu]=60 [sanitizer]=45 [peft]=20 [bench]=90 [check]=30
   [bench_lora]=40 [profile]=20 [pytest]=60 [pybench]=60)
 declare -A ESSENTIAL=([pytest_gpu]=1 [sanitizer]=1 [bench]=1)
 declare -A STATUS
@@ -80,6 +87,7 @@ done
 
 want() {  # want STEP: is its phase among the comma-separated PHASES (all = tests,sanitize,bench)?
   local ph=${STEP_PHASE[$1]}
+  [ "$1" != peft ] || [ -d "$WHEELHOUSE" ] || return 1  # only with the wheels
   [ "$ph" = - ] && return 0
   case ",$PHASE," in *",$ph,"*) return 0 ;; esac
   case "$ph" in tests|sanitize|bench) [ "$PHASE" = all ] ;; *) return 1 ;; esac
@@ -100,7 +108,12 @@ limit_for() {  # limit_for STEP: sets LIMIT (s) from the budget left; returns 1 
     fi
   done
   LIMIT=$((left - reserve))
-  [ "$LIMIT" -ge "${FLOOR[$name]}" ] || LIMIT=${FLOOR[$name]}  # earlier steps come first
+  # An earlier essential step (and install) comes first, into later ones' floors; an optional
+  # step (peft, before bench) never does.
+  if [ "$LIMIT" -lt "${FLOOR[$name]}" ]; then
+    [ -n "${ESSENTIAL[$name]:-}" ] || [ "$name" = install ] || return 1
+    LIMIT=${FLOOR[$name]}
+  fi
   [ "$LIMIT" -le "${CAP[$name]}" ] || LIMIT=${CAP[$name]}
   [ "$LIMIT" -le "$left" ] || LIMIT=$left
   [ "$LIMIT" -ge "${FLOOR[$name]}" ]
@@ -154,6 +167,8 @@ run_step pytest_gpu INT "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${PYTEST[@]}" 
 # The sanitizer's own logs stay on the machine (8 files come back); their tails go to the log.
 run_step sanitizer TERM bash -c 'bash scripts/cuda_sanitize.sh /tmp/sanitize; rc=$?;
   tail -n 40 /tmp/sanitize/*.log; exit $rc'
+run_step peft TERM "$PY" -m pip install --disable-pip-version-check -q --no-index \
+  --find-links "$WHEELHOUSE" peft
 # The runner's own budget ends its rows a minute before the step's limit (imports, the row in
 # progress, the plots); the limit's SIGTERM still ends it through writing what it measured.
 if want bench && limit_for bench; then BENCH_BUDGET=$((LIMIT > 90 ? LIMIT - 60 : 30)); fi

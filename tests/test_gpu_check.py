@@ -17,7 +17,9 @@ ROOMY = "5000"  # a budget no plan fills
 
 def _plan(tmp_path, phases: str | None, budget: str | None = ROOMY, **env):
     args = ["bash", str(SCRIPT), str(tmp_path)] + ([phases] if phases else [])
-    env = {**os.environ, "MSLORA_GPU_CHECK_DRY": "1", **env}
+    # no wheels unless a test brings them (a checkout's own wheelhouse/ must not change a plan)
+    env = {**os.environ, "MSLORA_GPU_CHECK_DRY": "1",
+           "MSLORA_WHEELHOUSE": str(tmp_path / "no-wheelhouse"), **env}
     env.pop("MSLORA_GPU_BUDGET_S", None)
     if budget is not None:
         env["MSLORA_GPU_BUDGET_S"] = budget
@@ -67,6 +69,40 @@ def test_a_step_never_gets_more_than_the_budget_left(tmp_path):
     assert sum(limits.values()) <= 200, limits
     assert got == ["install", "pytest_gpu", "bench"] and skipped == ["bench_lora", "profile"], out
     assert code == 3
+
+
+@pytest.mark.parametrize("phases, steps", [
+    ("bench", ["install", "peft", "bench", "bench_lora", "profile"]),
+    ("all", ["install", "pytest_gpu", "sanitizer", "peft", "bench", "check", "bench_lora",
+             "profile"]),
+    ("tests,sanitize", ["install", "pytest_gpu", "sanitizer", "check"]),
+])
+def test_carried_wheels_install_peft_before_the_benchmarks(tmp_path, phases, steps):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    code, got, limits, skipped, out = _plan(tmp_path, phases, MSLORA_WHEELHOUSE=str(wheels))
+    assert code == 0 and got == steps and skipped == [], out
+    if "peft" in steps:
+        assert limits["peft"] == 60
+        assert re.search(r"-m pip install .*--no-index --find-links \S*wheels peft$", out, re.M)
+
+
+def test_peft_never_takes_the_essential_steps_floors(tmp_path):
+    """At the default budget, with every step at its limit, the optional PEFT install is what
+    gives way: the GPU tests, the sanitizer and the benchmarks keep the time they have without
+    it."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _, got, limits, skipped, out = _plan(tmp_path, None, budget=None,
+                                         MSLORA_WHEELHOUSE=str(wheels))
+    _, _, without, _, _ = _plan(tmp_path, None, budget=None)
+    assert got[:4] == ["install", "pytest_gpu", "sanitizer", "bench"], out
+    assert skipped[0] == "peft" and "peft skipped" in out
+    assert limits == without
+    # with time to spare after the earlier steps' limits, it runs and leaves bench its floor
+    _, got, limits, _, out = _plan(tmp_path, None, budget="720", MSLORA_WHEELHOUSE=str(wheels))
+    assert got[:5] == ["install", "pytest_gpu", "sanitizer", "peft", "bench"], out
+    assert limits["peft"] == 60 and limits["bench"] == 90, limits
 
 
 def test_bench_time_budget_follows_its_limit(tmp_path):
