@@ -106,14 +106,18 @@ def _elementwise_kernel(a_ptr, b_ptr, out_ptr, cmp_ptr, n, BLOCK: tl.constexpr):
 def test_elementwise_bf16_is_fp32_rounded():
     n = 1000
     a, b = torch.randn(n, dtype=bf16) * 3, torch.randn(n, dtype=bf16) * 3
+    a[:2] = torch.tensor([0.0, -0.0])  # signed zeros (torch 2.11's bf16 randn gives some too)
+    b[:2] = torch.tensor([1.5, -2.5])
     out = torch.empty(11, n, dtype=bf16)
     cmp = torch.empty(2, n, dtype=torch.int8)
     _elementwise_kernel[(1,)](a, b, out, cmp, n, BLOCK=1024)
     fa, fb = a.float(), b.float()
     # fma in double: a*b + a exact there for bf16 a, b (16 + 8 significant bits), then one rounding
     fma = (a.double() * b.double() + a.double()).float()
+    # Triton's -x is 0 - x (semantic.minus), on the GPU too: -(+0) is +0, not torch's -0
     want = [fa + fb, fa - fb, fa * fb, fa / fb, torch.maximum(fa, fb), torch.minimum(fa, fb),
-            torch.where(fa < fb, fa, fb), -fa, fa.abs(), fma, torch.clamp(fa, -fb.abs(), fb.abs())]
+            torch.where(fa < fb, fa, fb), 0.0 - fa, fa.abs(), fma,
+            torch.clamp(fa, -fb.abs(), fb.abs())]
     for j, w in enumerate(want):
         _same_bits(out[j], w.to(bf16))
     assert torch.equal(cmp[0].bool(), fa < fb) and torch.equal(cmp[1].bool(), fa >= fb)
