@@ -71,6 +71,10 @@ def _package_copy(tmp_path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa
 
 def _reason_in_copy(tmp_path: Path) -> str:
     return (
+        "import sys\n"
+        "# an editable install's finder would hand the copy the checkout's _C\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
         "import torch, mslora_kernels\n"
         f"assert mslora_kernels.__file__.startswith({str(tmp_path)!r}), mslora_kernels.__file__\n"
         "from mslora_kernels.backends import cuda_extension, cuda_unavailable_reason\n"
