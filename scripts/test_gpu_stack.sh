@@ -8,11 +8,13 @@
 # Usage: bash scripts/test_gpu_stack.sh [pytest arguments]   (default: tests -n 2, one per core)
 # Other versions: TORCH=2.9.1 TORCHVISION=0.24.1 TRITON=3.5.1 VENV=/tmp/v29 bash scripts/test_gpu_stack.sh
 # (the extension is built in place, for the venv's torch: run it from a clone, not your checkout).
+# PYTHON makes the venv (default python3); the GPU machine runs Python 3.12, e.g.
+# PYTHON=~/.pyenv/versions/3.12.1/bin/python VENV=/tmp/gs312 bash scripts/test_gpu_stack.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/mslora-gpu-stack}
 TORCH=${TORCH:-2.11.0} TORCHVISION=${TORCHVISION:-0.26.0} TRITON=${TRITON:-3.6.0}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
