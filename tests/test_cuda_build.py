@@ -52,19 +52,19 @@ def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
 
 
 def _run_ok(code: str, cwd: Path = ROOT) -> None:
-    """Run ``code`` in a fresh Python from ``cwd`` (the checkout); it must print ok."""
+    """Run ``code`` in a fresh Python from ``cwd`` (default: the checkout); it must print ok."""
     r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
-def _package_copy(tmp_path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006
+def _package_copy(tmp_path: Path, files: dict[str, bytes] | None = None) -> Path:
     """A copy of the package with no compiled extension, plus ``files``; returns its parent, from
     which ``import mslora_kernels`` finds the copy."""
     dst = tmp_path / "mslora_kernels"
     shutil.copytree(ROOT / "mslora_kernels", dst,
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    for name, data in files.items():
+    for name, data in (files or {}).items():
         (dst / name).write_bytes(data)
     return tmp_path
 
