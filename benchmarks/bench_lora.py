@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -166,8 +167,12 @@ def stamp(device: str) -> dict:
     commit = git_commit()  # $MSLORA_COMMIT on the GPU machine, whose tree has no .git
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})"
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    try:  # the peft-lora rows' library, from its metadata (importing it imports transformers)
+        peft_v = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        peft_v = None
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton_v,
-            "cuda": torch.version.cuda, "commit": commit, "date": date}
+            "cuda": torch.version.cuda, "peft": peft_v, "commit": commit, "date": date}
 
 
 def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
@@ -206,7 +211,7 @@ def markdown(rows: list[dict]) -> str:
     m = rows[0]
     lines = [f"# LoRA-family qkv projection, forward+backward ({m['dtype']})", "",
              f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, "
-             f"commit {m['commit']}, {m['date']}", "",
+             f"PEFT {m.get('peft') or 'not installed'}, commit {m['commit']}, {m['date']}", "",
              "| shape | d | tokens | provider | fwd ms (q20-q80) | fwd+bwd ms (q20-q80) | "
              "x eager | peak MiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|"]
