@@ -46,17 +46,16 @@ def _load_extension():
         # apart.
         here = Path(__file__).parent
         built = sorted(f.name for f in here.glob("_C.*") if f.suffix in (".so", ".pyd"))
-        loads = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]  # what this Python looks for
-        ours = {"_C" + sfx for sfx in importlib.machinery.EXTENSION_SUFFIXES}.intersection(built)
         if not built:
             return None, (
                 "which was not built (setup.py builds it only when nvcc is found and "
                 "MSLORA_SKIP_CUDA_BUILD is unset)"
             )
-        if not ours:
+        suffixes = importlib.machinery.EXTENSION_SUFFIXES  # the names this Python loads
+        if not {"_C" + sfx for sfx in suffixes}.intersection(built):
             return None, (
                 f"which was built for another Python ({', '.join(built)} in {here}; this Python "
-                f"loads {loads}): reinstall the package with this Python"
+                f"loads _C{suffixes[0]}): reinstall the package with this Python"
             )
         return None, f"which was built but does not load: {e}"
     return _C, None

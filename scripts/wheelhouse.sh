@@ -5,7 +5,7 @@
 # machine that reaches PyPI, the wheels PEFT needs beyond torch and its own dependencies (which
 # the GPU machine has), for the Python that runs it; run it with the GPU machine's Python (3.12).
 # A device call that names the folder in `carry` gets PEFT installed by scripts/gpu_check.sh's
-# install step, offline, keeping every installed package that already satisfies PEFT.
+# peft step, offline, keeping every installed package that already satisfies PEFT.
 # Usage: PYTHON=python3.12 bash scripts/wheelhouse.sh [DIR]     (DIR default wheelhouse/, ignored)
 #   TORCH   the GPU machine's torch (default 2.11.0): its dependencies are left out
 #   PEFT    a PEFT requirement (default: peft, the newest that resolves with that torch)
