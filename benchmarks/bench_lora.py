@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import importlib.metadata
 import json
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: use this check
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.measure import check_output, git_commit, release  # noqa: E402
+from benchmarks.measure import check_output, release, stamp, stamp_line  # noqa: E402
 from mslora_kernels.lora import LoRAPair, MSPLoRALinear, SerialLoRALinear  # noqa: E402
 
 BATCH = 64
@@ -158,28 +156,11 @@ def check_update(prov: str, mod: nn.Module, x: torch.Tensor, y0: torch.Tensor,
                         DELTA_TOLERANCE[x.dtype])
 
 
-def stamp(device: str) -> dict:
-    try:
-        import triton
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = None
-    commit = git_commit()  # $MSLORA_COMMIT on the GPU machine, whose tree has no .git
-    gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})"
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    try:  # the peft-lora rows' library, from its metadata (importing it imports transformers)
-        peft_v = importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:
-        peft_v = None
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_v,
-            "cuda": torch.version.cuda, "peft": peft_v, "commit": commit, "date": date}
-
-
 def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
         on_row=None) -> list[dict]:
     """Every (shape, provider) row; ``on_row(rows so far)`` after each (a cut-off run keeps
     what it measured)."""
-    meta = stamp(device)
+    meta = stamp(torch.device(device))
     shapes, batch = (TINY_SHAPES, TINY_BATCH) if tiny else (SHAPES, BATCH)
     rows = []
     for shape, d, tokens in shapes:
@@ -210,8 +191,7 @@ def run(device: str, tiny: bool, dtype: torch.dtype, providers, reps: int,
 def markdown(rows: list[dict]) -> str:
     m = rows[0]
     lines = [f"# LoRA-family qkv projection, forward+backward ({m['dtype']})", "",
-             f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, "
-             f"PEFT {m.get('peft') or 'not installed'}, commit {m['commit']}, {m['date']}", "",
+             stamp_line(m), "",
              "| shape | d | tokens | provider | fwd ms (q20-q80) | fwd+bwd ms (q20-q80) | "
              "x eager | peak MiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|"]

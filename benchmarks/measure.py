@@ -9,6 +9,7 @@ a wall-clock loop stands in; its numbers say nothing about a GPU.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -262,22 +263,29 @@ def device_name(device: torch.device) -> str:
 def stamp_line(meta: dict) -> str:
     """A stamp (``stamp``) as one line: device, versions, commit, date."""
     return (f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-            f"CUDA {meta['cuda']} | commit {meta['commit']} | {meta['date']}")
+            f"CUDA {meta['cuda']} | PEFT {meta['peft']} | commit {meta['commit']} | "
+            f"{meta['date']}")
 
 
 def stamp(device: torch.device) -> dict:
-    """What every row carries: device, versions, commit, date (UTC)."""
+    """What every row carries: device, versions, commit, date (UTC). PEFT's version (the
+    standard-LoRA rows' library) comes from its metadata: importing it imports transformers."""
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:
         triton_version = "not installed"
+    try:
+        peft_version = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        peft_version = "not installed"
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
+        "peft": peft_version,
         "python": platform.python_version(),
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -148,6 +148,8 @@ def test_markdown_names_the_run_and_flags_cpu(tiny_run):
     md = (tiny_run / report.MD_NAME).read_text()
     meta, rows = report.load(tiny_run)
     assert report.run_name(meta) in md and meta["commit"] in md
+    # the run's PEFT, the lora-peft rows' library (the test extra installs it)
+    assert meta["peft"] != "not installed" and f"PEFT {meta['peft']}," in md
     assert "mean nothing for the GPU" in md
     assert "| preset | shape | layout |" in md
     assert f"]({report.SPEEDUP_PNG})" in md and f"]({report.ROOFLINE_PNG})" in md
