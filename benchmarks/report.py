@@ -136,8 +136,9 @@ def render_markdown(meta: dict, rows: list[dict], image_prefix: str = "",
         "",
         f"Run `{meta.get('command', '?')}` at {meta['date']}, commit `{meta['commit']}`; "
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-        f"PEFT {meta.get('peft', '?')}, Python {meta.get('python', '?')}; {meta.get('wall_s', 0):.0f} s in all; fused "
-        f"backends' workspace budget {meta.get('workspace_mb', '?')} MiB per image slice.",
+        f"PEFT {meta.get('peft', '?')}, Python {meta.get('python', '?')}; "
+        f"{meta.get('wall_s', 0):.0f} s in all; fused backends' workspace budget "
+        f"{meta.get('workspace_mb', '?')} MiB per image slice.",
         "",
         f"Measured in this run: copy bandwidth **{meta['copy_bytes_per_s'] / 1e9:.1f} GB/s** "
         f"({meta['copy_method']}); FMA rate **{_f(fma and fma / 1e12, '{:.3g}')} T/s** "
