@@ -87,6 +87,13 @@ def test_dot_of_bf16_operands():
     torch.testing.assert_close(c.double(), want, rtol=2e-6, atol=2e-6)
 
 
+def _triton_neg(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``-x`` of a float, on the GPU too: ``fneg`` from Triton 3.8 (``-(+0)`` is -0, as
+    torch's), ``0 - x`` before (``semantic.minus``: ``-(+0)`` is +0)."""
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return -x if (major, minor) >= (3, 8) else 0.0 - x
+
+
 @triton.jit
 def _elementwise_kernel(a_ptr, b_ptr, out_ptr, cmp_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
@@ -114,9 +121,8 @@ def test_elementwise_bf16_is_fp32_rounded():
     fa, fb = a.float(), b.float()
     # fma in double: a*b + a exact there for bf16 a, b (16 + 8 significant bits), then one rounding
     fma = (a.double() * b.double() + a.double()).float()
-    # Triton's -x is 0 - x (semantic.minus), on the GPU too: -(+0) is +0, not torch's -0
     want = [fa + fb, fa - fb, fa * fb, fa / fb, torch.maximum(fa, fb), torch.minimum(fa, fb),
-            torch.where(fa < fb, fa, fb), 0.0 - fa, fa.abs(), fma,
+            torch.where(fa < fb, fa, fb), _triton_neg(fa), fa.abs(), fma,
             torch.clamp(fa, -fb.abs(), fb.abs())]
     for j, w in enumerate(want):
         _same_bits(out[j], w.to(bf16))
@@ -159,3 +165,21 @@ def test_fix_is_a_no_op_once_applied():
     before = patched()
     fix_interpreter()
     assert patched() == before
+
+
+@pytest.mark.interpreter
+def test_unary_op_on_bf16_computes_on_values():
+    """The interpreter's unary ops (``fneg``, which ``-x`` of a float is from Triton 3.8, and
+    the math functions) see bf16 values, not their bits: unpatched, ``-0.75`` came out as
+    ``-6.0`` (the bits' integer negation). Called on the builder, so every Triton version here
+    takes the path."""
+    from triton.runtime import interpreter
+
+    x = torch.tensor([0.75, -2.5, 1.296875, 0.0, -0.0, 3.0e38, float("inf")], dtype=bf16)
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    builder = interpreter.InterpreterBuilder()
+    for op, want in ((np.negative, -x.float()), (np.abs, x.float().abs())):
+        out = builder.unary_op(interpreter.TensorHandle(bits.copy(), tl.bfloat16), op)
+        assert out.dtype.scalar == tl.bfloat16
+        _same_bits(torch.from_numpy(out.data.view(np.int16)).view(bf16), want.to(bf16))
+

@@ -18,11 +18,12 @@ truncates where the GPU rounds to nearest even. The fix does what the GPU does:
 - a cast from bf16 first widens the bits to fp32 exactly;
 - ``tl.dot`` multiplies bf16 operands widened to fp32, exactly (an MMA's products of bf16
   values are exact and summed in fp32);
-- elementwise arithmetic, comparisons, ``fma``, ``clamp``, the ``sum`` / ``min`` / ``max``
-  reductions and ``cumsum`` / ``cumprod`` on bf16 compute in fp32 and round the result to bf16,
-  as the GPU does for one operation (a sum rounds once, where the GPU's tree of bf16 adds rounds
-  at every step). Triton's math functions (exp, erf, sqrt, ...) take only fp32 or fp64, on a GPU
-  as here;
+- elementwise arithmetic, comparisons, negation (Triton >= 3.8 negates a float with ``fneg``,
+  which the interpreter applies to the bits: ``-0.75`` came out as ``-6.0``), ``fma``,
+  ``clamp``, the ``sum`` / ``min`` / ``max`` reductions and ``cumsum`` / ``cumprod`` on bf16
+  compute in fp32 and round the result to bf16, as the GPU does for one operation (a sum
+  rounds once, where the GPU's tree of bf16 adds rounds at every step). Triton's math
+  functions (exp, erf, sqrt, ...) take only fp32 or fp64, on a GPU as here;
 - an atomic on bf16 values, which no kernel here issues, is refused rather than computed on bits.
 
 Only the bf16 paths change: every other dtype runs the interpreter's own code.
@@ -103,7 +104,8 @@ def _fix_bf16() -> None:
     def narrow(h):
         return I.TensorHandle(fp32_to_bf16_bits(h.data), bf16)
 
-    orig_cast, orig_binary, orig_dot = B.cast_impl, B.binary_op, B.create_dot
+    orig_cast, orig_binary, orig_unary, orig_dot = (B.cast_impl, B.binary_op, B.unary_op,
+                                                    B.create_dot)
     orig_fma, orig_clamp, orig_rmw = B.create_fma, B.create_clampf, B.create_atomic_rmw
 
     def cast_impl(self, src, dst_type):
@@ -116,6 +118,11 @@ def _fix_bf16() -> None:
             return orig_binary(self, lhs, rhs, op)
         out = orig_binary(self, widen(lhs), widen(rhs), op)
         return out if op in _COMPARISONS else narrow(out)
+
+    def unary_op(self, arg, op):  # fneg (Triton >= 3.8) and the fp32-only math functions
+        if not is_bf16(arg):
+            return orig_unary(self, arg, op)
+        return narrow(orig_unary(self, widen(arg), op))
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
@@ -137,7 +144,7 @@ def _fix_bf16() -> None:
         return orig_rmw(self, rmwOp, ptr, val, mask, sem, scope)
 
     B.cast_impl = cast_impl  # every create_*_to_* / fp_ext / fp_trunc calls it
-    B.binary_op, B.create_fma = binary_op, create_fma
+    B.binary_op, B.unary_op, B.create_fma = binary_op, unary_op, create_fma
     B.create_clampf, B.create_atomic_rmw = create_clampf, create_atomic_rmw
     B.create_dot = create_dot
 
