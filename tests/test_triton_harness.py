@@ -57,6 +57,28 @@ def test_compile_check_builds_gelu_for_both_archs():
     assert "0 failed" in r.stdout
 
 
+def test_compile_check_reports_why_ptxas_failed():
+    """A PTX ptxas refuses (here: a PTX version no ptxas knows; Triton 3.9's bundled ``ptxas``
+    refused its own sm_90 PTX so) fails with ptxas's own reason, not just its exit status. In a
+    subprocess: the check's module drops TRITON_INTERPRET from the environment on import."""
+    code = textwrap.dedent('''
+        from mslora_kernels.checks.triton_compile import ptxas_path, ptxas_report
+        for arch in (90, 80):
+            print(arch, ptxas_path(arch))
+        try:
+            ptxas_report(".version 99.9\\n.target sm_90a\\n.address_size 64\\n", 90)
+        except RuntimeError as e:
+            print("refused:", e)
+    ''')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for line in lines[:2]:
+        assert os.access(line.split(" ", 1)[1], os.X_OK), line  # Triton's own ptxas, per arch
+    assert lines[2].startswith("refused: ") and "exited" in lines[2], r.stdout
+    assert "fatal" in lines[2] and "99.9" in lines[2], r.stdout
+
+
 BROKEN = textwrap.dedent('''
     import triton
     import triton.language as tl

@@ -4,9 +4,10 @@
 
 Each kernel module under ``mslora_kernels.triton`` lists, in ``compile_cases()``, every
 configuration its launchers can pick. Each is compiled with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", cc, 32))``; the PTX then goes through Triton's own ptxas with ``-v`` for
-registers, spills and stack. Prints one row per (case, arch); any spill is a WARNING; any error,
-or shared memory beyond what one block can have on that arch, makes the exit status 1.
+target=GPUTarget("cuda", cc, 32))``; the PTX then goes through the ptxas Triton itself
+assembles it with (``ptxas_path``), with ``-v`` for registers, spills and stack. Prints one row
+per (case, arch); any spill is a WARNING; any error, or shared memory beyond what one block can
+have on that arch, makes the exit status 1.
 
 A case compiles its kernel as Triton does for arguments it cannot specialise, unless it names
 arguments in ``divisible_by_16`` (the MSLoRA kernels' ``,a16`` cases at rank 128, see
@@ -23,6 +24,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interprete
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import inspect  # noqa: E402
 import pkgutil  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -36,7 +38,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTXAS_ARCH = {90: "sm_90a", 80: "sm_80"}  # Triton targets sm_90a for capability 9.0
 # The most shared memory one block may opt in to (H100: 227 KiB, A100: 163 KiB): a kernel that
 # needs more compiles but cannot launch, so the check fails it.
@@ -84,15 +85,30 @@ def collect_cases(modules: list[str], text: str | None):
     return cases
 
 
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton assembles sm_``arch`` with: its own choice, which has moved between
+    versions (3.3: ``get_ptxas(arch)`` gives (path, version); 3.4-3.5: ``get_ptxas()`` a tool;
+    3.6 on: ``get_ptxas(arch)`` a tool, and from 3.9 the newer ``ptxas-blackwell`` for sm_90,
+    since its PTX has a version the bundled ``ptxas`` does not read)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    return tool[0] if isinstance(tool, tuple) else tool.path
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
+    ptxas = ptxas_path(arch)
     try:
-        r = subprocess.run([PTXAS, "-v", f"--gpu-name={PTXAS_ARCH[arch]}", f.name,
-                            "-o", os.devnull], capture_output=True, text=True, check=True)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={PTXAS_ARCH[arch]}", f.name,
+                            "-o", os.devnull], capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     out = r.stdout + r.stderr
+    if r.returncode != 0:  # ptxas says why (e.g. a PTX version it does not know)
+        why = [line for line in out.splitlines() if "fatal" in line or "error" in line]
+        raise RuntimeError(f"{ptxas} exited {r.returncode}: " + " | ".join(why or out.splitlines()))
     grab = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else 0
     return {"regs": grab(r"Used (\d+) registers"), "stack": grab(r"(\d+) bytes stack frame"),
             "spill_stores": grab(r"(\d+) bytes spill stores"),
