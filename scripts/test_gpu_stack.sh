@@ -7,6 +7,8 @@
 # still skip. Not part of CI, because of the download.
 # Usage: bash scripts/test_gpu_stack.sh [pytest arguments]   (default: tests -n 2, one per core)
 # Other versions: TORCH=2.9.1 TORCHVISION=0.24.1 TRITON=3.5.1 VENV=/tmp/v29 bash scripts/test_gpu_stack.sh
+# The newest (December 2026), past the CPU machines' pip cap (torch <= 2.14.1, /etc/xdg/pip):
+# PIP_CONFIG_FILE=/dev/null TORCH=2.15.0 TORCHVISION=0.29.2 TRITON=3.9.0 VENV=/tmp/v215 bash ...
 # (the extension is built in place, for the venv's torch: run it from a clone, not your checkout).
 # PYTHON makes the venv (default python3); the GPU machine runs Python 3.12, e.g.
 # PYTHON=~/.pyenv/versions/3.12.1/bin/python VENV=/tmp/gs312 bash scripts/test_gpu_stack.sh
