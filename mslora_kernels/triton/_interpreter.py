@@ -119,7 +119,7 @@ def _fix_bf16() -> None:
         out = orig_binary(self, widen(lhs), widen(rhs), op)
         return out if op in _COMPARISONS else narrow(out)
 
-    def unary_op(self, arg, op):  # fneg (Triton >= 3.8) and the fp32-only math functions
+    def unary_op(self, arg, op):  # of those that take bf16, fneg (Triton >= 3.8's -x)
         if not is_bf16(arg):
             return orig_unary(self, arg, op)
         return narrow(orig_unary(self, widen(arg), op))
