@@ -8,7 +8,12 @@ Providers (all share the same weights, copied from one module):
   which no other provider gets, which hide their intermediates from the peak-memory count in a
   private pool, and whose replays overwrite the outputs that the bwd mode keeps;
 - ``triton``: ``MSLoRA(backend="triton")``;
-- ``cuda``: ``MSLoRA(backend="cuda")``.
+- ``cuda``: ``MSLoRA(backend="cuda")``;
+- ``triton-compile``: ``torch.compile`` of ``MSLoRA(backend="triton")`` (default mode, static
+  shapes; only when asked for): the fused module as a user who compiles the model gets it.
+  Inductor compiles the Triton kernels itself, with the launch's ``num_warps`` and
+  ``num_stages`` but not its other options (torch 2.11 to 2.15 drop fp32's ``maxnreg``), and
+  launches them from its own wrapper. CUDA needs no such row: its op is opaque to Inductor.
 
 A provider that cannot run here says why (``unavailable(...)``); the runner records that text.
 """
@@ -22,7 +27,9 @@ import torch
 from mslora_kernels import MSLoRA
 from mslora_kernels.backends import DTYPE_NAMES
 
-PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda")
+PROVIDERS = ("eager", "compile", "compile-max", "triton", "cuda", "triton-compile")
+# The providers that run through torch.compile (whose bwd rows need a compile of their own).
+COMPILED = ("compile", "compile-max", "triton-compile")
 # The fused backends before torch.compile, whose cold compile is a group's slowest part: a run
 # stopped by its time limit keeps their rows.
 DEFAULT_PROVIDERS = ("eager", "triton", "cuda", "compile")
@@ -60,11 +67,26 @@ def make_input(n: int, c: int, h: int, w: int, layout: str, dtype, device, seed:
 
 def unavailable(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run on ``device``, or None."""
-    if provider in ("triton", "cuda"):
+    if provider in ("triton", "cuda", "triton-compile"):
         from mslora_kernels.backends import fused_unavailable_reason
 
-        return fused_unavailable_reason(provider, device)
+        reason = fused_unavailable_reason(provider.removesuffix("-compile"), device)
+        if reason is None and provider == "triton-compile" and device.type != "cuda":
+            reason = ("torch.compile of the Triton backend needs a CUDA device: it cannot trace "
+                      "Triton's interpreter (TRITON_INTERPRET=1)")
+        return reason
     return None
+
+
+def _fused(base: MSLoRA, backend: str) -> MSLoRA:
+    """A fused-backend copy of ``base``: the same options, weights, device and dtype."""
+    o = base.options
+    m = MSLoRA(o.channels, o.rank, o.groups, o.kernel_sizes, data_format=o.data_format,
+               backend=backend)
+    p0 = next(base.parameters())
+    m = m.to(device=p0.device, dtype=p0.dtype)
+    m.load_state_dict(base.state_dict())
+    return m
 
 
 def build(provider: str, base: MSLoRA, compile_backend: str = "inductor"):
@@ -80,11 +102,11 @@ def build(provider: str, base: MSLoRA, compile_backend: str = "inductor"):
         return fn, (f"torch.compile(reference, backend={compile_backend!r}, mode={mode!r}, "
                     "dynamic=False)")
     if provider in ("triton", "cuda"):
-        m = MSLoRA(base.options.channels, base.options.rank, base.options.groups,
-                   base.options.kernel_sizes, data_format=base.options.data_format,
-                   backend=provider)
-        p0 = next(base.parameters())
-        m = m.to(device=p0.device, dtype=p0.dtype)
-        m.load_state_dict(base.state_dict())
-        return m, f'MSLoRA(backend="{provider}")'
+        return _fused(base, provider), f'MSLoRA(backend="{provider}")'
+    if provider == "triton-compile":
+        torch._dynamo.reset()  # as for "compile"
+        fn = torch.compile(_fused(base, "triton"), backend=compile_backend, dynamic=False)
+        return fn, (f'torch.compile(MSLoRA(backend="triton"), backend={compile_backend!r}, '
+                    "dynamic=False)")
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+

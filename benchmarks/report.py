@@ -247,7 +247,7 @@ def _label(r: dict) -> str:
 
 
 PROVIDER_COLORS = {"eager": "C0", "compile": "C1", "compile-max": "C2", "triton": "C3",
-                   "cuda": "C4"}
+                   "cuda": "C4", "triton-compile": "C5"}
 
 
 def _bars(ax, rows: list[dict], providers: list[str], key: str) -> list:

@@ -5,14 +5,14 @@
     python -m benchmarks.run --device cpu --tiny         # CPU smoke run: numbers mean nothing
 
 For every selected shape, layout and dtype, every provider (eager reference, torch.compile of it,
-Triton, CUDA) is timed in each mode (fwd, bwd, fwd+bwd) on the same weights and inputs. Rows give
-median/p20/p80, images/s, effective GB/s, both roofline floors with rates measured in the same run,
-the fraction of the larger floor, fwd+bwd peak memory, speed-ups over eager and torch.compile and,
-where issue 3 states goals, whether each is met. A provider that is unavailable or fails records
-the text of the failure and no number. Outputs (flat, 5 files): results.json, results.csv,
-results.md, speedup.png, roofline.png, under ``--out`` (default
-``benchmarks/results/<date>_<device>``). JSON and CSV are rewritten after every shape, so an
-interrupted run keeps what it measured.
+Triton, CUDA; on request, torch.compile of the Triton module) is timed in each mode (fwd, bwd,
+fwd+bwd) on the same weights and inputs. Rows give median/p20/p80, images/s, effective GB/s, both
+roofline floors with rates measured in the same run, the fraction of the larger floor, fwd+bwd peak
+memory, speed-ups over eager and torch.compile and, where issue 3 states goals, whether each is
+met. A provider that is unavailable or fails records the text of the failure and no number. Outputs
+(flat, 5 files): results.json, results.csv, results.md, speedup.png, roofline.png, under ``--out``
+(default ``benchmarks/results/<date>_<device>``). JSON and CSV are rewritten after every shape, so
+an interrupted run keeps what it measured.
 
 Timing conventions: ``fwd`` is a training forward (inputs and weights require grad, so each
 provider saves what its backward needs); ``bwd`` is ``out.backward(d, retain_graph=True)`` on a
@@ -237,7 +237,7 @@ def measure_group(shape, layout, dtype_name, goal_preset, p, rates, args,
             r.update(provider_detail=detail, rel_err_vs_eager=rel, n_input_sets=nsets)
             before = dict(r)
             try:
-                if mode == "bwd" and prov.startswith("compile"):
+                if mode == "bwd" and prov in providers.COMPILED:
                     med, p20, p80 = _time_compiled_bwd(prov, base, xs, ds, device, args)
                     r["provider_detail"] += "; bwd: " + DONATED_NOTE
                 else:

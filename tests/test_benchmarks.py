@@ -185,6 +185,60 @@ def test_failing_provider_records_failure_text(tmp_path, monkeypatch):
     assert all(r["median_ms"] > 0 for r in rows if r["provider"] == "eager")
 
 
+
+def test_triton_compile_provider_is_refused_on_a_cpu_and_built_from_the_base(monkeypatch):
+    """torch.compile of the Triton module: on a CPU it says why it cannot run (Triton's own
+    reason, or, under the interpreter, that torch.compile cannot trace it); built, it is the
+    compiled fused module with the base's weights, dtype and options."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert providers.unavailable("triton-compile", cpu) == providers.unavailable("triton", cpu)
+    assert "TRITON_INTERPRET" in providers.unavailable("triton", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert providers.unavailable("triton", cpu) is None
+    assert "needs a CUDA device" in providers.unavailable("triton-compile", cpu)
+    assert providers.unavailable("eager", cpu) is None
+
+    base = providers.make_base(8, 4, 2, (3, 5), "channels_last", torch.float64, cpu)
+    fn, detail = providers.build("triton-compile", base, "aot_eager")
+    assert isinstance(fn, torch._dynamo.eval_frame.OptimizedModule)
+    m = fn._orig_mod
+    assert m.backend == "triton" and m.options == base.options
+    assert detail == ('torch.compile(MSLoRA(backend="triton"), backend=\'aot_eager\', '
+                      "dynamic=False)")
+    got, want = m.state_dict(), base.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == torch.float64 and torch.equal(got[k], want[k]), k
+    assert "triton-compile" in providers.COMPILED and "triton" not in providers.COMPILED
+
+
+def test_every_compiled_provider_times_bwd_with_a_compile_of_its_own(tmp_path, monkeypatch):
+    """bwd replays backward(retain_graph=True), which a compiled provider needs compiled without
+    donated buffers: triton-compile gets that path like compile does. Stood in for here by the
+    compiled reference (Inductor over the Triton kernels needs a GPU)."""
+    real_build, real_unavailable = providers.build, providers.unavailable
+
+    def build(provider, base, compile_backend="inductor"):
+        if provider == "triton-compile":
+            return real_build("compile", base, compile_backend)
+        return real_build(provider, base, compile_backend)
+
+    monkeypatch.setattr(providers, "build", build)
+    monkeypatch.setattr(providers, "unavailable",
+                        lambda p, d: None if p == "triton-compile" else real_unavailable(p, d))
+    assert bench_run.main(["--device", "cpu", "--tiny", "--providers", "eager,triton-compile",
+                           "--compile-backend", "aot_eager", "--layouts", "channels_first",
+                           "--modes", "fwd,bwd", "--cpu-reps", "1", "--out", str(tmp_path)]) == 0
+    _, rows = report.load(tmp_path)
+    got = {(r["provider"], r["mode"]): r for r in rows}
+    assert set(got) == {(p, m) for p in ("eager", "triton-compile") for m in ("fwd", "bwd")}
+    for r in got.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0, (r["provider"], r["mode"], r["error"])
+    assert bench_run.DONATED_NOTE in got["triton-compile", "bwd"]["provider_detail"]
+    assert bench_run.DONATED_NOTE not in got["triton-compile", "fwd"]["provider_detail"]
+
+
 SMALL_ARGS = ["--device", "cpu", "--tiny", "--providers", "eager", "--modes", "fwd,fwd+bwd",
               "--cpu-reps", "1"]  # three groups: one per layout
 
