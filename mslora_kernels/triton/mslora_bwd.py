@@ -689,9 +689,16 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     0-1.2 KB; BLOCK_D = 16: fp32 B1 from 0.8-3.4 KB to 0-1.3 KB, 16-bit from 0.26 KB to none;
     at BLOCK_D = 64 16 warps helped fp32 a little and cost fp16 plain, so it stays at 8).
     maxnreg (fp32 only; None: ptxas chooses): the register file (64K) over the threads, at most
-    255, so that ptxas uses all of it (left alone it took 64 registers for fp32 det B1 at 16
-    warps and spilled 8 KB; in fp16/bf16 it already takes them all). B0 takes ``_z_maxnreg`` of
-    it.
+    255, so that ptxas uses all of it (in fp16/bf16 it already takes them all). B0 takes
+    ``_z_maxnreg`` of it. Left alone (compile check, triton 3.6, sm_90 and sm_80), ptxas took 128
+    of 255 registers at 8 warps for D = 32's det B1 on sm_80 and det B2 with every option, and
+    spilled 1.6-2x as much; 64 of 128 at 16 warps for det B2 with every option (1.4-1.8x). At 16
+    warps the cap (128, ptxas's own limit there) costs B1 more spills in all 8 cases with triton
+    3.6 (0.08-1.8 KB where ptxas alone spills 0.01-1.5 KB), but with triton 3.9 ptxas alone takes
+    64 for det B1 with every option and spills 2.8 KB against the cap's 1.7 KB. Under
+    torch.compile, Inductor compiles these kernels without maxnreg (torch 2.11 to 2.15 keep only
+    num_warps and num_stages of a user kernel's launch options), so compiled fp32 runs what ptxas
+    chooses; the benchmarks' ``triton-compile`` provider times that.
     """
     bd = max(16, triton.next_power_of_2(d))
     bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
