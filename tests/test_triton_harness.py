@@ -163,13 +163,28 @@ def _record_launches(monkeypatch, module) -> list:
     return launches
 
 
+# Launch options and what a launch that leaves one out gets: Triton's defaults (4 warps, 3 stages,
+# no register cap, FP fusion as the installed Triton's default says, None here).
+LAUNCH_DEFAULTS = {"num_warps": 4, "num_stages": 3, "maxnreg": None, "enable_fp_fusion": None}
+
+
+def _split(kw: dict) -> tuple[dict, dict]:
+    """A launch's keyword arguments as (constexprs, launch options with defaults filled in)."""
+    opts = {k: kw.get(k, d) for k, d in LAUNCH_DEFAULTS.items()}
+    return {k: v for k, v in kw.items() if k not in LAUNCH_DEFAULTS}, opts
+
+
+def _matches(case, kernel, kw) -> bool:
+    """Is this launch ``case``: the same kernel, constexprs and launch options (the options the
+    compile check passes ``triton.compile``)?"""
+    cx, opts = _split(kw)
+    case_opts = {k: case.options().get(k, d) for k, d in LAUNCH_DEFAULTS.items()}
+    return case.fn is kernel and case.constexprs == cx and case_opts == opts
+
+
 def _as_compiled(kernel, kw, cases) -> bool:
-    """Is this launch one of ``cases``: the same kernel, constexprs and launch options (what is
-    left out takes Triton's defaults: 4 warps, 3 stages, no register cap)?"""
-    opts = (kw.get("num_warps", 4), kw.get("num_stages", 3), kw.get("maxnreg"))
-    cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "maxnreg")}
-    return any(c.fn is kernel and c.constexprs == cx
-               and (c.num_warps, c.num_stages, c.maxnreg) == opts for c in cases)
+    """Is this launch one of ``cases``?"""
+    return any(_matches(c, kernel, kw) for c in cases)
 
 
 @pytest.mark.interpreter
@@ -247,13 +262,52 @@ def test_aligned_cases_are_specialised_as_the_default_rank_launches(monkeypatch,
     launches = [rec for rec in launches if any(c.fn is rec[0] for c in cases)]
     assert len(launches) == 8
     for kernel, args, kw in launches:
-        opts = (kw.get("num_warps", 4), kw.get("num_stages", 3), kw.get("maxnreg"))
-        cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "maxnreg")}
-        case = [c for c in cases if c.fn is kernel and c.constexprs == cx
-                and (c.num_warps, c.num_stages, c.maxnreg) == opts]
+        cx, _ = _split(kw)
+        case = [c for c in cases if _matches(c, kernel, kw)]
         assert len(case) == 1, (kernel, kw)
         bound = inspect.signature(kernel.fn).bind(*args, **cx).arguments
         assert case[0].divisible_by_16
         for name in case[0].divisible_by_16:
             spec = native_specialize_impl(BaseBackend, bound[name], False, True, True)
             assert spec[1] == "D", f"{case[0].name}: {name} is specialised as {spec}"
+
+
+@pytest.mark.interpreter
+def test_every_launch_pins_fp_fusion(monkeypatch):
+    """Every Triton launch of the package asks for FP fusion (FMA contraction) itself, so that
+    every Triton version compiles the kernels the same: 3.10 turns its default off, and 3.9
+    warns about that at a process's first compile. Recorded where every interpreted launch
+    goes: the MSLoRA forward and both backwards with every option, the fused LoRA linear's
+    forward and input gradient, and GELU."""
+    from triton.runtime.interpreter import GridExecutor
+
+    from mslora_kernels import MSLoRA
+    from mslora_kernels.lora_ops import lora_linear
+    from mslora_kernels.triton._compile import FP_FUSION
+    from mslora_kernels.triton.gelu import gelu_fwd
+
+    seen = []
+    real = GridExecutor.__call__
+
+    def call(self, *args, **kw):  # kernel[grid](...) in every Triton version's interpreter
+        seen.append((self.fn.__name__, kw.get("enable_fp_fusion")))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(GridExecutor, "__call__", call)
+    m = MSLoRA(8, 4, 2, (3, 5), prenorm=True, enhance=True, pool=True, gate=True, shuffle=True,
+               backend="triton")
+    x = torch.randn(1, 8, 3, 5, requires_grad=True)
+    for det in (False, True):
+        m.deterministic = det
+        m(x).sum().backward()
+    x2 = torch.randn(3, 6, requires_grad=True)
+    w, a, v = torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    lora_linear(x2, w, torch.randn(5), a, v).sum().backward()
+    gelu_fwd(torch.randn(7))
+
+    assert {name for name, _ in seen} == {
+        "_pack_taps_kernel", "_mslora_f1_kernel", "_mslora_f2_kernel", "_bwd_z_kernel",
+        "_bwd_main_kernel", "_bwd_pool_kernel", "_bwd_dz_kernel", "_bwd_finish_kernel",
+        "_lora_linear_kernel", "_gelu_kernel"}
+    assert FP_FUSION is True
+    assert [rec for rec in seen if rec[1] is not FP_FUSION] == []

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# FP fusion (FMA contraction: a * b + c in one instruction, rounded once), pinned at every launch
+# and in the compile check: Triton's default up to 3.9, which warns (once per process) that 3.10
+# turns it off. Pinned, every Triton version compiles the kernels the same. (Under torch.compile,
+# Inductor compiles them with its own options instead.)
+FP_FUSION = True
 # The ranks whose configurations the kernel modules' compile_cases() list: 128 (the default) and
 # 32, which stands for every D from 17 to 32 (the tile shapes follow next_power_of_2(D); D is a
 # runtime argument), the tests' odd D = 24 among them.
@@ -49,7 +54,8 @@ class CompileCase:
 
     def options(self) -> dict:
         """The launch options ``triton.compile`` takes for this case."""
-        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages,
+                "enable_fp_fusion": FP_FUSION}
         if self.maxnreg is not None:
             opts["maxnreg"] = self.maxnreg
         return opts

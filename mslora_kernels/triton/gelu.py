@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import TRITON_DTYPE, CompileCase
+from ._compile import FP_FUSION, TRITON_DTYPE, CompileCase
 from ._interpreter import fix_interpreter
 
 fix_interpreter()
@@ -44,7 +44,8 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         _gelu_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, y, n, BLOCK=cfg["BLOCK"],
-                                                      num_warps=cfg["num_warps"])
+                                                      num_warps=cfg["num_warps"],
+                                                      enable_fp_fusion=FP_FUSION)
     return y
 
 

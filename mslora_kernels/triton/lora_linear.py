@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import TRITON_DTYPE, CompileCase
+from ._compile import FP_FUSION, TRITON_DTYPE, CompileCase
 from ._interpreter import fix_interpreter
 
 fix_interpreter()
@@ -163,7 +163,7 @@ def _launch(x, p, p_strides, q, q_strides, s, s_strides, bias, n, r, allow_tf32,
         HAS_BIAS=bias is not None, DOT_PRECISION=prec,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=block_r(r), GROUP_M=GROUP_M,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
     return out, u
 

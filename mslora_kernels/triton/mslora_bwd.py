@@ -97,7 +97,14 @@ import triton.language as tl
 from ..config import MSLoRAOptions, flat_grad_sections, split_flat_grads, weight_shapes
 from ..workspace import image_slices, rows
 from ._common import MAX_PATHS, kernel_size_slots, nchw_strides, normalize_layout, wrap_triton
-from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
+from ._compile import (
+    ALIGNED_RANK,
+    COMPILE_RANKS,
+    FP_FUSION,
+    TRITON_DTYPE,
+    CompileCase,
+    aligned,
+)
 from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -867,7 +874,7 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
         wrap_triton(_bwd_z_kernel)[(ntiles,)](
             xs, wt["down.weight"], ng, nb, zs, c, d, h, w, cg, dg, *sx, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, num_warps=warps,
-            num_stages=NUM_STAGES, maxnreg=_z_maxnreg(maxnreg))
+            num_stages=NUM_STAGES, maxnreg=_z_maxnreg(maxnreg), enable_fp_fusion=FP_FUSION)
         if o.pool and zm is None:
             zm = zs.view(ns, hw, d).float().mean(1)
 
@@ -882,13 +889,14 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
             tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, ENHANCE=o.enhance,
             POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle, DET=deterministic, num_warps=warps,
-            num_stages=NUM_STAGES, maxnreg=maxnreg)
+            num_stages=NUM_STAGES, maxnreg=maxnreg, enable_fp_fusion=FP_FUSION)
 
         dzp = gbuf
         if o.pool:
             dzp = rows(dzpool, 0, ns)
             wrap_triton(_bwd_pool_kernel)[(ns,)](gbuf, offs["pool"], row, nprog, zm, dzp, d, hw,
-                                                 BLOCK_D=bd, num_warps=4, num_stages=1)
+                                                 BLOCK_D=bd, num_warps=4, num_stages=1,
+                                                 enable_fp_fusion=FP_FUSION)
 
         wrap_triton(_bwd_dz_kernel)[grid](
             xs, gos, gxs, zs, dcs, dus, dzp,
@@ -897,14 +905,15 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
             ns, c, d, h, w, cg, dg, nk, *sx, *sg, *sgx, ntiles, tiles_per_img,
             BLOCK_P=bp, BLOCK_C=BLOCK_C, BLOCK_D=bd, PRENORM=o.prenorm, POOL=o.pool,
             DET=deterministic, num_warps=warps,
-            num_stages=NUM_STAGES, maxnreg=maxnreg)
+            num_stages=NUM_STAGES, maxnreg=maxnreg, enable_fp_fusion=FP_FUSION)
 
     # every weight gradient in one launch: summed (deterministic), cast, taps turned back
     flat = torch.empty((sum(sections.values()),), dtype=x.dtype, device=dev)
     wrap_triton(_bwd_finish_kernel)[(triton.cdiv(flat.numel(), BLOCK_FINISH),)](
         gbuf, flat, o_grads, row, nprog, flat.numel(), offs["dw"] - o_grads, sections["dw"],
         dw.numel(),
-        d, *kernel_size_slots(o.kernel_sizes), BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1)
+        d, *kernel_size_slots(o.kernel_sizes), BLOCK=BLOCK_FINISH, num_warps=4, num_stages=1,
+        enable_fp_fusion=FP_FUSION)
     return grad_x, flat
 
 

@@ -56,7 +56,14 @@ from ._common import (
     normalize_layout,
     wrap_triton,
 )
-from ._compile import ALIGNED_RANK, COMPILE_RANKS, TRITON_DTYPE, CompileCase, aligned
+from ._compile import (
+    ALIGNED_RANK,
+    COMPILE_RANKS,
+    FP_FUSION,
+    TRITON_DTYPE,
+    CompileCase,
+    aligned,
+)
 from ._interpreter import fix_interpreter
 from ._jit import ln_c_stats
 from .gelu import gelu_fp32
@@ -476,7 +483,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
             PRENORM=o.prenorm, POOL=o.pool, GATE=o.gate, NPATHS=len(o.kernel_sizes),
             BLOCK_P=cfg1["BLOCK_P"], BLOCK_D=cfg1["BLOCK_D"], BLOCK_K=BLOCK_K,
             TF32X3=use_tf32x3(dt),
-            num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
+            num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         zmean_s = stats
         if o.pool:
@@ -491,8 +498,7 @@ def mslora_fwd(x: torch.Tensor, weights: dict, o: MSLoRAOptions):
             PRENORM=o.prenorm, ENHANCE=o.enhance, POOL=o.pool, GATE=o.gate, SHUFFLE=o.shuffle,
             TH=cfg2["TH"], TW=cfg2["TW"], BLOCK_D=cfg2["BLOCK_D"], DC=cfg2["DC"],
             BLOCK_K=BLOCK_K, BLOCK_CO=BLOCK_CO, TF32X3=use_tf32x3(dt, o.enhance),
-            num_warps=cfg2["num_warps"],
-            num_stages=cfg2["num_stages"],
+            num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"], enable_fp_fusion=FP_FUSION,
         )
     return out, zmean
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import MAX_PATHS, kernel_size_slots, wrap_triton
-from ._compile import TRITON_DTYPE, CompileCase
+from ._compile import FP_FUSION, TRITON_DTYPE, CompileCase
 from ._interpreter import fix_interpreter
 
 fix_interpreter()
@@ -104,7 +104,7 @@ def pack_taps(weights, kernel_sizes, d: int):
     grid = (triton.cdiv(d * max(kernel_sizes) ** 2, BLOCK), nk)
     wrap_triton(_pack_taps_kernel)[grid](*ptrs, out, ks_t, woffs_t, d,
                                            *kernel_size_slots(kernel_sizes), BLOCK=BLOCK,
-                                           num_warps=4, num_stages=1)
+                                           num_warps=4, num_stages=1, enable_fp_fusion=FP_FUSION)
     return out, offs, ks_t, woffs_t
 
 
