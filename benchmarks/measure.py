@@ -84,61 +84,8 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
 
 
 # ---- FMA rate ----------------------------------------------------------------------------------
-_FMA_KERNEL = None
 FMA_CHAINS = 8  # independent FMA chains per element (instruction-level parallelism)
-FMA_ITERS, FMA_BLOCK, FMA_WARPS = 128, 256, 8
-
-
-def _fma_kernel():
-    """A Triton kernel that is bound by fp32 FMAs: per element, 8 independent chains of
-    ``a = a * b + c`` (contracted to one FMA each), ``ITERS`` iterations, one load and one store.
-
-    Args: x_ptr/out_ptr (fp32, n elements), n, b and c (fp32 scalars the compiler cannot fold),
-    ITERS (iterations of the 8 chains), BLOCK (elements per program, one per thread-lane).
-    """
-    global _FMA_KERNEL
-    if _FMA_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _fma_bound_kernel(x_ptr, out_ptr, n, b, c, ITERS: tl.constexpr,
-                              BLOCK: tl.constexpr):
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            a0 = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            a1 = a0 + 0.1
-            a2 = a0 + 0.2
-            a3 = a0 + 0.3
-            a4 = a0 + 0.4
-            a5 = a0 + 0.5
-            a6 = a0 + 0.6
-            a7 = a0 + 0.7
-            for _ in range(ITERS):
-                a0 = a0 * b + c
-                a1 = a1 * b + c
-                a2 = a2 * b + c
-                a3 = a3 * b + c
-                a4 = a4 * b + c
-                a5 = a5 * b + c
-                a6 = a6 * b + c
-                a7 = a7 * b + c
-            tl.store(out_ptr + offs, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), mask=mask)
-
-        _FMA_KERNEL = _fma_bound_kernel
-    return _FMA_KERNEL
-
-
-def compile_cases():
-    """The one configuration ``run_fma_kernel`` launches, for the Triton compile check:
-    ``python -m mslora_kernels.checks.triton_compile --module benchmarks.measure --only-module``.
-    """
-    from mslora_kernels.triton._compile import CompileCase
-
-    return [CompileCase("bench_fma_bound", _fma_kernel(),
-                        {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "b": "fp32",
-                         "c": "fp32", "ITERS": "constexpr", "BLOCK": "constexpr"},
-                        {"ITERS": FMA_ITERS, "BLOCK": FMA_BLOCK}, num_warps=FMA_WARPS)]
+FMA_ITERS, FMA_BLOCK, FMA_WARPS = 128, 256, 8  # the kernel is in benchmarks/fma_kernel.py
 
 
 def fma_reference(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tensor:
@@ -151,15 +98,11 @@ def fma_reference(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tens
 
 
 def run_fma_kernel(x: torch.Tensor, b: float, c: float, iters: int) -> torch.Tensor:
-    out = torch.empty_like(x)
-    grid = (triton_cdiv(x.numel(), FMA_BLOCK),)
-    _fma_kernel()[grid](x, out, x.numel(), b, c, ITERS=iters, BLOCK=FMA_BLOCK,
-                        num_warps=FMA_WARPS)
-    return out
+    """benchmarks/fma_kernel.py's FMA-bound kernel over ``x``: ``FMA_CHAINS`` chains of
+    ``a = a * b + c`` per element, ``iters`` iterations (imported here, on first use)."""
+    from .fma_kernel import run
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return run(x, b, c, iters)
 
 
 def fma_rate(device: torch.device) -> dict:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,6 +452,41 @@ def test_fma_kernel_computes_its_chains():
     x = torch.rand(300)
     out = measure.run_fma_kernel(x, 0.999, 0.001, 4)
     torch.testing.assert_close(out, measure.fma_reference(x, 0.999, 0.001, 4))
+
+
+FMA_PTX = """
+import dataclasses, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks import fma_kernel
+case, = fma_kernel.compile_cases()
+def ptx(opts):
+    src = ASTSource(case.fn, case.signature, case.constexprs, case.attrs())
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+pinned, off = ptx(case.options()), ptx({**case.options(), "enable_fp_fusion": False})
+print(json.dumps({k: [t.count(op) for op in ("fma.rn.f32", "mul.rn.f32", "add.rn.f32")]
+                  for k, t in (("pinned", pinned), ("off", off))}))
+"""
+
+
+def test_fma_kernel_compiles_to_fmas():
+    """The FMA-rate kernel (the FMA floor's denominator) compiles to one FMA per chain step for
+    sm_90, with FP fusion as it launches (pinned): without fusion the same source gives a
+    multiply and an add per step, and the rate it measures (steps per second) would be about
+    half the FMA rate."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", FMA_PTX], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.splitlines()[-1])
+    chains = measure.FMA_CHAINS  # one step of each chain per pass of the (rolled) loop
+    fma, mul, _ = counts["pinned"]
+    assert fma >= chains and mul == 0, counts
+    # without fusion: rounded (.rn) multiplies and adds, which ptxas may not contract either
+    fma_off, mul_off, add_off = counts["off"]
+    assert fma_off == 0 and mul_off >= chains and add_off >= chains, counts
 
 
 @pytest.mark.gpu
