@@ -109,4 +109,3 @@ def build(provider: str, base: MSLoRA, compile_backend: str = "inductor"):
         return fn, (f'torch.compile(MSLoRA(backend="triton"), backend={compile_backend!r}, '
                     "dynamic=False)")
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-

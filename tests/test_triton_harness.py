@@ -218,6 +218,27 @@ def test_launches_are_configurations_the_compile_check_compiles(monkeypatch, opt
             assert _as_compiled(kernel, kw, cases), (kernel, kw)
 
 
+def _specialize(arg) -> tuple:
+    """(type, key) of ``arg`` as Triton's launcher specialises it for an aligned launch ("D" in
+    the key: divisible by 16), through the API of the installed version: the native
+    ``native_specialize_impl`` from 3.6, ``create_specialize_impl`` before (3.4-3.5 bind the
+    backend's rule at creation, 3.3 takes it at each call)."""
+    import inspect
+
+    from triton.backends.compiler import BaseBackend
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        from triton.runtime.jit import create_specialize_impl
+
+        rule = BaseBackend.get_arg_specialization
+        if inspect.signature(create_specialize_impl).parameters:
+            return create_specialize_impl(rule)(arg, False, True, True)
+        return create_specialize_impl()(arg, rule, False, True, True)
+    return native_specialize_impl(BaseBackend, arg, False, True, True)
+
+
 @pytest.mark.parametrize("data_format,memory_format", [
     ("channels_first", torch.contiguous_format), ("channels_first", torch.channels_last),
     ("channels_last", torch.contiguous_format)], ids=["nchw", "nchw_cl", "nhwc"])
@@ -225,12 +246,9 @@ def test_aligned_cases_are_specialised_as_the_default_rank_launches(monkeypatch,
                                                                     memory_format):
     """At D = 128, C = 64, G = 4 (the default rank, the narrowest usual width), every launch has
     a ",a16" compile case, and every argument that case compiles as 16-divisible is one Triton's
-    launcher specialises so for that launch (``native_specialize_impl`` on its own arguments,
-    the launcher's own rule): what the aligned cases report is what such launches run."""
+    launcher specialises so for that launch (``_specialize``: the launcher's own rule, on its
+    own arguments): what the aligned cases report is what such launches run."""
     import inspect
-
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
 
     from mslora_kernels import MSLoRA
     from mslora_kernels.triton import mslora_bwd as bwd
@@ -268,7 +286,7 @@ def test_aligned_cases_are_specialised_as_the_default_rank_launches(monkeypatch,
         bound = inspect.signature(kernel.fn).bind(*args, **cx).arguments
         assert case[0].divisible_by_16
         for name in case[0].divisible_by_16:
-            spec = native_specialize_impl(BaseBackend, bound[name], False, True, True)
+            spec = _specialize(bound[name])
             assert spec[1] == "D", f"{case[0].name}: {name} is specialised as {spec}"
 
 

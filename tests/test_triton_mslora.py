@@ -171,26 +171,26 @@ def _launches(fn):
     """The kernels one call of ``fn`` launches, by name: the Triton kernels it runs and every
     aten op outside them that would launch one on a GPU (tests/launches.py)."""
     from launches import AtenLaunches
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import GridExecutor
 
     launched = []
     ops = AtenLaunches(launched)
-    real_run = InterpretedFunction.run
+    real_call = GridExecutor.__call__
 
-    def run(self, *args, **kwargs):  # the interpreter's own tensor copies are not launches
-        launched.append(self.fn.__name__)
+    def call(self, *args, **kwargs):  # the interpreter's own tensor copies are not launches
+        launched.append(self.fn.__name__)  # kernel[grid](...) in every Triton version
         ops.paused += 1
         try:
-            return real_run(self, *args, **kwargs)
+            return real_call(self, *args, **kwargs)
         finally:
             ops.paused -= 1
 
-    InterpretedFunction.run = run
+    GridExecutor.__call__ = call
     try:
         with ops:
             result = fn()
     finally:
-        InterpretedFunction.run = real_run
+        GridExecutor.__call__ = real_call
     return result, launched
 
 
