@@ -3,6 +3,7 @@ compile check for sm_90/sm_80, which must also fail on a broken kernel."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,40 @@ def test_compile_check_reports_why_ptxas_failed():
         assert os.access(line.split(" ", 1)[1], os.X_OK), line  # Triton's own ptxas, per arch
     assert lines[2].startswith("refused: ") and "exited" in lines[2], r.stdout
     assert "fatal" in lines[2] and "99.9" in lines[2], r.stdout
+
+
+
+def test_compile_check_as_inductor_keeps_only_warps_and_stages():
+    """``--as-inductor`` compiles a case with the launch options Inductor keeps under
+    torch.compile: an fp32 backward case loses its register cap and the pinned FP fusion, which
+    the plain check passes. (``triton.compile`` is recorded, not run; in a subprocess, as
+    above.) End to end, the flag compiles the GELU cases."""
+    code = textwrap.dedent('''
+        import json
+        from mslora_kernels.checks import triton_compile as tc
+        from mslora_kernels.triton import mslora_bwd
+        seen = []
+        def record(src, target, options):
+            seen.append(options)
+            raise RuntimeError("recorded")
+        tc.triton.compile = record
+        case = next(c for c in mslora_bwd.compile_cases()
+                    if c.maxnreg is not None and c.name.startswith("mslora_bwd_main[fp32"))
+        for as_inductor in (False, True):
+            r = tc.compile_one(("mslora_kernels.triton.mslora_bwd", case.name, 90, as_inductor))
+            assert not r.ok and "recorded" in r.error, r
+        print(json.dumps([case.num_warps, case.num_stages, case.maxnreg, seen]))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    warps, stages, maxnreg, (plain, inductor) = json.loads(r.stdout.splitlines()[-1])
+    assert plain == {"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg,
+                     "enable_fp_fusion": True}
+    assert inductor == {"num_warps": warps, "num_stages": stages}
+    r = _run_check("--as-inductor", "--filter", "gelu[fp32", "--arch", "90")
+    assert r.returncode == 0 and "1 compiled, 0 failed" in r.stdout, r.stdout + r.stderr
 
 
 BROKEN = textwrap.dedent('''

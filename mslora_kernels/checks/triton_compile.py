@@ -1,6 +1,7 @@
 """Compile every Triton kernel configuration for sm_90 and sm_80, without a GPU.
 
     python -m mslora_kernels.checks.triton_compile [--arch 90 80] [--filter TEXT] [--module M]
+                                                   [--as-inductor]
 
 Each kernel module under ``mslora_kernels.triton`` lists, in ``compile_cases()``, every
 configuration its launchers can pick. Each is compiled with ``triton.compile(ASTSource(...),
@@ -14,6 +15,10 @@ arguments in ``divisible_by_16`` (the MSLoRA kernels' ``,a16`` cases at rank 128
 ``mslora_kernels.triton._compile.aligned``; LoRA linear's cases): Triton's launcher specialises
 16-divisible integers and 16-byte aligned pointers, and what it compiles then can differ a lot
 (vector loads; at D = 128 bf16 the backward's main kernel spills 4 B a thread there, 120 B here).
+
+``--as-inductor`` compiles every case with the launch options Inductor keeps when it compiles a
+user kernel under ``torch.compile`` (torch 2.11 to 2.15: ``num_warps`` and ``num_stages``; the
+fp32 backward's ``maxnreg`` and the pinned FP fusion are dropped, so Triton's defaults apply).
 """
 
 from __future__ import annotations
@@ -115,14 +120,21 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
+# The launch options Inductor passes on when it compiles a user kernel (torch 2.11 to 2.15).
+INDUCTOR_OPTIONS = ("num_warps", "num_stages")
+
+
 def compile_one(job) -> Result:
-    mod_name, case_name, arch = job
+    mod_name, case_name, arch, as_inductor = job
     mod = importlib.import_module(mod_name)
     case = next(c for c in mod.compile_cases() if c.name == case_name)
+    opts = case.options()
+    if as_inductor:
+        opts = {k: v for k, v in opts.items() if k in INDUCTOR_OPTIONS}
     t0 = time.perf_counter()
     try:
         src = ASTSource(case.fn, case.signature, case.constexprs, case.attrs())
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=case.options())
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         rep = ptxas_report(k.asm["ptx"], arch)
         if k.metadata.shared > SHARED_LIMIT[arch]:
             raise RuntimeError(f"needs {k.metadata.shared} B of shared memory; sm_{arch} blocks "
@@ -143,6 +155,9 @@ def main(argv=None) -> int:
                    help="also check this importable module's compile_cases()")
     p.add_argument("--only-module", action="store_true",
                    help="check only the modules given with --module")
+    p.add_argument("--as-inductor", action="store_true",
+                   help="compile with only the launch options Inductor keeps under torch.compile "
+                        "(num_warps, num_stages)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     a = p.parse_args(argv)
 
@@ -151,7 +166,7 @@ def main(argv=None) -> int:
     if not cases:
         print("triton compile check: no kernel configurations found", file=sys.stderr)
         return 1
-    jobs = [(m, c, arch) for m, c in cases for arch in a.arch]
+    jobs = [(m, c, arch, a.as_inductor) for m, c in cases for arch in a.arch]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=a.jobs) as ex:
         results = list(ex.map(compile_one, jobs))

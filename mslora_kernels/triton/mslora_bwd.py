@@ -705,7 +705,8 @@ def _blocks(d: int, dtype: torch.dtype, sm90: bool) -> tuple[int, int, int, int]
     64 for det B1 with every option and spills 2.8 KB against the cap's 1.7 KB. Under
     torch.compile, Inductor compiles these kernels without maxnreg (torch 2.11 to 2.15 keep only
     num_warps and num_stages of a user kernel's launch options), so compiled fp32 runs what ptxas
-    chooses; the benchmarks' ``triton-compile`` provider times that.
+    chooses (``python -m mslora_kernels.checks.triton_compile --filter fp32 --as-inductor``
+    prints it); the benchmarks' ``triton-compile`` provider times that.
     """
     bd = max(16, triton.next_power_of_2(d))
     bp = 16 if bd >= 128 else max(16, min(64, 4096 // bd))
