@@ -188,7 +188,6 @@ def test_failing_provider_records_failure_text(tmp_path, monkeypatch):
     assert all(r["median_ms"] > 0 for r in rows if r["provider"] == "eager")
 
 
-
 def test_triton_compile_provider_is_refused_on_a_cpu_and_built_from_the_base(monkeypatch):
     """torch.compile of the Triton module: on a CPU it says why it cannot run (Triton's own
     reason, or, under the interpreter, that torch.compile cannot trace it); built, it is the
@@ -455,7 +454,7 @@ def test_fma_kernel_computes_its_chains():
 
 
 FMA_PTX = """
-import dataclasses, json
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
