@@ -326,13 +326,13 @@ def test_aligned_cases_are_specialised_as_the_default_rank_launches(monkeypatch,
 
 
 @pytest.mark.interpreter
-def test_every_launch_pins_fp_fusion(monkeypatch):
+def test_every_launch_pins_fp_fusion():
     """Every Triton launch of the package asks for FP fusion (FMA contraction) itself, so that
     every Triton version compiles the kernels the same: 3.10 turns its default off, and 3.9
     warns about that at a process's first compile. Recorded where every interpreted launch
     goes: the MSLoRA forward and both backwards with every option, the fused LoRA linear's
     forward and input gradient, and GELU."""
-    from triton.runtime.interpreter import GridExecutor
+    from launches import interpreted_launches
 
     from mslora_kernels import MSLoRA
     from mslora_kernels.lora_ops import lora_linear
@@ -340,23 +340,17 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     from mslora_kernels.triton.gelu import gelu_fwd
 
     seen = []
-    real = GridExecutor.__call__
-
-    def call(self, *args, **kw):  # kernel[grid](...) in every Triton version's interpreter
-        seen.append((self.fn.__name__, kw.get("enable_fp_fusion")))
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(GridExecutor, "__call__", call)
     m = MSLoRA(8, 4, 2, (3, 5), prenorm=True, enhance=True, pool=True, gate=True, shuffle=True,
                backend="triton")
     x = torch.randn(1, 8, 3, 5, requires_grad=True)
-    for det in (False, True):
-        m.deterministic = det
-        m(x).sum().backward()
     x2 = torch.randn(3, 6, requires_grad=True)
     w, a, v = torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
-    lora_linear(x2, w, torch.randn(5), a, v).sum().backward()
-    gelu_fwd(torch.randn(7))
+    with interpreted_launches(lambda name, kw: seen.append((name, kw.get("enable_fp_fusion")))):
+        for det in (False, True):
+            m.deterministic = det
+            m(x).sum().backward()
+        lora_linear(x2, w, torch.randn(5), a, v).sum().backward()
+        gelu_fwd(torch.randn(7))
 
     assert {name for name, _ in seen} == {
         "_pack_taps_kernel", "_mslora_f1_kernel", "_mslora_f2_kernel", "_bwd_z_kernel",

@@ -170,27 +170,12 @@ def test_default_config_bf16_interpreter(opts):
 def _launches(fn):
     """The kernels one call of ``fn`` launches, by name: the Triton kernels it runs and every
     aten op outside them that would launch one on a GPU (tests/launches.py)."""
-    from launches import AtenLaunches
-    from triton.runtime.interpreter import GridExecutor
+    from launches import AtenLaunches, interpreted_launches
 
     launched = []
     ops = AtenLaunches(launched)
-    real_call = GridExecutor.__call__
-
-    def call(self, *args, **kwargs):  # the interpreter's own tensor copies are not launches
-        launched.append(self.fn.__name__)  # kernel[grid](...) in every Triton version
-        ops.paused += 1
-        try:
-            return real_call(self, *args, **kwargs)
-        finally:
-            ops.paused -= 1
-
-    GridExecutor.__call__ = call
-    try:
-        with ops:
-            result = fn()
-    finally:
-        GridExecutor.__call__ = real_call
+    with interpreted_launches(lambda name, kwargs: launched.append(name), paused=ops), ops:
+        result = fn()
     return result, launched
 
 
