@@ -6,8 +6,11 @@ with its own ``V`` (see :mod:`mslora_kernels.triton.lora_linear`):
 - ``mslora::lora_linear(x, weight, bias, a, v, allow_tf32) -> (y, u)``, ``u = x A^T``;
 - ``mslora::lora_linear_bwd_dx(g, weight, a, v, allow_tf32) -> (dx, du)``.
 
-Both are ``triton_op``s: their Python body (allocation plus ``wrap_triton`` launches) is also their
-fake impl, so ``torch.compile(fullgraph=True)`` traces them and Inductor sees the kernels.
+Both are ``triton_op``s, so ``torch.compile(fullgraph=True)`` traces their Python body (allocation
+plus ``wrap_triton`` launches) and Inductor sees the kernels. Their fake impls allocate the outputs
+alone (``kernels.outputs``, the launcher's own allocation), so that tracing on fake tensors
+(``torch.export``, which keeps each op as one call) never runs a launcher: under Triton's
+interpreter, the body's default fake impl launched the kernel on fake tensors and failed.
 Autograd is registered on the forward op; the thin weight-gradient products (``dA = du^T x``,
 ``dV = g^T u``, a long reduction over the tokens) run as cuBLAS matmuls.
 
@@ -38,6 +41,16 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _lora_linear_bwd_dx(g: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, v: torch.Tensor,
                         allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.lora_linear_bwd_dx(g, weight, a, v, allow_tf32, wrap=wrap_triton)
+
+
+@_lora_linear.register_fake
+def _lora_linear_fake(x, weight, bias, a, v, allow_tf32):
+    return kernels.outputs(x, weight.shape[0], a.shape[0])
+
+
+@_lora_linear_bwd_dx.register_fake
+def _lora_linear_bwd_dx_fake(g, weight, a, v, allow_tf32):
+    return kernels.outputs(g, weight.shape[1], a.shape[0])
 
 
 def _setup_context(ctx, inputs, output):

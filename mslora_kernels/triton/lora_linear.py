@@ -150,8 +150,7 @@ def _launch(x, p, p_strides, q, q_strides, s, s_strides, bias, n, r, allow_tf32,
     dt = TRITON_DTYPE[x.dtype]
     prec = dot_precision(dt, allow_tf32)
     cfg = TILES[(dt, prec)]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    u = torch.empty((m, r), device=x.device, dtype=x.dtype)
+    out, u = outputs(x, n, r)
     if m == 0:
         return out, u
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -166,6 +165,13 @@ def _launch(x, p, p_strides, q, q_strides, s, s_strides, bias, n, r, allow_tf32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
     return out, u
+
+
+def outputs(x, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher's outputs for X = x (M, K), unfilled: out (M, n) and U (M, r), x's dtype and
+    device. Also the ops' fake impls (``mslora_kernels.lora_ops``)."""
+    m = x.shape[0]
+    return x.new_empty((m, n)), x.new_empty((m, r))
 
 
 def dot_precision(dt: str, allow_tf32: bool) -> str:
