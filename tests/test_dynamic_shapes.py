@@ -10,6 +10,9 @@ through their fake impls.
   injected; Serial LoRA and MSPLoRA) through AOTAutograd's forward and backward, the path
   Inductor takes, without running a kernel.
 - On the GPU: Inductor compiles the modules over changing sizes, and the results match SPEC.
+
+The same trace also exports the modules with ``torch.export`` as on a GPU (dynamic sizes, saved
+and loaded), for the CUDA backend too; ``tests/test_export.py`` runs exported programs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,19 @@ FAMILIES = {  # case-name prefix: (cases, what one adapter's joint graph launche
     "model-cuda": (2, MSLORA_CUDA),
     "lora": (2, ["_lora_linear_kernel", "_lora_linear_kernel"]),  # forward, input gradient
 }
+# torch.export (trace_dynamic.export_cases): case-name prefix: (cases, the ops one adapter's
+# program calls, the input dims that stay dynamic per case-name suffix)
+EXPORT_FAMILIES = {
+    "export-mslora-triton": (3, ["mslora.triton_fwd"]),
+    "export-mslora-cuda": (3, ["mslora.cuda_fwd"]),
+    "export-model-triton": (2, ["mslora.triton_fwd"]),
+    "export-model-cuda": (2, ["mslora.cuda_fwd"]),
+    "export-lora": (2, ["mslora.lora_linear"]),
+}
+EXPORT_DYNAMIC = {"nchw": [True, False, True, True], "nchw_cl_memory": [True, False, True, True],
+                  "nhwc": [True, True, True, False], "resnet": [True, False, True, True],
+                  "swin": [True, False, False, False], "serial": [True, True, False],
+                  "msplora": [True, True, False]}
 TORCH_BEFORE_2_11 = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11)
 MODEL_ADAPTERS = {"resnet": 3, "swin": 2}  # MSLoRA modules inject() places in each test model
 
@@ -88,6 +104,26 @@ def test_fused_ops_trace_with_dynamic_sizes(traced, family):
                 assert launched == sorted(launches + ["_bwd_pool_kernel"]), (name, launched)
             else:
                 assert launched == launches, (name, launched)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trace_dynamic")
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", list(EXPORT_FAMILIES))
+def test_fused_ops_export_with_dynamic_sizes(traced, family):
+    """torch.export as on a GPU, with dynamic sizes, then saved and loaded: the program calls each
+    adapter's fused op once, as one opaque op (no Triton kernel in it), and its input keeps its
+    dynamic sizes (tests/test_export.py runs such programs)."""
+    if family.endswith("-cuda") and cuda_extension() is None:
+        pytest.skip("mslora_kernels._C is not built")
+    count, ops = EXPORT_FAMILIES[family]
+    cases = {name: c for name, c in traced.items() if name.startswith(family)}
+    assert len(cases) == count, sorted(cases)
+    for name, c in cases.items():
+        assert c["error"] is None, f"{name}:\n{c['error']}"
+        kind = name.rsplit("-", 1)[1]
+        assert c["ops"] == ops * MODEL_ADAPTERS.get(kind, 1), (name, c["ops"])
+        assert c["dynamic"] == EXPORT_DYNAMIC[kind], (name, c["dynamic"])
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,12 +16,17 @@ backward) graph launches (Triton kernels by name, the CUDA ops by op name), whet
 have symbolic sizes, and any error. ``python tests/trace_dynamic.py [name filter]`` runs the
 cases whose name contains the filter.
 
+The export cases (``export-*``) export a module with ``torch.export`` and dynamic sizes, save and
+load the program, and report the package's ops it calls and which of its input's sizes are
+symbolic (:func:`run_export_case`).
+
 The modules refuse CUDA-only backends on CPU tensors, so the backends' device checks judge CPU
 tensors as CUDA ones; every other check (Triton installed, the extension built) runs as it is.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -35,6 +40,7 @@ from test_triton_mslora import LAYOUT_IDS, LAYOUTS, OPTION_SETS, make_input, mak
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._functorch.partitioners import default_partition  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from torch.export import Dim  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import mslora_kernels.backends as backends  # noqa: E402
@@ -99,7 +105,7 @@ def _mslora_case(backend, opts, fmt, mem, dtype, deterministic):
     return step, inputs
 
 
-def _lora_case(kind):
+def _lora_module(kind):
     base = torch.nn.Linear(24, 24)
     if kind == "serial":
         pair = lora.LoRAPair(24, 24, 4)
@@ -109,6 +115,11 @@ def _lora_case(kind):
         mod = lora.MSPLoRALinear(base, pairs, backend="triton")
     for p in mod.parameters():
         torch.nn.init.normal_(p)
+    return mod
+
+
+def _lora_case(kind):
+    mod = _lora_module(kind)
 
     def inputs(n, h, w):  # tokens: (batch, sequence, features)
         return (torch.randn(n, h * w, 24, requires_grad=True),)
@@ -116,9 +127,8 @@ def _lora_case(kind):
     return (lambda x: mod(x).sum()), inputs
 
 
-def _model_case(kind, backend):
-    """A small ResNet (N, H and W change) or Swin (N changes) with MSLoRA injected: the hooks,
-    token grids and adapters of a training step, with the classifier's loss."""
+def _injected_model(kind, backend):
+    """A small ResNet or Swin with MSLoRA injected, in training mode."""
     if kind == "resnet":
         model = ResNet(layers=(1, 1, 1), widths=(8, 16, 32), in_chans=3, num_classes=5)
     else:
@@ -128,7 +138,13 @@ def _model_case(kind, backend):
     for m in model.modules():
         if isinstance(m, MSLoRA):
             torch.nn.init.normal_(m.up.weight)
-    model.train()
+    return model.train()
+
+
+def _model_case(kind, backend):
+    """A small ResNet (N, H and W change) or Swin (N changes) with MSLoRA injected: the hooks,
+    token grids and adapters of a training step, with the classifier's loss."""
+    model = _injected_model(kind, backend)
 
     def inputs(n, h, w):
         shape = (n, 3, 2 * h, 2 * w) if kind == "resnet" else (n, 3, 16, 16)
@@ -178,6 +194,57 @@ def run_case(name, build, shapes=SHAPES, workspace_mb=None):
     return result
 
 
+def run_export_case(name, build):
+    """``torch.export`` of a module as on the GPU, with dynamic sizes, then saved and loaded: the
+    package's ops the loaded program calls (in every subgraph), and whether its input's sizes are
+    symbolic. ``build()`` gives the module, its example input and the input's dynamic dims."""
+    result = {"case": name, "error": None, "ops": None, "dynamic": None}
+    try:
+        module, x, dims = build()
+        ep = torch.export.export(module, (x,), dynamic_shapes={"x": dims})
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        buf.seek(0)
+        ep = torch.export.load(buf)
+        result["ops"] = sorted(str(nd.target).removesuffix(".default")
+                               for gm in ep.graph_module.modules()
+                               if isinstance(gm, torch.fx.GraphModule)
+                               for nd in gm.graph.nodes
+                               if nd.op == "call_function" and str(nd.target).startswith("mslora."))
+        (user_input,) = ep.graph_signature.user_inputs
+        shape = next(nd for nd in ep.graph.nodes if nd.name == user_input).meta["val"].shape
+        result["dynamic"] = [isinstance(s, torch.SymInt) for s in shape]
+    except Exception:
+        result["error"] = traceback.format_exc(limit=-8)
+    return result
+
+
+def export_cases():
+    """(name, build) for every export case: MSLoRA with every option in each layout, the
+    injected models (ResNet: N, H and W dynamic; Swin: N), Serial LoRA and MSPLoRA (batch and
+    tokens)."""
+    n, h, w = Dim("n", min=1, max=1024), Dim("h", min=1, max=1024), Dim("w", min=1, max=1024)
+    out = []
+    for backend in ("triton", "cuda"):
+        for (fmt, mem), layout in zip(LAYOUTS, LAYOUT_IDS):
+            def build(b=backend, f=fmt, m=mem):
+                module = make_module(ALL, f, c=8, d=16, g=2, kernel_sizes=(3, 5), backend=b)
+                dims = {0: n, 2: h, 3: w} if f == "channels_first" else {0: n, 1: h, 2: w}
+                return module, make_input(f, m, n=3, c=8, h=5, w=6), dims
+            out.append((f"export-mslora-{backend}-all-{layout}", build))
+        out.append((f"export-model-{backend}-resnet",
+                    lambda b=backend: (_injected_model("resnet", b), torch.randn(2, 3, 9, 7),
+                                       {0: n, 2: Dim("h5", min=5, max=1024),
+                                        3: Dim("w5", min=5, max=1024)})))
+        out.append((f"export-model-{backend}-swin",
+                    lambda b=backend: (_injected_model("swin", b), torch.randn(2, 3, 16, 16),
+                                       {0: n})))
+    out += [(f"export-lora-{k}", lambda k=k: (_lora_module(k), torch.randn(2, 17, 24),
+                                              {0: n, 1: Dim("tokens", min=1, max=4096)}))
+            for k in ("serial", "msplora")]
+    return out
+
+
 def cases():
     """(name, build, keyword arguments of run_case) for every case."""
     out = []
@@ -211,6 +278,10 @@ def main(only: str = ""):
         if only not in name:
             continue
         print(json.dumps(run_case(name, build, **kwargs)), flush=True)
+    for name, build in export_cases():
+        if only not in name:
+            continue
+        print(json.dumps(run_export_case(name, build)), flush=True)
 
 
 if __name__ == "__main__":
