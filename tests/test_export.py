@@ -26,6 +26,7 @@ from torch.export import Dim
 from mslora_kernels import MSLoRA, MSLoRAConfig, available_backends, inject
 from mslora_kernels.lora import MSP_LEVELS, LoRAPair, MSPLoRALinear, SerialLoRALinear
 from mslora_kernels.models import VisionTransformer
+from mslora_kernels.testing import rel_error
 
 FUSED_OPS = {"triton": {"mslora.triton_fwd"}, "cuda": {"mslora.cuda_fwd"}, "reference": set()}
 ALL = OPTION_SETS[-1]  # every option on
@@ -59,15 +60,21 @@ def _run(module, x, g):
     return y, dict(zip(["x", *params], grads, strict=True))
 
 
-def _check_same(program, eager, x):
-    """The loaded program against the eager module: bitwise, forward and every gradient."""
+def _check_same(program, eager, x, grad_tol=0.0):
+    """The loaded program against the eager module: bitwise, forward and every gradient (the
+    gradients within ``grad_tol``, relative, where the rest of the model's backward on the GPU is
+    not bitwise reproducible: cuDNN's and attention's backwards may accumulate with atomics)."""
     g = torch.randn_like(eager(x))
     y, grads = _run(program, x, g)
     y_eager, grads_eager = _run(eager, x, g)
     assert torch.equal(y, y_eager), f"output differs by {(y - y_eager).abs().max().item():.3g}"
     assert grads.keys() == grads_eager.keys()
     for name, gr in grads.items():
-        assert torch.equal(gr, grads_eager[name]), f"gradient of {name} differs"
+        if grad_tol:
+            err = rel_error(gr, grads_eager[name])
+            assert err <= grad_tol, f"gradient of {name} differs by {err:.3g} (relative)"
+        else:
+            assert torch.equal(gr, grads_eager[name]), f"gradient of {name} differs"
 
 
 def _export(module, x, dims):
@@ -108,12 +115,12 @@ def test_exported_mslora_matches_eager_cpu(backend, opts, fmt, mem):
     _mslora_case(backend, opts, fmt, mem, "cpu")
 
 
-GPU_MSLORA = [(b, opts, fmt, mem, dt)
+GPU_MSLORA = [pytest.param(b, opts, *LAYOUTS[lay], dt, id=f"{b}-{name}-{LAYOUT_IDS[lay]}-{dn}")
               for b in ("triton", "cuda")
-              for opts, (fmt, mem), dt in (({}, LAYOUTS[0], torch.float32),
-                                           (ALL, LAYOUTS[1], torch.float32),
-                                           (ALL, LAYOUTS[2], torch.float32),
-                                           (ALL, LAYOUTS[0], torch.bfloat16))]
+              for opts, name, lay, dt, dn in (({}, "plain", 0, torch.float32, "fp32"),
+                                              (ALL, "all", 1, torch.float32, "fp32"),
+                                              (ALL, "all", 2, torch.float32, "fp32"),
+                                              (ALL, "all", 0, torch.bfloat16, "bf16"))]
 
 
 @pytest.mark.gpu
@@ -156,8 +163,9 @@ def _model_case(kind, backend, device):
     program = _export(model, torch.randn(2, c, h, w, device=device), dims)
     assert _mslora_ops(program) == FUSED_OPS[backend]
     calls = [(3, h + 3, w + 5), (1, h, w)] if kind == "resnet" else [(3, h, w), (1, h, w)]
+    grad_tol = 1e-5 if device == "cuda" else 0.0  # fp32, TF32 off
     for n, hh, ww in calls:
-        _check_same(program.module(), model, torch.randn(n, c, hh, ww, device=device))
+        _check_same(program.module(), model, torch.randn(n, c, hh, ww, device=device), grad_tol)
 
 
 @pytest.mark.slow
