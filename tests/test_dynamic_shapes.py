@@ -71,6 +71,18 @@ def traced():
     return {c["case"]: c for c in map(json.loads, r.stdout.splitlines())}
 
 
+def _family_cases(traced, family, count):
+    """The traced cases whose name starts with ``family``: ``count`` of them, none with an
+    error (skipped for the CUDA backend when the extension is not built)."""
+    if family.endswith("-cuda") and cuda_extension() is None:
+        pytest.skip("mslora_kernels._C is not built")
+    cases = {name: c for name, c in traced.items() if name.startswith(family)}
+    assert len(cases) == count, sorted(cases)
+    for name, c in cases.items():
+        assert c["error"] is None, f"{name}:\n{c['error']}"
+    return cases
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("trace_dynamic")  # one worker runs the (minutes-long) trace, once
 @pytest.mark.timeout(900)  # the first test pays for the trace
@@ -79,13 +91,8 @@ def test_fused_ops_trace_with_dynamic_sizes(traced, family):
     """Three calls of different N, H and W: one static compilation, then one with symbolic sizes
     that also serves the third call; each joint graph launches the forward and backward kernels
     (several times over when the workspace budget cuts the batch into slices)."""
-    if family.endswith("-cuda") and cuda_extension() is None:
-        pytest.skip("mslora_kernels._C is not built")
     count, launches = FAMILIES[family]
-    cases = {name: c for name, c in traced.items() if name.startswith(family)}
-    assert len(cases) == count, sorted(cases)
-    for name, c in cases.items():
-        assert c["error"] is None, f"{name}:\n{c['error']}"
+    for name, c in _family_cases(traced, family, count).items():
         expected = [[False, True]]
         if name.endswith("-sliced") and family == "mslora-triton" and TORCH_BEFORE_2_11:
             # torch 2.7 guards on the slice starts' sym_min (the remainder of N over the slice
@@ -114,13 +121,8 @@ def test_fused_ops_export_with_dynamic_sizes(traced, family):
     """torch.export as on a GPU, with dynamic sizes, then saved and loaded: the program calls each
     adapter's fused op once, as one opaque op (no Triton kernel in it), and its input keeps its
     dynamic sizes (tests/test_export.py runs such programs)."""
-    if family.endswith("-cuda") and cuda_extension() is None:
-        pytest.skip("mslora_kernels._C is not built")
     count, ops = EXPORT_FAMILIES[family]
-    cases = {name: c for name, c in traced.items() if name.startswith(family)}
-    assert len(cases) == count, sorted(cases)
-    for name, c in cases.items():
-        assert c["error"] is None, f"{name}:\n{c['error']}"
+    for name, c in _family_cases(traced, family, count).items():
         kind = name.rsplit("-", 1)[1]
         assert c["ops"] == ops * MODEL_ADAPTERS.get(kind, 1), (name, c["ops"])
         assert c["dynamic"] == EXPORT_DYNAMIC[kind], (name, c["dynamic"])
