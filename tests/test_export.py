@@ -40,15 +40,21 @@ EXAMPLE, CALLS = (2, 7, 9), ((3, 5, 11), (1, 9, 4))
 LOAD_MAKES_ALL_TRAINABLE = tuple(int(v) for v in torch.__version__.split(".")[:2]) == (2, 9)
 
 
+def package_op_calls(ep) -> list[str]:
+    """The package's ops the program calls, one entry per call (sorted), in its graph and every
+    subgraph (autocast regions). Also tests/trace_dynamic.py's."""
+    return sorted(str(n.target).removesuffix(".default")
+                  for gm in ep.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                  for n in gm.graph.nodes
+                  if n.op == "call_function" and str(n.target).startswith("mslora."))
+
+
 def _mslora_ops(ep) -> set[str]:
-    """The package's ops the program calls, in its graph and every subgraph (autocast regions)."""
-    return {str(n.target).removesuffix(".default")
-            for gm in ep.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
-            for n in gm.graph.nodes
-            if n.op == "call_function" and str(n.target).startswith("mslora.")}
+    return set(package_op_calls(ep))
 
 
-def _saved_and_loaded(ep):
+def saved_and_loaded(ep):
+    """``ep`` through torch.export.save and load (in memory). Also tests/trace_dynamic.py's."""
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     buf.seek(0)
@@ -91,7 +97,7 @@ def _check_same(program, eager, x, grad_tol=0.0):
 def _export(module, x, dims):
     """Exported with the given dynamic dims of x, saved and loaded; the loaded program."""
     ep = torch.export.export(module, (x,), dynamic_shapes={"x": dims})
-    return _saved_and_loaded(ep)
+    return saved_and_loaded(ep)
 
 
 def _mslora_case(backend, opts, fmt, mem, device, dtype=torch.float32):

@@ -26,7 +26,6 @@ tensors as CUDA ones; every other check (Triton installed, the extension built) 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from test_export import package_op_calls, saved_and_loaded  # noqa: E402
 from test_triton_mslora import LAYOUT_IDS, LAYOUTS, OPTION_SETS, make_input, make_module  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._functorch.partitioners import default_partition  # noqa: E402
@@ -201,16 +201,8 @@ def run_export_case(name, build):
     result = {"case": name, "error": None, "ops": None, "dynamic": None}
     try:
         module, x, dims = build()
-        ep = torch.export.export(module, (x,), dynamic_shapes={"x": dims})
-        buf = io.BytesIO()
-        torch.export.save(ep, buf)
-        buf.seek(0)
-        ep = torch.export.load(buf)
-        result["ops"] = sorted(str(nd.target).removesuffix(".default")
-                               for gm in ep.graph_module.modules()
-                               if isinstance(gm, torch.fx.GraphModule)
-                               for nd in gm.graph.nodes
-                               if nd.op == "call_function" and str(nd.target).startswith("mslora."))
+        ep = saved_and_loaded(torch.export.export(module, (x,), dynamic_shapes={"x": dims}))
+        result["ops"] = package_op_calls(ep)
         (user_input,) = ep.graph_signature.user_inputs
         shape = next(nd for nd in ep.graph.nodes if nd.name == user_input).meta["val"].shape
         result["dynamic"] = [isinstance(s, torch.SymInt) for s in shape]
