@@ -81,7 +81,9 @@ def _check_same(program, eager, x, grad_tol=0.0):
     cuDNN's and attention's backwards may accumulate with atomics)."""
     names = _trainable(eager)
     if not LOAD_MAKES_ALL_TRAINABLE:
-        assert _trainable(program) == names
+        # Compared as sets: torch 2.7 lists an exported program's parameters in the order its
+        # graph first uses them (the reference adapter's pw first), 2.8 on in the module's.
+        assert sorted(_trainable(program)) == sorted(names)
     g = torch.randn_like(eager(x))
     y, grads = _run(program, x, g, names)
     y_eager, grads_eager = _run(eager, x, g, names)
