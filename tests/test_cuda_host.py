@@ -813,10 +813,11 @@ def test_host_build_checks_the_device_alignment_rules(host, which, offset, broke
     assert (got == "") if not broken else (broken in got), got
 
 
-def _libasan() -> str | None:
+def _compiler_lib(name: str) -> str | None:
+    """The path of the C++ compiler's runtime library ``name``, or None."""
     if CXX is None:
         return None
-    r = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    r = subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True)
     path = r.stdout.strip()
     return path if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
 
@@ -827,14 +828,18 @@ def sanitized_host(tmp_path_factory):
     HOST_MODULE_ENV)."""
     if os.environ.get(HOST_MODULE_ENV):
         pytest.skip("already in the sanitizer run")
-    libasan = _libasan()
+    libasan = _compiler_lib("libasan.so")
     if libasan is None:
         pytest.skip(f"{CXX or 'no C++ compiler'} has no AddressSanitizer runtime (libasan.so)")
     path = _build_host(tmp_path_factory.mktemp("host-asan"), sanitize=True)
     # Python itself is not instrumented: the runtime must come first; leaks are Python's. The
-    # host kernels need no GPU, and CUDA's driver and ASan's shadow memory do not mix: on a GPU
-    # machine the process sees none (and the shadow gap is left unprotected, as CUDA needs).
-    env = dict(os.environ, LD_PRELOAD=libasan, CUDA_VISIBLE_DEVICES="",
+    # C++ runtime comes right after it: ASan resolves its __cxa_throw interceptor once, at start,
+    # and with libstdc++ loaded only later (by an import) the first C++ exception thrown aborts
+    # the process in ASan's own CHECK (triton 3.8's libtriton throws and catches one on import).
+    # The host kernels need no GPU, and CUDA's driver and ASan's shadow memory do not mix: on a
+    # GPU machine the process sees none (and the shadow gap is left unprotected, as CUDA needs).
+    preload = [libasan, *filter(None, [_compiler_lib("libstdc++.so.6")])]
+    env = dict(os.environ, LD_PRELOAD=" ".join(preload), CUDA_VISIBLE_DEVICES="",
                ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0",
                UBSAN_OPTIONS="print_stacktrace=1", **{HOST_MODULE_ENV: str(path)})
     return env
