@@ -261,7 +261,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir, kind):
+def _ddp_worker(rank, world, port, out_dir, kind, backend, device):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -269,15 +269,20 @@ def _ddp_worker(rank, world, port, out_dir, kind):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
-        model, shape = make_model(kind)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
+        model, shape = make_model(kind, backend=backend)
+        model.to(device)
+        # gloo reduces CUDA tensors too, so both ranks can share the one GPU of the GPU machine
+        # (NCCL refuses two ranks on one device)
         ddp = nn.parallel.DistributedDataParallel(model)
         ddp.train()
         x, y = batch(shape)
         per = shape[0] // world
         sl = slice(rank * per, (rank + 1) * per)
-        F.cross_entropy(ddp(x[sl]), y[sl]).backward()
+        F.cross_entropy(ddp(x[sl].to(device)), y[sl].to(device)).backward()
         if rank == 0:
-            torch.save(grads(model), os.path.join(out_dir, "grads.pt"))
+            torch.save({n: g.cpu() for n, g in grads(model).items()},
+                       os.path.join(out_dir, "grads.pt"))
         # Tear DDP down while its process group still exists: letting the reducer be destroyed
         # after destroy_process_group() (when this frame unwinds) sometimes hung the worker.
         del ddp
@@ -286,27 +291,67 @@ def _ddp_worker(rank, world, port, out_dir, kind):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["resnet"])
-def test_ddp_gloo_grads_match_single_process(kind):
+def _ddp_grads(kind, backend, device, limit_s=180):
+    """Rank 0's gradients after one DDP step of 2 gloo processes, each on half the batch."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    model, shape = make_model(kind)
-    x, y = batch(shape)
-    F.cross_entropy(model(x), y).backward()
-    want = grads(model)
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir, kind), nprocs=2, join=False)
-        deadline = time.monotonic() + 120
+        ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir, kind, backend, device),
+                       nprocs=2, join=False)
+        deadline = time.monotonic() + limit_s
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.terminate()
-                pytest.fail("DDP workers did not finish within 120 s")
-        got = torch.load(os.path.join(out_dir, "grads.pt"))
+                pytest.fail(f"DDP workers did not finish within {limit_s} s")
+        return torch.load(os.path.join(out_dir, "grads.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["resnet"])
+def test_ddp_gloo_grads_match_single_process(kind):
+    model, shape = make_model(kind)
+    x, y = batch(shape)
+    F.cross_entropy(model(x), y).backward()
+    want = grads(model)
+    got = _ddp_grads(kind, "reference", "cpu")
     assert got.keys() == want.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+
+
+def _ddp_fused_vs_reference(backend, device):
+    """DDP over a fused backend on `device`: rank 0's averaged gradients are those of the
+    single-process float32 reference on the CPU."""
+    model, shape = make_model("resnet")
+    x, y = batch(shape)
+    F.cross_entropy(model(x), y).backward()
+    want = grads(model)
+    got = _ddp_grads("resnet", backend, device)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert rel_error(got[n], want[n]) < 1e-4, (backend, n)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_ddp_gloo_fused_triton_cpu():
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton MSLoRA backend is not available on the CPU in this checkout "
+                    "(available_backends('cpu') lacks 'triton': its kernels have not landed here)")
+    _ddp_fused_vs_reference("triton", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_ddp_gloo_fused_gpu():
+    fused = [b for b in available_backends("cuda") if b != "reference"]
+    if not fused:
+        pytest.skip("no fused MSLoRA backend available on this GPU")
+    for backend in fused:
+        _ddp_fused_vs_reference(backend, "cuda")
+
+
