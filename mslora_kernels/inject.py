@@ -65,12 +65,18 @@ def inject(model: nn.Module, config) -> nn.Module:
 
     After the call only the adapters (and the modules named in ``config.trainable``) train;
     frozen BatchNorm layers stay in eval mode even after ``model.train()``.
-    Inject before wrapping the model in ``DistributedDataParallel`` or ``torch.compile``.
+    Inject before wrapping the model in ``DistributedDataParallel``, FSDP or ``torch.compile``.
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError(
             "inject: got a DistributedDataParallel/DataParallel wrapper; inject into the model "
             "first, then wrap it (the wrapper has already registered the parameters to sync)"
+        )
+    sharded = _sharded(model)
+    if sharded:
+        raise TypeError(
+            f"inject: {sharded}; inject into the unsharded model first, then shard it (adapters "
+            "added now would be left out of the sharding and their gradients never reduced)"
         )
     before = {id(p) for p in model.parameters()}
     adapted = config._inject(model)
@@ -87,6 +93,47 @@ def inject(model: nn.Module, config) -> nn.Module:
     freeze(model, trainable=patterns, keep=keep)
     setattr(model, RECORDS_ATTR, records)
     return model
+
+
+def _fsdp1(model: nn.Module) -> str | None:
+    """The first module of ``model`` wrapped in (FSDP1's) FullyShardedDataParallel, or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, m in model.named_modules():
+        if isinstance(m, FullyShardedDataParallel):
+            return name or "the model"
+    return None
+
+
+def _sharded(model: nn.Module) -> str | None:
+    """How ``model`` is already sharded for distributed training (FSDP, FSDP2, DTensor), or None."""
+    fsdp1 = _fsdp1(model)
+    if fsdp1:
+        return f"{fsdp1} is wrapped in FullyShardedDataParallel"
+    for name, p in model.named_parameters():
+        if _is_dtensor(p):
+            return f"parameter {name} is a DTensor (sharded, e.g. by FSDP2's fully_shard)"
+    return None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _model_name(model: nn.Module) -> str:
+    """The model's class name, seen through the ``FSDP<Name>`` subclass FSDP2 gives it."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,32 +292,44 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     ``path/adapter_config.json`` holds the configs and where they were placed;
     ``path/adapter_model.safetensors`` the weights, under the model's parameter names.
     The frozen backbone is not saved: :func:`load_adapter` puts the adapters back into a freshly
-    built base model.
+    built base model. Under FSDP2 (``fully_shard``), call it on every rank: it gathers the
+    sharded weights (a collective) and rank 0 writes.
     """
     from safetensors.torch import save_file
 
     from . import __version__
 
     model = _unwrap(model)
+    fsdp1 = _fsdp1(model)
+    if fsdp1:
+        raise TypeError(
+            f"save_adapter: {fsdp1} is wrapped in FullyShardedDataParallel, whose flat parameters "
+            "hide the adapters' names; shard with FSDP2's fully_shard, whose shards it gathers"
+        )
     injected = _injected(model)
     if not injected:
         raise ValueError(
-            f"save_adapter: {type(model).__name__} has no adapters; "
+            f"save_adapter: {_model_name(model)} has no adapters; "
             "call inject(model, config) first"
         )
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
-        "base_model": type(model).__name__,
+        "base_model": _model_name(model),
         "adapters": [
             {"prefix": prefix, "config_class": type(r.config).__name__,
              "config": _config_dict(r.config), "adapted_modules": list(r.adapted)}
             for prefix, sub in injected for r in getattr(sub, RECORDS_ATTR)
         ],
     }
-    tensors = {k: v.detach().to("cpu").contiguous().clone()
-               for k, v in _adapter_state(model).items()}
+    state = _adapter_state(model)
+    gathered = any(_is_dtensor(v) for v in state.values())
+    # FSDP2's shards are gathered whole: a collective, so every rank calls save_adapter
+    tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).detach().to("cpu").contiguous()
+               .clone() for k, v in state.items()}
+    if gathered and torch.distributed.get_rank() != 0:
+        return  # rank 0 writes
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
@@ -290,11 +349,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike,
     A model without adapters (a freshly built base model) gets them injected from the saved
     config first; a model that already has them must have the same config. ``backend``
     overrides the saved backend (e.g. ``"reference"`` to run a GPU-trained adapter on a CPU).
-    A mismatched model or config raises ``ValueError`` naming the mismatch.
+    A mismatched model or config raises ``ValueError`` naming the mismatch; a sharded model
+    (FSDP, FSDP2) ``TypeError``: load into the unsharded model, then shard it.
     """
     from safetensors.torch import load_file
 
     model = _unwrap(model)
+    sharded = _sharded(model)
+    if sharded:
+        raise TypeError(f"load_adapter: {sharded}; load into the unsharded model, then shard it")
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_adapter: no {CONFIG_FILE} in {os.fspath(path)!r}")
@@ -305,10 +368,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike,
             f"load_adapter: {cfg_path} is not a {FORMAT} v{FORMAT_VERSION} adapter "
             f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})"
         )
-    if meta["base_model"] != type(model).__name__:
+    if meta["base_model"] != _model_name(model):
         raise ValueError(
             f"load_adapter: the adapter in {os.fspath(path)!r} was saved from a "
-            f"{meta['base_model']} model, but this model is a {type(model).__name__}"
+            f"{meta['base_model']} model, but this model is a {_model_name(model)}"
         )
     seen: dict[str, int] = {}
     for entry in meta["adapters"]:

@@ -719,6 +719,31 @@ def test_save_through_wrappers_and_submodule(tmp_path):
     assert torch.equal(fresh(x), want)
 
 
+@pytest.mark.gpu
+def test_fsdp1_wrapped_models_are_refused_gpu(tmp_path):
+    """FSDP1 needs an accelerator. Its flat parameters hide the adapters' names from save_adapter,
+    and adapters injected after wrapping would be left out of its sharding. (FSDP2 under gloo,
+    which does run on a CPU: tests/test_training.py.)"""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    model = inject(_resnet(), MSLoRAConfig(**CFG))
+    save_adapter(model, tmp_path)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dev = torch.cuda.current_device()
+        with pytest.raises(TypeError, match="save_adapter: the model is wrapped in FullyShar"):
+            save_adapter(FSDP(model.cuda(), device_id=dev), tmp_path / "again")
+        with pytest.raises(TypeError, match="inject: the model is wrapped in FullyShardedDataP"):
+            inject(FSDP(_resnet().cuda(), device_id=dev), MSLoRAConfig(**CFG))
+        with pytest.raises(TypeError, match="load_adapter: the model is wrapped in FullyShard"):
+            load_adapter(FSDP(_resnet().cuda(), device_id=dev), tmp_path)
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------------
 # timm / torchvision (on machines where they are installed: the GPU machine)
 # --------------------------------------------------------------------------------------------------
