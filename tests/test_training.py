@@ -75,6 +75,12 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _need_triton_cpu():
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton MSLoRA backend is not available on the CPU in this checkout "
+                    "(available_backends('cpu') lacks 'triton': its kernels have not landed here)")
+
+
 # --------------------------------------------------------------------------------------------------
 # Frozen backbone under real optimizer steps
 # --------------------------------------------------------------------------------------------------
@@ -127,9 +133,7 @@ def _fused_vs_reference(device, backend, kind):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_training_fused_triton_vs_reference_cpu(kind):
-    if "triton" not in available_backends("cpu"):
-        pytest.skip("the Triton MSLoRA backend is not available on the CPU in this checkout "
-                    "(available_backends('cpu') lacks 'triton': its kernels have not landed here)")
+    _need_triton_cpu()
     _fused_vs_reference(torch.device("cpu"), "triton", kind)
 
 
@@ -147,9 +151,11 @@ def test_training_fused_vs_reference_gpu(kind, no_tf32):
 # --------------------------------------------------------------------------------------------------
 # Activation checkpointing
 # --------------------------------------------------------------------------------------------------
-def test_activation_checkpointing_same_grads():
-    model, shape = make_model("resnet")
+def _checkpointing_same_grads(backend, device):
+    model, shape = make_model("resnet", backend=backend)
+    model.to(device)
     x, y = batch(shape)
+    x, y = x.to(device), y.to(device)
     F.cross_entropy(model(x), y).backward()
     want = grads(model)
 
@@ -165,6 +171,22 @@ def test_activation_checkpointing_same_grads():
     got = grads(model)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param(
+    "triton", marks=[pytest.mark.interpreter, pytest.mark.slow])])
+def test_activation_checkpointing_same_grads(backend):
+    """Non-reentrant checkpointing recomputes the adapters' forward in the backward: the
+    gradients are those of the plain run (the fused ops are deterministic in the forward)."""
+    if backend == "triton":
+        _need_triton_cpu()
+    _checkpointing_same_grads(backend, "cpu")
+
+
+@pytest.mark.gpu
+def test_activation_checkpointing_same_grads_gpu(no_tf32):
+    for backend in available_backends("cuda"):
+        _checkpointing_same_grads(backend, "cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,12 +406,6 @@ def _dist_vs_reference(backend, device, wrap="ddp"):
     assert got.keys() == want.keys()
     for n in want:
         assert rel_error(got[n], want[n]) < 1e-4, (backend, n)
-
-
-def _need_triton_cpu():
-    if "triton" not in available_backends("cpu"):
-        pytest.skip("the Triton MSLoRA backend is not available on the CPU in this checkout "
-                    "(available_backends('cpu') lacks 'triton': its kernels have not landed here)")
 
 
 @pytest.mark.slow
