@@ -437,14 +437,23 @@ def test_fsdp2_gloo_cpu(backend):
 
 
 def _fsdp2_checkpoint_body(rank, world, out_dir):
+    """save_adapter under FSDP2 (counting the files each rank writes), then what a sharded
+    model's inject and load_adapter raise, into out_dir/errors<rank>.json."""
+    import safetensors.torch
+
     from mslora_kernels import load_adapter, save_adapter
     from mslora_kernels.models import ResNet
 
     model, _ = make_model("resnet")
     _fsdp2(model, world)
     ckpt = os.path.join(out_dir, "ckpt")
-    save_adapter(model, ckpt)  # on every rank: it gathers the shards
-    errors = {}
+    writes, save_file = [], safetensors.torch.save_file
+    safetensors.torch.save_file = lambda *a, **k: (writes.append(1), save_file(*a, **k))
+    try:
+        save_adapter(model, ckpt)  # on every rank: it gathers the shards
+    finally:
+        safetensors.torch.save_file = save_file
+    errors = {"writes": len(writes)}
     fresh = ResNet(layers=(1, 1, 1), widths=(8, 16, 32), in_chans=3, num_classes=5)
     _fsdp2(fresh, world)
     for name, call in [("inject", lambda: inject(fresh, MSLoRAConfig(**CFG))),
@@ -470,13 +479,17 @@ def test_fsdp2_save_adapter_gathers_and_sharded_models_are_refused():
         _run_gloo(_fsdp2_checkpoint_body, out_dir)
         loaded = load_adapter(ResNet(layers=(1, 1, 1), widths=(8, 16, 32), in_chans=3,
                                      num_classes=5), os.path.join(out_dir, "ckpt"))
-        errors = [json.load(open(os.path.join(out_dir, f"errors{r}.json"))) for r in (0, 1)]
+        errors = []
+        for r in (0, 1):
+            with open(os.path.join(out_dir, f"errors{r}.json")) as f:
+                errors.append(json.load(f))
     got = dict(loaded.named_parameters())
     trained = {n: p for n, p in want.named_parameters() if p.requires_grad}
     assert {n for n, p in got.items() if p.requires_grad} == trained.keys()
     for n, p in trained.items():
         assert torch.equal(got[n], p), n
+    assert [e["writes"] for e in errors] == [1, 0]  # rank 0 wrote, rank 1 did not
     for e in errors:
-        assert e.keys() == {"inject", "load_adapter"}, e
+        assert e.keys() == {"writes", "inject", "load_adapter"}, e
         assert "is a DTensor" in e["inject"] and "inject into the unsharded model" in e["inject"]
         assert "load into the unsharded model" in e["load_adapter"]
