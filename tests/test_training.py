@@ -170,7 +170,10 @@ def _checkpointing_same_grads(backend, device):
     F.cross_entropy(forward_ckpt(model, x), y).backward()
     got = grads(model)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+        if device == "cpu":
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+        else:  # the GPU's weight-gradient atomics sum in any order: as close as that allows
+            assert rel_error(got[n], want[n]) < 1e-5, (backend, n)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param(
