@@ -35,12 +35,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # On a GPU, the test files in the order their verdicts matter (the GPU check's time limit may stop
 # the run; pytest-xdist hands tests out in this order): the kernels against the reference first,
-# then the integration (compile, slices, training, export), then the LoRA GEMM and the benchmark
-# runner.
+# then the integration (compile, slices, training, export, inject's FSDP refusals), then the LoRA
+# GEMM and the benchmark runner.
 GPU_FILE_ORDER = ("test_cuda_mslora.py", "test_triton_mslora.py", "test_triton_bwd.py",
                   "test_cuda_gelu.py", "test_triton_harness.py", "test_slices.py",
                   "test_training.py", "test_modules.py", "test_dynamic_shapes.py",
-                  "test_export.py", "test_lora_triton.py", "test_benchmarks.py")
+                  "test_export.py", "test_inject.py", "test_lora_triton.py",
+                  "test_benchmarks.py")
 
 
 def _gpu_file_rank(item) -> int:
