@@ -368,10 +368,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike,
             f"load_adapter: {cfg_path} is not a {FORMAT} v{FORMAT_VERSION} adapter "
             f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})"
         )
-    if meta["base_model"] != _model_name(model):
+    if meta["base_model"] != type(model).__name__:  # a sharded model was refused above
         raise ValueError(
             f"load_adapter: the adapter in {os.fspath(path)!r} was saved from a "
-            f"{meta['base_model']} model, but this model is a {_model_name(model)}"
+            f"{meta['base_model']} model, but this model is a {type(model).__name__}"
         )
     seen: dict[str, int] = {}
     for entry in meta["adapters"]:
