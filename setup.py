@@ -10,8 +10,15 @@ setuptools, wheel, pybind11 and nvcc. Every source is compiled by nvcc, in paral
 ``MAX_JOBS`` at a time), and linked with ``nvcc -shared --cudart static`` so that the module
 imports on a machine with no GPU and no CUDA runtime library.
 
+A finished build is kept in a content-addressed cache, ``build/nvcc-cache/`` by default: the
+next install whose inputs are the same (every file under csrc/, setup.py, the nvcc flags and
+version, pybind11's version, the Python ABI) copies it instead of compiling again, since pip's
+editable install builds in a fresh temporary directory every time (about a minute of nvcc here).
+Any change to those inputs misses the cache and builds; the newest few builds are kept.
+
 Environment:
     MSLORA_SKIP_CUDA_BUILD=1   build no extension
+    MSLORA_CUDA_BUILD_CACHE    the cache's folder (default build/nvcc-cache); 0 turns it off
     MSLORA_CUDA_ARCHS="80;90"  SM architectures to build SASS for (PTX of the highest is added)
     MAX_JOBS=N                 parallel nvcc processes (default: CPU count, at most 4)
     CUDA_HOME / CUDA_PATH      where to look for bin/nvcc before PATH
@@ -20,6 +27,7 @@ Environment:
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,6 +41,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 DEFAULT_ARCHS = "80;90"
+CACHE_KEEP = 4  # builds kept in the cache, newest first
 
 
 def find_nvcc() -> tuple[str | None, str]:
@@ -75,6 +84,53 @@ def max_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def cache_dir() -> str | None:
+    """The build cache's folder, or None when MSLORA_CUDA_BUILD_CACHE=0 turns it off."""
+    env = os.environ.get("MSLORA_CUDA_BUILD_CACHE", "")
+    if env == "0":
+        return None
+    return os.path.abspath(env) if env else os.path.join(ROOT, "build", "nvcc-cache")
+
+
+def cache_key(nvcc: str, flags: list[str], root: str = ROOT) -> str:
+    """A digest of everything the built module depends on: setup.py, every file under csrc/
+    (headers too), the nvcc flags other than include folders (those name pip's temporary build
+    environment), nvcc's version, pybind11's and the Python ABI the module is built for."""
+    import pybind11
+
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(f"{label}\0{len(data)}\0".encode())
+        h.update(data)
+
+    add("setup.py", open(os.path.join(root, "setup.py"), "rb").read())
+    csrc = os.path.join(root, CSRC)
+    for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            add(os.path.relpath(path, csrc).replace(os.sep, "/"), open(path, "rb").read())
+    add("flags", " ".join(f for f in flags if not f.startswith("-I")).encode())
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
+    add("nvcc", version.stdout.encode())
+    add("pybind11", pybind11.__version__.encode())
+    add("python", (sysconfig.get_config_var("EXT_SUFFIX") or "").encode())
+    return h.hexdigest()[:32]
+
+
+def cache_store(path: str, built: str) -> None:
+    """Copy ``built`` into the cache as ``path`` (``<name>-<key>.so``, atomically) and keep only
+    the newest builds of that name; other files in the folder are left alone."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    shutil.copyfile(built, tmp)
+    os.replace(tmp, path)
+    same_name = glob.glob(os.path.join(folder, glob.escape(name.rsplit("-", 1)[0]) + "-*.so"))
+    entries = sorted(same_name, key=os.path.getmtime, reverse=True)
+    for old in entries[CACHE_KEEP:]:
+        os.remove(old)
+
+
 class NvccExtension(Extension):
     """An extension whose every source is compiled and linked by nvcc."""
 
@@ -93,6 +149,19 @@ class NvccBuildExt(build_ext):
         flags = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
                  "-Xcompiler", "-fvisibility=hidden", *gencode_flags()]
         flags += [f"-I{d}" for d in includes]
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        folder = cache_dir()
+        cached = folder and os.path.join(folder, f"{ext.name}-{cache_key(nvcc, flags)}.so")
+        if cached and os.path.isfile(cached):
+            print(f"mslora-kernels: reusing the CUDA extension built from the same sources, "
+                  f"flags and tools: {cached}", flush=True)
+            tmp = f"{out}.{os.getpid()}.tmp"  # a new file, not the loaded one rewritten
+            shutil.copyfile(cached, tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+            os.utime(cached)  # newest first when the cache is pruned
+            return
         objdir = os.path.join(os.path.abspath(self.build_temp), "nvcc")
         os.makedirs(objdir, exist_ok=True)
 
@@ -105,11 +174,11 @@ class NvccBuildExt(build_ext):
 
         with ThreadPoolExecutor(max_workers=max_jobs()) as pool:
             objects = list(pool.map(compile_one, ext.sources))
-        out = self.get_ext_fullpath(ext.name)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         cmd = [nvcc, "-shared", "--cudart", "static", *objects, "-o", out]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+        if cached:
+            cache_store(cached, out)
 
 
 def extensions() -> list[Extension]:

@@ -6,8 +6,9 @@
 # (MSLORA_GPU_BUDGET_S, default 480 s): its steps run in order of what the open issues need most,
 # each with a limit cut to what the budget still holds, and a step that no longer fits is recorded
 # as skipped, never half-counted:
-#     install      pip install -e . (builds the CUDA extension, sm_90 only, every core), and
-#                  fails unless the CUDA backend is then ready
+#     install      pip install -e . (builds the CUDA extension, sm_90 only, every core; a
+#                  re-run on the still-warm machine copies it from setup.py's build cache unless
+#                  csrc/ changed), and fails unless the CUDA backend is then ready
 #     pytest_gpu   the GPU tests (tests -m gpu): kernels against the reference, opcheck,
 #                  torch.compile, CUDA graphs, CUDA vs Triton
 #     sanitizer    compute-sanitizer memcheck and racecheck on small CUDA-backend cases

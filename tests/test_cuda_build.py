@@ -28,9 +28,23 @@ def _build(tmp_path, **env) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
 def test_extension_builds_and_imports_without_gpu(tmp_path):
-    r = _build(tmp_path, MSLORA_CUDA_ARCHS="80")  # one arch keeps the CI build short
+    # one arch keeps the CI build short; a cache of this test's own, empty to begin with
+    env = {"MSLORA_CUDA_ARCHS": "80", "MSLORA_CUDA_BUILD_CACHE": str(tmp_path / "cache")}
+    r = _build(tmp_path, **env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert " -c " in r.stdout and "reusing" not in r.stdout  # compiled
     (so,) = glob.glob(str(tmp_path / "lib" / "mslora_kernels" / "_C*.so"))
+    (entry,) = glob.glob(str(tmp_path / "cache" / "*.so"))
+    assert Path(entry).read_bytes() == Path(so).read_bytes()
+
+    # the same inputs again, as a second pip install builds them: copied from the cache
+    again = _build(tmp_path / "again", **env)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert f"reusing the CUDA extension built from the same sources, flags and tools: {entry}" \
+        in again.stdout and " -c " not in again.stdout
+    (so2,) = glob.glob(str(tmp_path / "again" / "lib" / "mslora_kernels" / "_C*.so"))
+    assert Path(so2).read_bytes() == Path(so).read_bytes()
+    assert os.access(so2, os.X_OK)
     code = (
         "import importlib.util as u, sys\n"
         f"spec = u.spec_from_file_location('mslora_kernels._C', {so!r})\n"
@@ -41,6 +55,61 @@ def test_extension_builds_and_imports_without_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "gelu" in r.stdout and "mslora_launch" in r.stdout and "mslora_smem_bytes" in r.stdout
+
+
+def _setup_module() -> dict:
+    """setup.py's functions, without running setup()."""
+    import runpy
+    from unittest import mock
+
+    with mock.patch("setuptools.setup"):
+        return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed here")
+def test_build_cache_key_covers_every_input(tmp_path):
+    """The cache is reused only for the same inputs: any byte of any file under csrc/ (a header
+    included) or of setup.py, and any flag, gives another key; include folders, which name pip's
+    temporary build environment, do not."""
+    pytest.importorskip("pybind11")
+    setup = _setup_module()
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "csrc", root / "csrc")
+    shutil.copy(ROOT / "setup.py", root / "setup.py")
+    nvcc = setup["find_nvcc"]()[0]
+    flags = ["-O3", *setup["gencode_flags"]("80"), "-I/tmp/pip-build-env-abc/pybind11/include"]
+
+    def key(flags=flags):
+        return setup["cache_key"](nvcc, flags, root=str(root))
+
+    base = key()
+    assert key(flags[:-1] + ["-I/tmp/pip-build-env-xyz/pybind11/include"]) == base
+    assert key(["-O2", *flags[1:]]) != base
+    assert key(["-O3", *setup["gencode_flags"]("90"), flags[-1]]) != base
+    for name in ("csrc/common.cuh", "csrc/mslora.cu", "setup.py"):
+        path = root / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert key() != base, name
+        path.write_bytes(original)
+    (root / "csrc" / "new.cuh").write_text("// a new header\n")
+    assert key() != base
+    (root / "csrc" / "new.cuh").unlink()
+    assert key() == base
+
+
+def test_build_cache_keeps_the_newest_builds(tmp_path):
+    setup = _setup_module()
+    built = tmp_path / "built.so"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "other.so").write_bytes(b"not ours")
+    for i in range(setup["CACHE_KEEP"] + 2):
+        built.write_bytes(bytes([i]))
+        setup["cache_store"](str(tmp_path / "cache" / f"ext-{i}.so"), str(built))
+        os.utime(tmp_path / "cache" / f"ext-{i}.so", (i, i))  # mtimes in store order
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == [f"ext-{i}.so" for i in range(2, setup["CACHE_KEEP"] + 2)] + ["other.so"]
+    assert (tmp_path / "cache" / "ext-3.so").read_bytes() == bytes([3])
 
 
 def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
