@@ -75,6 +75,17 @@ def test_op_leading_dims_and_empty():
 
 
 @pytest.mark.interpreter
+def test_op_inference_mode():
+    """Under torch.inference_mode the op gives bitwise what it gives under no_grad."""
+    ins = _inputs(M_TOK, K, N, R, torch.float32, "cpu")
+    with torch.no_grad():
+        want = _op(*ins)
+    with torch.inference_mode():
+        got = _op(*ins)
+    assert got.is_inference() and torch.equal(got, want)
+
+
+@pytest.mark.interpreter
 def test_op_validation_before_launch():
     from mslora_kernels.lora_ops import lora_linear
     x, w, b, a, v = _inputs(M_TOK, K, N, R, torch.float32, "cpu")

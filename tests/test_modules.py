@@ -167,6 +167,37 @@ def test_empty_batch_gpu(backend, dtype, fmt, mem):
     _check_empty_batch(backend, dtype, fmt, mem, "cuda")
 
 
+def _check_inference_mode(backend, device):
+    """Under torch.inference_mode the module gives bitwise what it gives under no_grad, as an
+    inference tensor; an inference tensor fed to it with grad on gets torch's own error (it
+    cannot be saved for backward), not a failure inside a kernel."""
+    torch.manual_seed(0)
+    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), backend=backend, **ALL_OPTS).to(device)
+    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    x = torch.randn(2, 12, 5, 7, device=device)
+    with torch.no_grad():
+        want = m(x)
+    with torch.inference_mode():
+        got = m(x)
+        x_inference = x.clone()
+    assert got.is_inference() and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        m(x_inference)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_inference_mode_cpu(backend):
+    _check_inference_mode(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_inference_mode_gpu(backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _check_inference_mode(backend, "cuda")
+
+
 def test_device_mismatch_is_refused():
     m = MSLoRA(8, 8, 2).to("meta")
     with pytest.raises(ValueError, match=r"input is on cpu but the module's parameters are on met"):
