@@ -3,6 +3,12 @@
 A backend named explicitly that cannot run on the input's device raises a ``RuntimeError`` that
 names what is missing; nothing here ever falls back silently. Nothing here touches the GPU at
 import time.
+
+Inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) only the reference can
+run: the fused ops are ``torch.library`` custom ops, whose generated autograd torch.func refuses
+(pytorch/pytorch#168393, #179652; the same holds for flash-attention's functions), and they have
+no batching rule. ``"auto"`` picks the reference there; a fused backend named explicitly raises
+an error that says so, where torch would raise one about autograd.Function internals.
 """
 
 from __future__ import annotations
@@ -162,21 +168,41 @@ def ranked_backend(dtype: torch.dtype, layout: str, c: int, hw: int | None, d: i
     return nearest_winner(rows, DTYPE_NAMES.get(dtype), layout, c, hw, d)
 
 
+def in_func_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` is a ``torch.func`` transform's wrapper (grad, vmap, jvp...).
+    Under torch.compile the check is left to the traced code (False)."""
+    functorch = torch._C._functorch
+    if torch.compiler.is_compiling() or functorch.peek_interpreter_stack() is None:
+        return False  # the second: no transform is running (one call, the usual case)
+    wrapped = functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
+
+
+def func_transform_error(what: str) -> RuntimeError:
+    """The error for a fused backend named explicitly inside a torch.func transform."""
+    return RuntimeError(
+        f"{what} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): its fused "
+        "ops are torch.library custom ops, whose autograd torch.func does not support "
+        "(pytorch/pytorch#168393) and which have no batching rule; use backend='reference' "
+        "(or 'auto', which picks the reference there) for torch.func")
+
+
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None,
-                    options: MSLoRAOptions | None = None) -> str:
+                    options: MSLoRAOptions | None = None, transformed: bool = False) -> str:
     """The concrete backend (``reference``, ``triton`` or ``cuda``) for a call on ``device``.
 
     For ``"auto"`` with the input ``x`` and the module's ``options`` given, the benchmark ranking
     picks between the usable fused backends (see :func:`ranked_backend`). Under
     ``torch.compile`` it ranks on C and D alone, leaving out H*W: the sizes may be symbolic
     there (dynamic shapes), and a choice that depended on them would fail to trace or tie the
-    compiled graph to one map size.
+    compiled graph to one map size. ``transformed``: the call's tensors are a torch.func
+    transform's (:func:`in_func_transform`), where only the reference runs.
     """
     validate_backend(backend)
     if backend == "reference":
         return backend
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or transformed:
             return "reference"
         order = AUTO_ORDER_CUDA
         if x is not None and options is not None:
@@ -195,4 +221,6 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
     reason = fused_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"MSLoRA backend={backend!r} cannot run here: {reason}")
+    if transformed:
+        raise func_transform_error(f"MSLoRA backend={backend!r}")
     return backend

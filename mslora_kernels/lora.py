@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import triton_unavailable_reason
+from .backends import func_transform_error, in_func_transform, triton_unavailable_reason
 from .inject import matches_target
 
 LORA_BACKENDS = ("auto", "reference", "triton")
@@ -120,16 +120,22 @@ def _fused_unavailable_reason(device: torch.device, rank: int) -> str | None:
     return triton_unavailable_reason(device) or lora_linear_unavailable_reason(rank)
 
 
-def resolve_lora_backend(backend: str, device: torch.device, rank: int) -> str:
-    """``"reference"`` or ``"triton"`` for a call on ``device`` with a concatenated ``rank``."""
+def resolve_lora_backend(backend: str, device: torch.device, rank: int,
+                         transformed: bool = False) -> str:
+    """``"reference"`` or ``"triton"`` for a call on ``device`` with a concatenated ``rank``;
+    ``transformed``: inside a torch.func transform, where only the reference runs (see
+    mslora_kernels.backends)."""
     validate_lora_backend(backend)
     if backend == "reference":
         return backend
     reason = _fused_unavailable_reason(device, rank)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and reason is None else "reference"
+        usable = device.type == "cuda" and reason is None and not transformed
+        return "triton" if usable else "reference"
     if reason is not None:
         raise RuntimeError(f"LoRA backend='triton' cannot run here: {reason}")
+    if transformed:
+        raise func_transform_error("LoRA backend='triton'")
     return backend
 
 
@@ -245,7 +251,8 @@ class SerialLoRALinear(_AdaptedLinear):
     def _adapted(self, x, dtype):
         p = self.pair
         w, bias, a, b = (_cast(t, dtype) for t in (self.base.weight, self.base.bias, p.A, p.B))
-        if resolve_lora_backend(self.backend, x.device, p.rank) == "reference":
+        transformed = in_func_transform(x, w, bias, a, b)
+        if resolve_lora_backend(self.backend, x.device, p.rank, transformed) == "reference":
             return serial_lora_reference(x, w, bias, a, b, self.scale)
         from .lora_ops import lora_linear
 
@@ -299,7 +306,8 @@ class MSPLoRALinear(_AdaptedLinear):
         w, bias = _cast(self.base.weight, dtype), _cast(self.base.bias, dtype)
         ab = [(_cast(p.A, dtype), _cast(p.B, dtype)) for p in ps]
         rank = sum(p.rank for p in ps)
-        if resolve_lora_backend(self.backend, x.device, rank) == "reference":
+        transformed = in_func_transform(x, w, bias, *(t for pair in ab for t in pair))
+        if resolve_lora_backend(self.backend, x.device, rank, transformed) == "reference":
             return msplora_reference(x, w, bias, ab, self.scales)
         from .lora_ops import lora_linear
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .backends import resolve_backend
+from .backends import in_func_transform, resolve_backend
 from .config import MSLoRAOptions, validate_backend
 
 
@@ -140,7 +140,8 @@ class MSLoRA(nn.Module):
         weights = {n: (p if p.dtype == dtype else p.to(dtype)) for n, p in self.named_parameters()}
         x = x if x.dtype == dtype else x.to(dtype)
         o = self.options
-        backend = resolve_backend(self.backend, x.device, x, o)
+        backend = resolve_backend(self.backend, x.device, x, o,
+                                  in_func_transform(x, *weights.values()))
         with torch.autocast(x.device.type, enabled=False):
             # An empty batch launches no kernel: the reference gives its empty output and the
             # weights' zero gradients, as the fused backends would.

@@ -177,6 +177,42 @@ def test_modules_triton_interpreter(kind, dtype):
                   dtype)
 
 
+def _check_func_transforms(device):
+    """torch.func.grad over Serial LoRA and MSPLoRA: "auto" gives autograd's gradients (the
+    reference, which it picks inside a transform); "triton" named explicitly is refused there
+    with an error that says why (mslora_kernels.backends)."""
+    from torch.func import functional_call, grad
+
+    x = torch.randn(2, 37, K, device=device)
+    for make, _ in (_serial_modules(K, R, torch.float32, device),
+                    _msp_modules(K, (4, 3, 2), torch.float32, device)):
+        m = make("auto", torch.float32)
+        params = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+
+        def loss(p, m=m):
+            return functional_call(m, p, (x,)).square().sum()
+
+        m(x).square().sum().backward()
+        got = grad(loss)(params)
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5)
+        m.backend = "triton"
+        with pytest.raises(RuntimeError, match="LoRA backend='triton' cannot run inside a "
+                           "torch.func transform"):
+            grad(loss)(params)
+
+
+@pytest.mark.interpreter
+def test_func_transforms_interpreter():
+    _check_func_transforms("cpu")
+
+
+@pytest.mark.gpu
+def test_func_transforms_gpu(no_tf32):
+    _check_func_transforms("cuda")
+
+
 def test_compile_cases_cover_every_launcher_choice():
     from mslora_kernels.triton import lora_linear as L
     names = [c.name for c in L.compile_cases()]

@@ -198,6 +198,53 @@ def test_inference_mode_gpu(backend):
     _check_inference_mode(backend, "cuda")
 
 
+def _check_func_transforms(device):
+    """torch.func: grad of a functional_call and vmap over images give what autograd and the
+    batched call give, through the reference, which "auto" picks inside a transform; a fused
+    backend named explicitly is refused there with an error that says why and what to use,
+    but runs where the transform does not reach the adapter's tensors."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    kw = dict(kernel_sizes=(3, 5), **ALL_OPTS)
+    m = MSLoRA(12, 8, 2, backend="auto", **kw).to(device)
+    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    x = torch.randn(3, 12, 5, 7, device=device)
+    params = {n: p.detach() for n, p in m.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(m, p, (x,)).square().sum()
+
+    m(x).square().sum().backward()
+    got = grad(loss)(params, x)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        want = m(x)
+    # vmap over images: each call sees one image (pool's mean is per image, so it matches)
+    torch.testing.assert_close(vmap(m)(x.unsqueeze(1)).squeeze(1), want, rtol=1e-5, atol=1e-6)
+
+    for backend in available_backends(device)[1:]:
+        m.backend = backend
+        with pytest.raises(RuntimeError, match=rf"backend='{backend}' cannot run inside a "
+                           r"torch\.func transform.*use backend='reference'"):
+            grad(loss)(params, x)
+        with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
+            vmap(m)(x.unsqueeze(1))
+        w = torch.randn(12, device=device)
+        g = grad(lambda w: (m(x).mean((0, 2, 3)) * w).sum())(w)  # the adapter's tensors plain
+        torch.testing.assert_close(g, want.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_func_transforms_cpu():
+    _check_func_transforms("cpu")
+
+
+@pytest.mark.gpu
+def test_func_transforms_gpu(no_tf32):
+    _check_func_transforms("cuda")
+
+
 def test_device_mismatch_is_refused():
     m = MSLoRA(8, 8, 2).to("meta")
     with pytest.raises(ValueError, match=r"input is on cpu but the module's parameters are on met"):
