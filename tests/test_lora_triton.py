@@ -75,6 +75,20 @@ def test_op_leading_dims_and_empty():
 
 
 @pytest.mark.interpreter
+def test_op_noncontiguous_operands():
+    """Operands in transposed memory give bitwise the output and gradients of contiguous ones."""
+    ins = _inputs(M_TOK, K, N, R, torch.float32, "cpu")
+    strided = [t.t().contiguous().t() if t.dim() == 2 else t for t in ins]
+    assert not any(t.is_contiguous() for t in strided if t.dim() == 2)
+    g = torch.randn(M_TOK, N)
+    y, gs = _grads(_op, ins, g)
+    y_nc, gs_nc = _grads(_op, strided, g)
+    assert torch.equal(y_nc, y)
+    for u, e in zip(gs_nc, gs, strict=True):
+        assert torch.equal(u, e)
+
+
+@pytest.mark.interpreter
 def test_op_inference_mode():
     """Under torch.inference_mode the op gives bitwise what it gives under no_grad."""
     ins = _inputs(M_TOK, K, N, R, torch.float32, "cpu")

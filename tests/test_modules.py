@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,6 +197,52 @@ def test_inference_mode_gpu(backend):
     if backend not in available_backends("cuda"):
         pytest.skip(f"the {backend} backend cannot run on this GPU machine")
     _check_inference_mode(backend, "cuda")
+
+
+def _noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` in a non-contiguous tensor: the last two dims' (or a 1-D tensor's
+    every other element's) storage order swapped."""
+    if t.dim() == 1:
+        out = torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)[::2]
+        return out.copy_(t)
+    if t.shape[-1] == 1 and t.shape[-2] == 1:  # (O, I, 1, 1): swap O and I in memory
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _check_noncontiguous_weights(backend, device):
+    """Weights in non-contiguous memory (a parameter set from a transposed or strided view)
+    give the same output and gradients as the same values in contiguous memory: the kernels
+    index weights as row-major, so each launcher has to make them so (the Triton backward once
+    read them as they lay, and every gradient came out wrong)."""
+    torch.manual_seed(0)
+    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), backend=backend, **ALL_OPTS).to(device)
+    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    nc = copy.deepcopy(m)
+    for name, p in list(nc.named_parameters()):
+        owner, attr = name.rsplit(".", 1)
+        setattr(nc.get_submodule(owner), attr, torch.nn.Parameter(_noncontiguous(p.detach())))
+    strided = [n for n, p in nc.named_parameters() if not p.is_contiguous()]
+    assert len(strided) == len(list(m.parameters())), strided
+    x = torch.randn(2, 12, 5, 7, device=device)
+    for mod in (m, nc):
+        mod(x).square().sum().backward()
+    torch.testing.assert_close(nc(x), m(x), rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(nc.named_parameters(), m.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_noncontiguous_weights_cpu(backend):
+    _check_noncontiguous_weights(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_noncontiguous_weights_gpu(backend, no_tf32):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _check_noncontiguous_weights(backend, "cuda")
 
 
 def _check_func_transforms(device):

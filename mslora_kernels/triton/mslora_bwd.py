@@ -799,6 +799,8 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
     ``weight_shapes`` order (what the op returns; :func:`mslora_bwd` splits it).
     """
     _check(grad_out, x, weights, o, zmean)
+    wt = {k: v.contiguous() for k, v in weights.items()}  # as the forward: the kernels and
+    # pack_taps index each weight as row-major
     # The one layout rule (normalize_layout) of the forward and the ops' fake impls, so that
     # grad_x's strides are the ones the fake impl promises.
     x = normalize_layout(x, o.data_format)
@@ -824,7 +826,7 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
 
     # every path's taps tap-major in one buffer, and the int32 kernel sizes and offsets the
     # kernels index them by, in one launch (taps.pack_taps)
-    dw, _, ks, woffs = pack_taps(weights, o.kernel_sizes, d)
+    dw, _, ks, woffs = pack_taps(wt, o.kernel_sizes, d)
 
     # The fp32 gradient buffer: the per-(n, d) sum of ds0 (pool) of the images of one slice
     # (zeroed by _bwd_pool_kernel once read), then every gradient in weight_shapes' order, the
@@ -854,7 +856,6 @@ def mslora_bwd_flat(grad_out: torch.Tensor, x: torch.Tensor, weights: dict[str, 
     grad_x = torch.empty_like(x)
     sgx = nchw_strides(grad_x, o.data_format)
 
-    wt = weights
     dummy = wt["pw.weight"]
     ng, nb = (wt["norm.weight"], wt["norm.bias"]) if o.prenorm else (dummy, dummy)
     eg, eb = (wt["enorm.weight"], wt["enorm.bias"]) if o.enhance else (dummy, dummy)
