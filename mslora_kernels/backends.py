@@ -170,8 +170,7 @@ def ranked_backend(dtype: torch.dtype, layout: str, c: int, hw: int | None, d: i
 
 def in_func_transform(*tensors: torch.Tensor | None) -> bool:
     """Whether any of ``tensors`` is a ``torch.func`` transform's wrapper (grad, vmap, jvp...).
-    False while torch.compile traces: there the tensors are Dynamo's fakes, and the graph it
-    builds does not carry this choice into a transform applied around it."""
+    False while torch.compile traces (Dynamo's own handling of torch.func applies there)."""
     functorch = torch._C._functorch
     if torch.compiler.is_compiling() or functorch.peek_interpreter_stack() is None:
         return False  # the second: no transform is running (one call, the usual case)
