@@ -10,6 +10,7 @@ import torch
 
 from mslora_kernels import MSLoRA, available_backends, mslora_param_count
 from mslora_kernels.config import weight_shapes
+from mslora_kernels.testing import rel_error
 
 ALL_OPTS = dict(prenorm=True, enhance=True, pool=True, gate=True, shuffle=True)
 
@@ -169,7 +170,7 @@ def test_empty_batch_gpu(backend, dtype, fmt, mem):
 
 
 def _check_inference_mode(backend, device):
-    """Under torch.inference_mode the module gives bitwise what it gives under no_grad, as an
+    """Under torch.inference_mode the module gives what it gives under no_grad, as an
     inference tensor; an inference tensor fed to it with grad on gets torch's own error (it
     cannot be saved for backward), not a failure inside a kernel."""
     torch.manual_seed(0)
@@ -181,7 +182,9 @@ def _check_inference_mode(backend, device):
     with torch.inference_mode():
         got = m(x)
         x_inference = x.clone()
-    assert got.is_inference() and torch.equal(got, want)
+    assert got.is_inference()
+    # the same kernels: bitwise on the CPU; on the GPU as close as any two runs of them
+    assert torch.equal(got, want) if device == "cpu" else rel_error(got, want) < 1e-6
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         m(x_inference)
 
@@ -227,9 +230,13 @@ def _check_noncontiguous_weights(backend, device):
     x = torch.randn(2, 12, 5, 7, device=device)
     for mod in (m, nc):
         mod(x).square().sum().backward()
-    torch.testing.assert_close(nc(x), m(x), rtol=1e-6, atol=1e-6)
+
+    def same(a, b):  # bitwise on the CPU; on the GPU weight-gradient atomics sum in any order
+        return torch.equal(a, b) if device == "cpu" else rel_error(a, b) < 1e-5
+
+    assert same(nc(x), m(x))
     for (name, a), b in zip(nc.named_parameters(), m.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert same(a.grad, b.grad), name
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
@@ -262,14 +269,15 @@ def _check_func_transforms(device):
     def loss(p, x):
         return functional_call(m, p, (x,)).square().sum()
 
+    # (on a GPU "auto" outside the transform is a fused backend: the comparisons cross backends)
     m(x).square().sum().backward()
     got = grad(loss)(params, x)
     for n, p in m.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
+        assert rel_error(got[n], p.grad) < 1e-5, n
     with torch.no_grad():
         want = m(x)
     # vmap over images: each call sees one image (pool's mean is per image, so it matches)
-    torch.testing.assert_close(vmap(m)(x.unsqueeze(1)).squeeze(1), want, rtol=1e-5, atol=1e-6)
+    assert rel_error(vmap(m)(x.unsqueeze(1)).squeeze(1), want) < 1e-5
 
     for backend in available_backends(device)[1:]:
         m.backend = backend
@@ -280,7 +288,7 @@ def _check_func_transforms(device):
             vmap(m)(x.unsqueeze(1))
         w = torch.randn(12, device=device)
         g = grad(lambda w: (m(x).mean((0, 2, 3)) * w).sum())(w)  # the adapter's tensors plain
-        torch.testing.assert_close(g, want.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        assert rel_error(g, want.mean((0, 2, 3))) < 1e-5, backend
 
 
 def test_func_transforms_cpu():
