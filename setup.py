@@ -117,6 +117,37 @@ def cache_key(nvcc: str, flags: list[str], root: str = ROOT) -> str:
     return h.hexdigest()[:32]
 
 
+def cache_fetch(path: str, out: str) -> bool:
+    """Copy the cached build ``path`` to ``out``; False (so: compile) when there is none or it
+    cannot be copied. The cache never fails a build."""
+    if not os.path.isfile(path):
+        return False
+    tmp = f"{out}.{os.getpid()}.tmp"  # a new file, not a loaded module rewritten in place
+    try:
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    except OSError as e:
+        print(f"mslora-kernels: cannot reuse {path} ({e}); compiling", file=sys.stderr)
+        return False
+    try:
+        os.utime(path)  # newest first when the cache is pruned
+    except OSError:
+        pass
+    print(f"mslora-kernels: reusing the CUDA extension built from the same sources, flags and "
+          f"tools: {path}", flush=True)
+    return True
+
+
+def cache_put(path: str, built: str) -> None:
+    """:func:`cache_store`, with a failure (an unwritable folder) only said, not raised."""
+    try:
+        cache_store(path, built)
+    except OSError as e:
+        print(f"mslora-kernels: the build was not cached in {os.path.dirname(path)} ({e})",
+              file=sys.stderr)
+
+
 def cache_store(path: str, built: str) -> None:
     """Copy ``built`` into the cache as ``path`` (``<name>-<key>.so``, atomically) and keep only
     the newest builds of that name; other files in the folder are left alone."""
@@ -153,14 +184,7 @@ class NvccBuildExt(build_ext):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         folder = cache_dir()
         cached = folder and os.path.join(folder, f"{ext.name}-{cache_key(nvcc, flags)}.so")
-        if cached and os.path.isfile(cached):
-            print(f"mslora-kernels: reusing the CUDA extension built from the same sources, "
-                  f"flags and tools: {cached}", flush=True)
-            tmp = f"{out}.{os.getpid()}.tmp"  # a new file, not the loaded one rewritten
-            shutil.copyfile(cached, tmp)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-            os.utime(cached)  # newest first when the cache is pruned
+        if cached and cache_fetch(cached, out):
             return
         objdir = os.path.join(os.path.abspath(self.build_temp), "nvcc")
         os.makedirs(objdir, exist_ok=True)
@@ -178,7 +202,7 @@ class NvccBuildExt(build_ext):
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         if cached:
-            cache_store(cached, out)
+            cache_put(cached, out)
 
 
 def extensions() -> list[Extension]:

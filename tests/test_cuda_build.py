@@ -112,6 +112,30 @@ def test_build_cache_keeps_the_newest_builds(tmp_path):
     assert (tmp_path / "cache" / "ext-3.so").read_bytes() == bytes([3])
 
 
+def test_build_cache_never_fails_a_build(tmp_path, capsys):
+    """A cache that cannot be written (its folder path runs through a file), an entry that is
+    not a file, or one that cannot be copied is said so and passed by: the build goes on,
+    compiling."""
+    setup = _setup_module()
+    built = tmp_path / "built.so"
+    built.write_bytes(b"module")
+    (tmp_path / "file").write_bytes(b"")
+    setup["cache_put"](str(tmp_path / "file" / "cache" / "ext-key.so"), str(built))
+    assert "the build was not cached" in capsys.readouterr().err
+    out = tmp_path / "out.so"
+    assert not setup["cache_fetch"](str(tmp_path / "absent.so"), str(out))
+    (tmp_path / "entry.so").mkdir()  # isfile() is False: a miss
+    assert not setup["cache_fetch"](str(tmp_path / "entry.so"), str(out))
+    setup["cache_put"](str(tmp_path / "cache" / "ext-key.so"), str(built))
+    assert setup["cache_fetch"](str(tmp_path / "cache" / "ext-key.so"), str(out))
+    assert out.read_bytes() == b"module" and os.access(out, os.X_OK)
+    assert len(list(tmp_path.glob("*.tmp"))) == 0
+    # an entry that cannot be copied where the module goes: said, and compiled instead
+    assert not setup["cache_fetch"](str(tmp_path / "cache" / "ext-key.so"),
+                                    str(tmp_path / "no-such-folder" / "out.so"))
+    assert "cannot reuse" in capsys.readouterr().err
+
+
 def test_skip_build_prints_one_line_and_builds_nothing(tmp_path):
     r = _build(tmp_path, MSLORA_SKIP_CUDA_BUILD="1")
     assert r.returncode == 0, r.stderr
