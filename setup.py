@@ -104,11 +104,15 @@ def cache_key(nvcc: str, flags: list[str], root: str = ROOT) -> str:
         h.update(f"{label}\0{len(data)}\0".encode())
         h.update(data)
 
-    add("setup.py", open(os.path.join(root, "setup.py"), "rb").read())
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    add("setup.py", read(os.path.join(root, "setup.py")))
     csrc = os.path.join(root, CSRC)
     for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
         if os.path.isfile(path):
-            add(os.path.relpath(path, csrc).replace(os.sep, "/"), open(path, "rb").read())
+            add(os.path.relpath(path, csrc).replace(os.sep, "/"), read(path))
     add("flags", " ".join(f for f in flags if not f.startswith("-I")).encode())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
     add("nvcc", version.stdout.encode())
@@ -117,16 +121,22 @@ def cache_key(nvcc: str, flags: list[str], root: str = ROOT) -> str:
     return h.hexdigest()[:32]
 
 
+def _copy_into_place(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` through a new file renamed over it: a reader never sees it half
+    written, and a loaded module at ``dst`` is replaced, not rewritten in place."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dst)
+
+
 def cache_fetch(path: str, out: str) -> bool:
     """Copy the cached build ``path`` to ``out``; False (so: compile) when there is none or it
     cannot be copied. The cache never fails a build."""
     if not os.path.isfile(path):
         return False
-    tmp = f"{out}.{os.getpid()}.tmp"  # a new file, not a loaded module rewritten in place
     try:
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
+        _copy_into_place(path, out)
     except OSError as e:
         print(f"mslora-kernels: cannot reuse {path} ({e}); compiling", file=sys.stderr)
         return False
@@ -139,27 +149,19 @@ def cache_fetch(path: str, out: str) -> bool:
     return True
 
 
-def cache_put(path: str, built: str) -> None:
-    """:func:`cache_store`, with a failure (an unwritable folder) only said, not raised."""
-    try:
-        cache_store(path, built)
-    except OSError as e:
-        print(f"mslora-kernels: the build was not cached in {os.path.dirname(path)} ({e})",
-              file=sys.stderr)
-
-
 def cache_store(path: str, built: str) -> None:
-    """Copy ``built`` into the cache as ``path`` (``<name>-<key>.so``, atomically) and keep only
-    the newest builds of that name; other files in the folder are left alone."""
+    """Copy ``built`` into the cache as ``path`` (``<name>-<key>.so``) and keep only the newest
+    builds of that name; other files in the folder are left alone. A failure (an unwritable
+    folder) is said, not raised: the cache never fails a build."""
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    shutil.copyfile(built, tmp)
-    os.replace(tmp, path)
-    same_name = glob.glob(os.path.join(folder, glob.escape(name.rsplit("-", 1)[0]) + "-*.so"))
-    entries = sorted(same_name, key=os.path.getmtime, reverse=True)
-    for old in entries[CACHE_KEEP:]:
-        os.remove(old)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _copy_into_place(built, path)
+        same_name = glob.glob(os.path.join(folder, glob.escape(name.rsplit("-", 1)[0]) + "-*.so"))
+        for old in sorted(same_name, key=os.path.getmtime, reverse=True)[CACHE_KEEP:]:
+            os.remove(old)
+    except OSError as e:
+        print(f"mslora-kernels: the build was not cached in {folder} ({e})", file=sys.stderr)
 
 
 class NvccExtension(Extension):
@@ -202,7 +204,7 @@ class NvccBuildExt(build_ext):
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         if cached:
-            cache_put(cached, out)
+            cache_store(cached, out)
 
 
 def extensions() -> list[Extension]:

@@ -120,13 +120,13 @@ def test_build_cache_never_fails_a_build(tmp_path, capsys):
     built = tmp_path / "built.so"
     built.write_bytes(b"module")
     (tmp_path / "file").write_bytes(b"")
-    setup["cache_put"](str(tmp_path / "file" / "cache" / "ext-key.so"), str(built))
+    setup["cache_store"](str(tmp_path / "file" / "cache" / "ext-key.so"), str(built))
     assert "the build was not cached" in capsys.readouterr().err
     out = tmp_path / "out.so"
     assert not setup["cache_fetch"](str(tmp_path / "absent.so"), str(out))
     (tmp_path / "entry.so").mkdir()  # isfile() is False: a miss
     assert not setup["cache_fetch"](str(tmp_path / "entry.so"), str(out))
-    setup["cache_put"](str(tmp_path / "cache" / "ext-key.so"), str(built))
+    setup["cache_store"](str(tmp_path / "cache" / "ext-key.so"), str(built))
     assert setup["cache_fetch"](str(tmp_path / "cache" / "ext-key.so"), str(out))
     assert out.read_bytes() == b"module" and os.access(out, os.X_OK)
     assert len(list(tmp_path.glob("*.tmp"))) == 0
