@@ -128,6 +128,11 @@ def test_bad_input_is_refused(fmt, x, exc, message):
         m(x)
 
 
+def _need_gpu_backend(backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+
+
 def _empty_batch_cases(backends):
     return [(b, dt, fmt, mem) for b in backends
             for dt in (torch.float32, torch.float16, torch.bfloat16)
@@ -164,18 +169,23 @@ def test_empty_batch_cpu(backend, dtype, fmt, mem):
 @pytest.mark.parametrize("backend, dtype, fmt, mem",
                          _empty_batch_cases(("reference", "triton", "cuda")), ids=str)
 def test_empty_batch_gpu(backend, dtype, fmt, mem):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _need_gpu_backend(backend)
     _check_empty_batch(backend, dtype, fmt, mem, "cuda")
+
+
+def _adapter(backend, device):
+    """A small MSLoRA with every option, seeded, its up-projection non-zero."""
+    torch.manual_seed(0)
+    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), backend=backend, **ALL_OPTS).to(device)
+    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    return m
 
 
 def _check_inference_mode(backend, device):
     """Under torch.inference_mode the module gives what it gives under no_grad, as an
     inference tensor; an inference tensor fed to it with grad on gets torch's own error (it
     cannot be saved for backward), not a failure inside a kernel."""
-    torch.manual_seed(0)
-    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), backend=backend, **ALL_OPTS).to(device)
-    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    m = _adapter(backend, device)
     x = torch.randn(2, 12, 5, 7, device=device)
     with torch.no_grad():
         want = m(x)
@@ -197,8 +207,7 @@ def test_inference_mode_cpu(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_inference_mode_gpu(backend):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _need_gpu_backend(backend)
     _check_inference_mode(backend, "cuda")
 
 
@@ -218,9 +227,7 @@ def _check_noncontiguous_weights(backend, device):
     give the same output and gradients as the same values in contiguous memory: the kernels
     index weights as row-major, so each launcher has to make them so (the Triton backward once
     read them as they lay, and every gradient came out wrong)."""
-    torch.manual_seed(0)
-    m = MSLoRA(12, 8, 2, kernel_sizes=(3, 5), backend=backend, **ALL_OPTS).to(device)
-    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    m = _adapter(backend, device)
     nc = copy.deepcopy(m)
     for name, p in list(nc.named_parameters()):
         owner, attr = name.rsplit(".", 1)
@@ -247,8 +254,7 @@ def test_noncontiguous_weights_cpu(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_noncontiguous_weights_gpu(backend, no_tf32):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"the {backend} backend cannot run on this GPU machine")
+    _need_gpu_backend(backend)
     _check_noncontiguous_weights(backend, "cuda")
 
 
@@ -259,10 +265,7 @@ def _check_func_transforms(device):
     but runs where the transform does not reach the adapter's tensors."""
     from torch.func import functional_call, grad, vmap
 
-    torch.manual_seed(0)
-    kw = dict(kernel_sizes=(3, 5), **ALL_OPTS)
-    m = MSLoRA(12, 8, 2, backend="auto", **kw).to(device)
-    torch.nn.init.normal_(m.up.weight, 0, 0.2)
+    m = _adapter("auto", device)
     x = torch.randn(3, 12, 5, 7, device=device)
     params = {n: p.detach() for n, p in m.named_parameters()}
 
