@@ -75,6 +75,14 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _fused_gpu_backends() -> list[str]:
+    """The fused backends usable on this GPU (skips the test when there is none)."""
+    fused = [b for b in available_backends("cuda") if b != "reference"]
+    if not fused:
+        pytest.skip("no fused MSLoRA backend available on this GPU")
+    return fused
+
+
 def _need_triton_cpu():
     if "triton" not in available_backends("cpu"):
         pytest.skip("the Triton MSLoRA backend is not available on the CPU in this checkout "
@@ -140,12 +148,8 @@ def test_training_fused_triton_vs_reference_cpu(kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_training_fused_vs_reference_gpu(kind, no_tf32):
-    device = torch.device("cuda")
-    fused = [b for b in available_backends(device) if b != "reference"]
-    if not fused:
-        pytest.skip("no fused MSLoRA backend available on this GPU")
-    for backend in fused:
-        _fused_vs_reference(device, backend, kind)
+    for backend in _fused_gpu_backends():
+        _fused_vs_reference(torch.device("cuda"), backend, kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def test_autocast_triton_cpu(kind, dtype):
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_autocast_gpu(kind, dtype, no_tf32):
     """Fused backends under autocast: no worse than 2x the reference's error in that dtype."""
-    for backend in [b for b in available_backends("cuda") if b != "reference"]:
+    for backend in _fused_gpu_backends():
         _autocast_fused_vs_reference(torch.device("cuda"), dtype, kind, backend)
 
 
@@ -325,7 +329,7 @@ def test_grad_scaler_triton_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_grad_scaler_gpu(kind, no_tf32):
-    for backend in [b for b in available_backends("cuda") if b != "reference"]:
+    for backend in _fused_gpu_backends():
         _grad_scaler_fused_vs_reference(torch.device("cuda"), kind, backend)
 
 
@@ -501,10 +505,7 @@ def test_ddp_gloo_fused_triton_cpu():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_ddp_gloo_fused_gpu():
-    fused = [b for b in available_backends("cuda") if b != "reference"]
-    if not fused:
-        pytest.skip("no fused MSLoRA backend available on this GPU")
-    for backend in fused:
+    for backend in _fused_gpu_backends():
         _dist_vs_reference(backend, "cuda")
 
 
